@@ -1,0 +1,69 @@
+"""The paper's FGSM: one signed gradient step on the categorical cross-entropy.
+
+Written by hand on purpose (the paper's attack is a ``tf.GradientTape`` function), compiled with
+``tf.function`` and batched. Like Foolbox's FGSM it is one instance of a signed-gradient step, so
+iterative attacks and the in-graph adversarial-training step reuse :func:`signed_gradient`.
+``tests/test_attacks.py`` cross-checks it against ART's ``FastGradientMethod`` (max |Δ| ≤ 1e-6).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from art_study.models import INPUT_SHAPE, N_CLASSES
+
+
+def signed_gradient(model: keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """sign(∇ₓ loss(y, model(x))) with the model in inference mode.
+
+    The loss is unreduced (one value per image) and the tape sums it, so each image's gradient is
+    its own loss gradient, the same quantity ART's ``loss_gradient`` computes.
+    """
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = loss_fn(y, model(x, training=False))
+    return tf.sign(tape.gradient(loss, x))
+
+
+class FGSM:
+    """Untargeted L∞ FGSM against a Keras model that outputs logits.
+
+    ``x_adv = clip(x + ε · sign(∇ₓ CE(y, f(x))), 0, 1)``. The step is traced once per model
+    (fixed input signature, ε a tensor), so sweeping ε or batch sizes never retraces.
+    """
+
+    def __init__(self, model: keras.Model, *, batch_size: int = 500, progress: bool = False):
+        self.model = model
+        self.batch_size = batch_size
+        self.progress = progress
+        loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
+                tf.TensorSpec((None, N_CLASSES), tf.float32),
+                tf.TensorSpec((), tf.float32),
+            ]
+        )
+        def step(x: tf.Tensor, y: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
+            return tf.clip_by_value(x + eps * signed_gradient(model, loss_fn, x, y), 0.0, 1.0)
+
+        self._step = step
+
+    def warm_up(self) -> None:
+        """Trace the compiled step now, so later timings measure throughput only."""
+        self._step(tf.zeros((1, *INPUT_SHAPE)), tf.zeros((1, N_CLASSES)), tf.constant(0.0))
+
+    def generate(self, x: np.ndarray, y_onehot: np.ndarray, eps: float) -> np.ndarray:
+        """Adversarial images for ``x`` with one-hot true labels ``y_onehot`` at budget ``eps``."""
+        eps_t = tf.constant(eps, tf.float32)
+        out = np.empty_like(x, dtype=np.float32)
+        starts = range(0, len(x), self.batch_size)
+        for s in tqdm(starts, desc=f"FGSM (ours) ε={eps:g}", disable=not self.progress,
+                      leave=False):
+            e = s + self.batch_size
+            out[s:e] = self._step(tf.constant(x[s:e]), tf.constant(y_onehot[s:e]), eps_t).numpy()
+        return out

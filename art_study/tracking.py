@@ -1,0 +1,192 @@
+"""MLflow: where runs go, and what each run records.
+
+The default store is embedded: a sqlite database ``mlruns/mlflow.db`` with artifacts under
+``mlruns/artifacts`` in the working directory (MLflow 3 refuses a plain file store). It is
+overridden by ``--tracking-uri`` / the config's ``tracking.uri``, then ``MLFLOW_TRACKING_URI``.
+
+The store is checked *before* any run starts (:func:`prepare_store`), so an unwritable or
+unreachable location fails with one line and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from art_study.errors import TrackingError, TrainingError
+
+DEFAULT_STORE_DIR = Path("mlruns")
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+_PACKAGES = ("art-study", "tensorflow", "keras", "adversarial-robustness-toolbox", "mlflow",
+             "numpy", "pandas")
+
+
+def default_tracking_uri(store_dir: Path = DEFAULT_STORE_DIR) -> str:
+    """``sqlite:///<abs>/mlruns/mlflow.db``: the embedded store."""
+    return f"sqlite:///{(store_dir.resolve() / DB_NAME)}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Explicit URI → $MLFLOW_TRACKING_URI → the embedded default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _local_path(uri: str) -> Path | None:
+    """Filesystem path behind a ``sqlite:///`` or ``file:`` URI, else None (remote store)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return Path(unquote(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri:
+        return Path(uri)
+    return None
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"tracking location not writable: {what} {path} ({exc.strerror or exc})"
+        ) from None
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Artifact location for new experiments: beside the sqlite file for a local store."""
+    path = _local_path(uri)
+    if path is None or urlparse(uri).scheme != "sqlite":
+        return None
+    return (path.parent / ARTIFACTS_DIR).resolve().as_uri()
+
+
+def prepare_store(uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store, check it is usable, and return the experiment id.
+
+    Raises :class:`TrackingError` (one line) when the location cannot be written or reached.
+    """
+    uri = resolve_tracking_uri(uri)
+    local = _local_path(uri)
+    if local is not None:
+        if urlparse(uri).scheme == "sqlite":
+            _check_writable_dir(local.parent, "database directory")
+            _check_writable_dir(local.parent / ARTIFACTS_DIR, "artifact directory")
+        else:
+            raise TrackingError(
+                f"tracking URI {uri} is a plain file store, which MLflow 3 refuses; "
+                f"use sqlite:///PATH/mlflow.db or an http(s) tracking server"
+            )
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            return mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {experiment!r} is deleted in {uri}; restore or rename")
+        return exp.experiment_id
+    except MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"tracking store {uri} cannot be used: {first}") from None
+
+
+def environment_tags() -> dict[str, str]:
+    """Package versions, Python, platform and git commit: what reproducing a run needs."""
+    tags = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in _PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            tags[f"version.{pkg}"] = importlib.metadata.version(pkg)
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    return tags
+
+
+def git_commit() -> str | None:
+    """The commit of the art-study checkout (``+dirty`` if it has uncommitted changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}+dirty" if dirty else sha
+
+
+class MLflowEpochLogger(keras.callbacks.Callback):
+    """Logs loss, accuracy and wall time of every epoch to the active MLflow run.
+
+    ``prefix`` separates stages (``train/`` for the control); ``step_offset`` keeps the epoch
+    axis continuous across stages of one run.
+    """
+
+    def __init__(self, prefix: str = "train", step_offset: int = 0):
+        super().__init__()
+        self.prefix = prefix
+        self.step_offset = step_offset
+        self.epoch_times: list[float] = []
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        elapsed = time.perf_counter() - self._t0
+        self.epoch_times.append(elapsed)
+        metrics = {f"{self.prefix}/{k}": float(v) for k, v in (logs or {}).items()}
+        metrics[f"{self.prefix}/epoch_time_s"] = elapsed
+        mlflow.log_metrics(metrics, step=self.step_offset + epoch)
+
+
+class RaiseOnNaN(keras.callbacks.Callback):
+    """Stop training with a :class:`TrainingError` as soon as the loss is NaN or infinite.
+
+    Keras' ``TerminateOnNaN`` stops silently and leaves a useless model that would then be
+    evaluated and logged as if it were a result; this makes the run end FAILED with the reason.
+    """
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingError(f"training diverged: loss is {float(loss)} at batch {batch}")
+
+
+def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model") -> None:
+    """Log the model twice: the plain ``.keras`` file, and an MLflow Keras model that loads back.
+
+    Pip requirements are given explicitly: MLflow's inference imports the model in a subprocess,
+    which costs tens of seconds per run for nothing we do not already know.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.keras"
+        model.save(path)
+        mlflow.log_artifact(str(path), artifact_path="keras")
+    reqs = [f"{p}=={importlib.metadata.version(p)}" for p in ("tensorflow", "keras")]
+    signature = infer_signature(x_example, model.predict(x_example, verbose=0))
+    mlflow.keras.log_model(model, name=name, pip_requirements=reqs, signature=signature)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line describing why a run failed, for the ``failure_reason`` tag."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:4000]

@@ -1,0 +1,65 @@
+"""Shared fixtures: real MNIST from ../shared/data/mnist, a throw-away MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", message=".*PyTorch not found.*")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = Path(
+    os.environ.get("ART_STUDY_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist")
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not SHARED_MNIST.is_dir():
+        raise pytest.UsageError(
+            f"canonical MNIST not found at {SHARED_MNIST}; set ART_STUDY_TEST_MNIST"
+        )
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The canonical IDX files (read-only)."""
+    return SHARED_MNIST
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite MLflow store for one test, also exported as MLFLOW_TRACKING_URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def small_mnist(mnist_dir: Path):
+    """A stratified slice: 1000 train / 300 test images."""
+    from art_study.data import load_mnist
+
+    return load_mnist(mnist_dir, n_train=1000, n_test=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_model(small_mnist):
+    """A 2-conv paper CNN trained 2 epochs on the slice (shared by read-only tests)."""
+    import keras
+
+    from art_study.config import ModelConfig, TrainConfig
+    from art_study.models import build_cnn, compile_model, one_hot
+
+    keras.utils.set_random_seed(0)
+    model = compile_model(build_cnn(ModelConfig(n_conv=2)), TrainConfig(batch_size=64))
+    model.fit(small_mnist.x_train, one_hot(small_mnist.y_train), epochs=2, batch_size=64,
+              verbose=0)
+    return model

@@ -1,0 +1,51 @@
+"""Our FGSM against ART's: same model, inputs and labels → the same adversarial images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from art_study.attacks import FGSM, art_fgsm
+from art_study.config import EvaluationConfig
+from art_study.evaluation import evaluate
+from art_study.models import accuracy, one_hot, to_art
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.3])
+def test_custom_fgsm_matches_art(trained_model, small_mnist, eps: float) -> None:
+    x, y = small_mnist.x_test, small_mnist.y_test
+    ours = FGSM(trained_model, batch_size=128).generate(x, one_hot(y), eps)
+    theirs = art_fgsm(to_art(trained_model), x, one_hot(y), eps, batch_size=128)
+    assert np.abs(ours - theirs).max() <= 1e-6
+    # It is a real attack: L∞ budget respected, images stay valid, accuracy drops.
+    assert np.abs(ours - x).max() <= eps + 1e-6
+    assert ours.min() >= 0.0 and ours.max() <= 1.0
+    assert accuracy(trained_model, ours, y) < accuracy(trained_model, x, y)
+
+
+def test_batch_size_does_not_change_the_result(trained_model, small_mnist) -> None:
+    x, y1h = small_mnist.x_test[:100], one_hot(small_mnist.y_test[:100])
+    a = FGSM(trained_model, batch_size=7).generate(x, y1h, 0.1)
+    b = FGSM(trained_model, batch_size=100).generate(x, y1h, 0.1)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_eps_zero_is_identity(trained_model, small_mnist) -> None:
+    x = small_mnist.x_test[:50]
+    out = FGSM(trained_model).generate(x, one_hot(small_mnist.y_test[:50]), 0.0)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_evaluation_reports_cross_check_and_throughput(trained_model, small_mnist) -> None:
+    cfg = EvaluationConfig(eps=[0.1, 0.2], n_attack=200, batch_size=100)
+    m = evaluate(trained_model, small_mnist.x_test, small_mnist.y_test, cfg, progress=False).metrics
+    assert m["eval/n_images"] == 200
+    for k in ("eps_0.1", "eps_0.2"):
+        assert m[f"xcheck/max_abs_diff_{k}"] <= 1e-6
+        assert m[f"xcheck/pixel_diff_share_{k}"] == 0.0
+        assert m[f"xcheck/prediction_agreement_{k}"] == 1.0
+        assert m[f"fgsm_custom/accuracy_{k}"] == m[f"fgsm_art/accuracy_{k}"]
+    # Stronger budget, lower accuracy (on a trained model this is strict).
+    assert m["fgsm_custom/accuracy_eps_0.2"] < m["fgsm_custom/accuracy_eps_0.1"]
+    assert m["fgsm_custom/accuracy_eps_0.1"] < m["clean/accuracy"]
+    assert m["fgsm_custom/images_per_s"] > 0 and m["fgsm_art/images_per_s"] > 0

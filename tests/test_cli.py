@@ -1,0 +1,180 @@
+"""The CLI end to end on real data, and every kind of bad input it must refuse cleanly."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from art_study.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def runs_in(uri: str):
+    """All runs in every experiment of the store at ``uri`` (a DataFrame)."""
+    mlflow.set_tracking_uri(uri)
+    exps = [e.experiment_id for e in mlflow.search_experiments()]
+    return mlflow.search_runs(experiment_ids=exps) if exps else None
+
+
+def assert_one_line_error(capsys, code: int, *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("art-study: error:"), err
+    assert "\n" not in err, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_smoke_config_end_to_end(tmp_path: Path, mnist_dir: Path) -> None:
+    """Through the installed entry point, in a fresh process, from a clean working dir."""
+    env = {**os.environ, "ART_STUDY_DATA_DIR": str(mnist_dir)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    exe = Path(sys.executable).with_name("art-study")
+    proc = subprocess.run([str(exe), "run", str(SMOKE), "--no-progress"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FINISHED" in proc.stdout
+
+    # The default store: sqlite + artifacts under ./mlruns of the working directory.
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    runs = runs_in(uri)
+    assert len(runs) == 1
+    run = mlflow.get_run(runs.run_id[0])
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["model.n_conv"] == "2" and p["data.n_train"] == "600" and p["seed"] == "0"
+    for key in ("clean/accuracy", "fgsm_custom/accuracy_eps_0.1", "fgsm_art/accuracy_eps_0.3",
+                "xcheck/max_abs_diff_eps_0.2", "xcheck/pixel_diff_share_eps_0.2",
+                "xcheck/prediction_agreement_eps_0.2", "train/loss", "train/accuracy",
+                "train/epoch_time_s", "fgsm_custom/images_per_s", "fgsm_art/images_per_s"):
+        assert key in m, key
+    assert m["xcheck/max_abs_diff"] <= 1e-6
+    assert t["version.tensorflow"] and t["version.adversarial-robustness-toolbox"]
+    assert len(t["data.fingerprint"]) == 64
+
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "keras"} <= artifacts
+
+    # The logged model loads back and reproduces the logged clean accuracy on the same data.
+    from art_study.data import load_mnist
+
+    data = load_mnist(mnist_dir, n_train=600, n_test=200, seed=0)
+    assert data.fingerprint == t["data.fingerprint"]
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    acc = float(np.mean(np.argmax(model.predict(data.x_test, verbose=0), 1) == data.y_test))
+    assert acc == pytest.approx(m["clean/accuracy"], abs=1e-9)
+
+
+@pytest.fixture
+def data_copy(tmp_path: Path, mnist_dir: Path) -> Path:
+    """A writable copy of the canonical files, to damage."""
+    target = tmp_path / "mnist"
+    shutil.copytree(mnist_dir, target)
+    return target
+
+
+def run_cli(*args: str) -> int:
+    return main(["run", str(SMOKE), "--no-progress", *args])
+
+
+def assert_no_runs(uri: str) -> None:
+    runs = runs_in(uri)
+    assert runs is None or len(runs) == 0
+
+
+def test_missing_data_dir(tmp_path, tracking_uri, capsys) -> None:
+    code = run_cli("--data-dir", str(tmp_path / "nowhere"))
+    assert_one_line_error(capsys, code, "does not exist", "nowhere")
+    assert_no_runs(tracking_uri)
+
+
+def test_truncated_gz(data_copy, tracking_uri, capsys) -> None:
+    path = data_copy / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code = run_cli("--data-dir", str(data_copy))
+    assert_one_line_error(capsys, code, "train-labels-idx1-ubyte")
+    assert_no_runs(tracking_uri)
+
+
+def test_checksum_mismatch(data_copy, tracking_uri, capsys) -> None:
+    path = data_copy / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[100] = (raw[100] + 1) % 10
+    path.write_bytes(gzip.compress(bytes(raw)))
+    code = run_cli("--data-dir", str(data_copy))
+    assert_one_line_error(capsys, code, "t10k-labels-idx1-ubyte", "sha256")
+    assert_no_runs(tracking_uri)
+
+
+def test_npz_with_wrong_shapes(tmp_path, tracking_uri, capsys) -> None:
+    d = tmp_path / "npz"
+    d.mkdir()
+    np.savez(d / "mnist.npz", x_train=np.zeros((100, 28, 27), np.uint8),
+             y_train=np.zeros(100, np.uint8), x_test=np.zeros((10, 28, 28), np.uint8),
+             y_test=np.zeros(10, np.uint8))
+    code = run_cli("--data-dir", str(d))
+    assert_one_line_error(capsys, code, "x_train")
+    assert_no_runs(tracking_uri)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("model.n_conv=7", "model.n_conv"), ("evaluation.eps=[0.1,-0.1]", "evaluation.eps"),
+     ("train.colour=red", "train.colour")],
+)
+def test_invalid_config(override, needle, tracking_uri, capsys) -> None:
+    code = run_cli("--set", override)
+    assert_one_line_error(capsys, code, needle)
+    assert_no_runs(tracking_uri)
+
+
+def test_unwritable_tracking_location(tmp_path, mnist_dir, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code = run_cli("--data-dir", str(mnist_dir),
+                   "--tracking-uri", f"sqlite:///{blocker / 'mlruns' / 'mlflow.db'}")
+    assert_one_line_error(capsys, code, "not writable", str(blocker))
+
+
+def test_nan_loss_ends_failed_with_reason(tracking_uri, small_mnist, monkeypatch) -> None:
+    """A diverging training leaves a FAILED run that says why, not a RUNNING or FINISHED one."""
+    import dataclasses
+
+    from art_study.config import load_config
+    from art_study.errors import TrainingError
+    from art_study.study import execute
+
+    x = small_mnist.x_train.copy()
+    x[::7] = np.nan
+    poisoned = dataclasses.replace(small_mnist, x_train=x)
+    monkeypatch.setattr(execute, "load_mnist", lambda *a, **k: poisoned)
+    cfg = load_config(SMOKE)
+    with pytest.raises(TrainingError, match=r"NaN|nan"):
+        execute.run_experiment(cfg, progress=False)
+    runs = runs_in(tracking_uri)
+    assert len(runs) == 1
+    assert runs.status[0] == "FAILED"
+    assert "TrainingError" in runs["tags.failure_reason"][0]
+
+
+def test_cli_exits_nonzero_in_a_real_process(tmp_path) -> None:
+    """No traceback reaches the user from the installed command either."""
+    exe = Path(sys.executable).with_name("art-study")
+    proc = subprocess.run([str(exe), "run", str(SMOKE), "--set", "model.n_conv=7"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert "model.n_conv" in proc.stderr
+    assert not (tmp_path / "mlruns").exists()

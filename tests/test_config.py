@@ -1,0 +1,89 @@
+"""Config validation: typed objects, unknown keys and out-of-range values refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from art_study.config import ExperimentConfig, flatten, load_config, to_yaml
+from art_study.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["smoke", "control"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.name == name
+    assert 2 <= cfg.model.n_conv <= 5
+    assert all(0 < e <= 1 for e in cfg.evaluation.eps)
+
+
+def test_defaults_fill_in_and_name_defaults_to_file_stem(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "seed: 3\n"))
+    assert cfg.name == "c"
+    assert cfg.seed == 3
+    assert cfg.model.dense_units == 256
+    assert cfg.evaluation.eps == sorted(cfg.evaluation.eps)
+
+
+def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: {n_conv: 2}\n")
+    cfg = load_config(path, ["model.n_conv=4", "evaluation.eps=[0.3, 0.1]", "train.epochs=2"])
+    assert cfg.model.n_conv == 4
+    assert cfg.evaluation.eps == [0.1, 0.3]
+    with pytest.raises(ConfigError, match=r"model\.n_conv"):
+        load_config(path, ["model.n_conv=7"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["model.n_conv"])
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("model: {n_conv: 7}\n", "model.n_conv"),
+        ("model: {n_conv: 1}\n", "model.n_conv"),
+        ("evaluation: {eps: [0.1, -0.2]}\n", "evaluation.eps"),
+        ("evaluation: {eps: [1.5]}\n", "evaluation.eps"),
+        ("modell: {n_conv: 2}\n", "modell"),
+        ("train: {epochs: 2, lr: 0.1}\n", "train.lr"),
+        ("data: {n_train: 5}\n", "data.n_train"),
+        ("model: {n_conv: 4, filters: [8, 8]}\n", "model"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    msg = str(err.value)
+    assert key in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_says_unknown(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.lr: unknown key"):
+        load_config(write(tmp_path, "train: {lr: 0.1}\n"))
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_flatten_and_yaml_round_trip() -> None:
+    cfg = ExperimentConfig(name="x")
+    flat = flatten(cfg)
+    assert flat["model.n_conv"] == "2"
+    assert flat["evaluation.eps"].startswith("[")
+    assert flat["data.dir"] == "null"
+    import yaml
+
+    assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
