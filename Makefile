@@ -4,7 +4,7 @@ SHARED_MNIST := $(abspath ../shared/data/mnist)
 # Use the canonical files beside the checkout when they are there; otherwise the loader's own
 # search (ART_STUDY_DATA_DIR, the Keras cache, Keras' download) applies.
 DATA_ENV := $(if $(wildcard $(SHARED_MNIST)/*.gz),ART_STUDY_DATA_DIR=$(SHARED_MNIST),)
-CONFIG ?= configs/control.yaml
+CONFIG ?= configs/paper.yaml
 
 .PHONY: install study test lint
 install: $(VENV)/.installed

@@ -39,20 +39,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"data.dir={args.data_dir}")
     cfg = load_config(args.config, overrides)
 
-    from art_study.evaluation import eps_key
-    from art_study.study import run_experiment
+    from art_study.study import run_study
 
-    result = run_experiment(cfg, progress=not args.no_progress)
-    m = result.metrics
-    print(f"run {result.run_id} FINISHED: clean accuracy {m['clean/accuracy']:.4f}")
-    for eps in cfg.evaluation.eps:
-        k = eps_key(eps)
-        print(f"  FGSM ε={eps:g}: ours {m[f'fgsm_custom/accuracy_{k}']:.4f}  "
-              f"ART {m[f'fgsm_art/accuracy_{k}']:.4f}  "
-              f"max|Δ| {m[f'xcheck/max_abs_diff_{k}']:.2g}")
-    print(f"  FGSM throughput: ours {m['fgsm_custom/images_per_s']:.0f} img/s, "
-          f"ART {m['fgsm_art/images_per_s']:.0f} img/s")
+    result = run_study(cfg, progress=not args.no_progress)
+    if result.parent_run_id:
+        print(f"study {cfg.name}: parent run {result.parent_run_id}; {len(result.runs)} runs "
+              f"({sum(r.skipped for r in result.runs)} already finished), "
+              f"{result.stages_trained} stages trained, {result.stages_reused} reused")
+    for r in result.runs:
+        print(_summary(r, cfg.evaluation.eps))
     return 0
+
+
+def _summary(run, eps_list: list[float]) -> str:
+    """One line per run: clean accuracy and FGSM accuracy per ε (ours / ART's)."""
+    from art_study.evaluation import eps_key
+
+    m = run.metrics
+    parts = [f"{run.spec.name}: clean {m['clean/accuracy']:.4f}"]
+    for eps in eps_list:
+        k = eps_key(eps)
+        parts.append(f"ε={eps:g} {m[f'fgsm_custom/accuracy_{k}']:.4f}"
+                     f"/{m[f'fgsm_art/accuracy_{k}']:.4f}")
+    parts.append(f"max|Δ| {m['xcheck/max_abs_diff']:.1g}; FGSM img/s ours "
+                 f"{m['fgsm_custom/images_per_s']:.0f} vs ART {m['fgsm_art/images_per_s']:.0f}")
+    return "  ".join(parts) + f"  [run {run.run_id}]"
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:

@@ -104,16 +104,111 @@ class TrackingConfig(_Strict):
     log_model: bool = True
 
 
+#: Keywords a study block may use in ``sequences`` instead of an explicit list of defenses.
+SEQUENCE_KEYWORDS = ("control", "singles", "pairs", "triples")
+
+
+class StudyBlock(_Strict):
+    """A set of sequences trained at each of a set of depths."""
+
+    depths: list[int] = Field(..., min_length=1)
+    sequences: list[str | list[str]] = Field(
+        ..., min_length=1,
+        description="'control', 'singles', 'pairs', 'triples', or an explicit list of defenses "
+        "applied in order, e.g. [adversarial_training, gradient_masking].",
+    )
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_in_range(cls, v: list[int]) -> list[int]:
+        for d in v:
+            if not 2 <= d <= 5:
+                raise ValueError(f"each depth (n_conv) must be in 2..5, got {d}")
+        return v
+
+    @field_validator("sequences")
+    @classmethod
+    def _known_keywords(cls, v: list[str | list[str]]) -> list[str | list[str]]:
+        for item in v:
+            if isinstance(item, str) and item not in SEQUENCE_KEYWORDS:
+                raise ValueError(
+                    f"unknown sequence keyword {item!r}; use one of {', '.join(SEQUENCE_KEYWORDS)}"
+                    " or a list of defense names"
+                )
+            if isinstance(item, list) and not item:
+                raise ValueError("an explicit sequence needs at least one defense")
+        return v
+
+
+class StudySection(_Strict):
+    """Expands one config into runs over sequences × depths × seeds (one MLflow child each).
+
+    A sequence of k defenses trains ``stage_epochs[i]`` epochs with its i-th defense, saving the
+    model as ``.h5`` and reloading it between stages (the paper: 4 + 3). The control and single
+    defenses are trained as the first two stages of themselves (4 + 3 epochs of the same
+    defense), so they get the same budget as a pair and share its first stage.
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    stage_epochs: list[int] = Field(default_factory=lambda: [4, 3], min_length=2, max_length=3)
+    defenses: list[str] = Field(
+        default_factory=lambda: ["adversarial_training", "distillation", "gradient_masking"],
+        min_length=1, description="The defenses that 'singles', 'pairs' and 'triples' combine.",
+    )
+    blocks: list[StudyBlock] = Field(..., min_length=1)
+    cache_dir: str | None = Field(
+        None, description="Stage cache; default: stage-cache/ beside a local sqlite store, else "
+        "./mlruns/stage-cache.",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_valid(cls, v: list[int]) -> list[int]:
+        if any(s < 0 or s >= 2**31 for s in v) or len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct integers in [0, 2^31)")
+        return v
+
+    @field_validator("stage_epochs")
+    @classmethod
+    def _epochs_positive(cls, v: list[int]) -> list[int]:
+        if any(e < 1 for e in v):
+            raise ValueError("every stage needs at least 1 epoch")
+        return v
+
+    @model_validator(mode="after")
+    def _triples_need_three_stages(self) -> StudySection:
+        wants_three = any(
+            item == "triples" or (isinstance(item, list) and len(item) == 3)
+            for block in self.blocks for item in block.sequences
+        )
+        if wants_three and len(self.stage_epochs) < 3:
+            raise ValueError("sequences of three defenses need three stage_epochs, e.g. [4, 3, 3]")
+        if any(isinstance(item, list) and len(item) > len(self.stage_epochs)
+               for block in self.blocks for item in block.sequences):
+            raise ValueError("an explicit sequence is longer than stage_epochs")
+        return self
+
+
 class ExperimentConfig(_Strict):
-    """One experiment: data → model → training → FGSM evaluation → MLflow."""
+    """One experiment, or a whole study when ``study`` is set.
+
+    Without ``study``: data → model → ``train.epochs`` of plain training → FGSM evaluation →
+    one MLflow run. With ``study``: the same path for every (sequence, depth, seed), each an
+    MLflow child run of one parent run.
+    """
 
     name: str = Field(..., min_length=1)
     seed: int = Field(0, ge=0, lt=2**31)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    defenses: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings per defense name, validated by that defense's Settings model.",
+    )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    study: StudySection | None = None
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -70,6 +70,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     classifier = to_art(model)
     ours.warm_up()  # trace once so the timings measure throughput, not tracing
     t_ours = t_art = 0.0
+    first: np.ndarray | None = None
     for eps in cfg.eps:
         k = eps_key(eps)
         t0 = time.perf_counter()
@@ -78,6 +79,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
         x_art = art_fgsm(classifier, x, y1h, eps, batch_size=cfg.batch_size)
         t2 = time.perf_counter()
         t_ours, t_art = t_ours + (t1 - t0), t_art + (t2 - t1)
+        first = x_ours if first is None else first
 
         pred_ours, pred_art = predict_labels(model, x_ours), predict_labels(model, x_art)
         m[f"fgsm_custom/accuracy_{k}"] = float(np.mean(pred_ours == y))
@@ -86,6 +88,12 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
         m[f"xcheck/max_abs_diff_{k}"] = cc.max_abs_diff
         m[f"xcheck/pixel_diff_share_{k}"] = cc.pixel_diff_share
         m[f"xcheck/prediction_agreement_{k}"] = cc.prediction_agreement
+
+    # Our FGSM again on the same inputs: on a deterministic model it is bit-identical. When it
+    # is not, the model's gradients are randomised (e.g. a gradient-noise layer), and any
+    # disagreement with ART above comes from the model, not from either implementation.
+    repeat = ours.generate(x, y1h, cfg.eps[0])
+    m["xcheck/repeat_max_abs_diff"] = float(np.abs(repeat - first).max())
 
     n = len(x) * len(cfg.eps)
     m["fgsm_custom/images_per_s"] = n / max(t_ours, 1e-9)

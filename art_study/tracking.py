@@ -18,6 +18,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -133,29 +134,24 @@ def git_commit() -> str | None:
     return f"{sha}+dirty" if dirty else sha
 
 
-class MLflowEpochLogger(keras.callbacks.Callback):
-    """Logs loss, accuracy and wall time of every epoch to the active MLflow run.
+class EpochRecorder(keras.callbacks.Callback):
+    """Hands each epoch's Keras logs plus its wall time to ``sink`` (a stage's ``log_epoch``).
 
-    ``prefix`` separates stages (``train/`` for the control); ``step_offset`` keeps the epoch
-    axis continuous across stages of one run.
+    A Keras callback rather than a hand-written loop around ``fit``, as the Keras examples do.
     """
 
-    def __init__(self, prefix: str = "train", step_offset: int = 0):
+    def __init__(self, sink: Callable[[dict[str, float]], None]):
         super().__init__()
-        self.prefix = prefix
-        self.step_offset = step_offset
-        self.epoch_times: list[float] = []
+        self.sink = sink
         self._t0 = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        elapsed = time.perf_counter() - self._t0
-        self.epoch_times.append(elapsed)
-        metrics = {f"{self.prefix}/{k}": float(v) for k, v in (logs or {}).items()}
-        metrics[f"{self.prefix}/epoch_time_s"] = elapsed
-        mlflow.log_metrics(metrics, step=self.step_offset + epoch)
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["epoch_time_s"] = time.perf_counter() - self._t0
+        self.sink(metrics)
 
 
 class RaiseOnNaN(keras.callbacks.Callback):

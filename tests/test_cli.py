@@ -44,7 +44,7 @@ def test_smoke_config_end_to_end(tmp_path: Path, mnist_dir: Path) -> None:
     proc = subprocess.run([str(exe), "run", str(SMOKE), "--no-progress"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "FINISHED" in proc.stdout
+    assert "none | 2conv | seed 0: clean" in proc.stdout
 
     # The default store: sqlite + artifacts under ./mlruns of the working directory.
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"

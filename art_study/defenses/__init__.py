@@ -1,11 +1,17 @@
 """Defenses, each a training stage, looked up by name.
 
-A new defense is one module in this package and one entry in :data:`DEFENSES`.
+A new defense is one module in this package (``Settings`` + ``train``, see ``base.py``) and one
+entry in :data:`DEFENSES`.
 """
 
-from art_study.defenses.base import StageContext
-from art_study.defenses.plain import train_plain
+from art_study.defenses import adversarial_training, distillation, gradient_masking, plain
+from art_study.defenses.base import Defense, DefenseSettings, StageContext
 
-DEFENSES = {"none": train_plain}
+DEFENSES: dict[str, Defense] = {
+    "none": Defense(plain.Settings, plain.train),
+    "adversarial_training": Defense(adversarial_training.Settings, adversarial_training.train),
+    "distillation": Defense(distillation.Settings, distillation.train),
+    "gradient_masking": Defense(gradient_masking.Settings, gradient_masking.train),
+}
 
-__all__ = ["DEFENSES", "StageContext", "train_plain"]
+__all__ = ["DEFENSES", "Defense", "DefenseSettings", "StageContext"]

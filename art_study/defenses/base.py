@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import keras
+import mlflow
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 from tqdm.keras import TqdmCallback
 
 from art_study.config import ModelConfig, TrainConfig
-from art_study.tracking import MLflowEpochLogger, RaiseOnNaN
+from art_study.tracking import EpochRecorder, RaiseOnNaN
 
 
 class DefenseSettings(BaseModel):
@@ -44,26 +45,37 @@ class StageContext:
     model_cfg: ModelConfig
     train: TrainConfig
     seed: int
+    incoming_trained: bool = False  # False: a fresh network; True: the previous stage's model
     metric_prefix: str = "train"
     step_offset: int = 0
     progress: bool = True
-    epoch_times: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def y_train_onehot(self) -> np.ndarray:
         return np.eye(10, dtype=np.float32)[self.y_train]
 
+    @property
+    def epoch_times(self) -> list[float]:
+        return [h["epoch_time_s"] for h in self.history if "epoch_time_s" in h]
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        """Record one epoch's figures (``loss``, ``accuracy``, ``epoch_time_s``, ...) and log them
+        live to the active MLflow run as ``<prefix>/<name>`` at the run's global epoch step.
+
+        The record is kept so a stage restored from the cache can be logged to a later run too.
+        """
+        step = self.step_offset + len(self.history)
+        self.history.append(dict(metrics))
+        mlflow.log_metrics({f"{self.metric_prefix}/{k}": float(v) for k, v in metrics.items()},
+                           step=step)
+
     def callbacks(self, desc: str | None = None) -> list[keras.callbacks.Callback]:
-        """Per-epoch MLflow logging, NaN guard and a tqdm progress bar, for ``model.fit``."""
-        self._logger = MLflowEpochLogger(self.metric_prefix, self.step_offset)
-        cbs: list[keras.callbacks.Callback] = [self._logger, RaiseOnNaN()]
+        """Per-epoch logging (via :meth:`log_epoch`), NaN guard and a progress bar, for ``fit``."""
+        cbs: list[keras.callbacks.Callback] = [EpochRecorder(self.log_epoch), RaiseOnNaN()]
         if self.progress:
             cbs.append(TqdmCallback(verbose=0, desc=desc or self.metric_prefix))
         return cbs
-
-    def record_epochs(self) -> None:
-        """Keep the epoch wall times measured by the last ``fit``."""
-        self.epoch_times.extend(self._logger.epoch_times)
 
 
 def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int,
@@ -71,7 +83,6 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int,
     """``model.fit`` with the stage's callbacks; data order is fixed by the seeded global RNG."""
     model.fit(x, y, batch_size=ctx.train.batch_size, epochs=epochs, shuffle=True, verbose=0,
               callbacks=ctx.callbacks())
-    ctx.record_epochs()
     return model
 
 

@@ -1,5 +1,22 @@
 """Study plan and execution: config → plan → data → model → defense stages → evaluation → MLflow."""
 
-from art_study.study.execute import RunResult, run_experiment
+from art_study.study.execute import (
+    RunResult,
+    StudyIncomplete,
+    StudyResult,
+    run_experiment,
+    run_study,
+)
+from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs
 
-__all__ = ["RunResult", "run_experiment"]
+__all__ = [
+    "RunResult",
+    "RunSpec",
+    "StageSpec",
+    "StudyIncomplete",
+    "StudyResult",
+    "distinct_stages",
+    "plan_runs",
+    "run_experiment",
+    "run_study",
+]

@@ -1,37 +1,76 @@
-"""Execute one experiment and record it in MLflow.
+"""Execute a plan and record it in MLflow.
 
-The path reads top to bottom: check the store and load the data (both before any run exists,
-so bad input leaves nothing behind) → seed everything → build the model → train → evaluate →
-log the model. An exception after the run has started ends it FAILED with a
-``failure_reason`` tag; it never stays RUNNING.
+The path reads top to bottom:
+
+1. check the store and load the data — both before any run exists, so bad input leaves
+   nothing behind;
+2. plan the runs (validating every defense name and setting);
+3. for each run: its stages (each restored from the stage cache, or trained: build or reload
+   the ``.h5`` hand-off → defense → save), then the evaluation, then the model, all logged to
+   the run.
+
+A config without ``study`` is a single top-level run. A study is one parent run with a child
+per (sequence, depth, seed). Rerunning a study resumes its parent, skips children that
+FINISHED (matched by their ``run_key``), deletes and reruns unfinished or failed ones, and
+reuses every cached stage. An exception inside a run ends it FAILED with a ``failure_reason``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
 import mlflow
 import tensorflow as tf
+from mlflow import MlflowClient
 
 from art_study.config import ExperimentConfig, flatten, to_yaml
 from art_study.data import MnistData, load_mnist
 from art_study.defenses import DEFENSES, StageContext
+from art_study.errors import ArtStudyError
 from art_study.evaluation import evaluate
 from art_study.models import build_cnn, compile_model
-from art_study.tracking import environment_tags, failure_reason, log_keras_model, prepare_store
+from art_study.study.cache import StageCache, StageRecord
+from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, stable_hash
+from art_study.tracking import (
+    DEFAULT_STORE_DIR,
+    _local_path,
+    environment_tags,
+    failure_reason,
+    log_keras_model,
+    prepare_store,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """The MLflow run id and every metric it logged at the end."""
+    """One finished run: its MLflow id and the metrics it logged at the end."""
 
     run_id: str
+    spec: RunSpec
     metrics: dict[str, float]
+    skipped: bool = False  # True when a FINISHED run from an earlier invocation was reused
+
+
+@dataclass
+class StudyResult:
+    """What a study (or single experiment) invocation did."""
+
+    parent_run_id: str | None
+    runs: list[RunResult] = field(default_factory=list)
+    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
+    stages_trained: int = 0
+    stages_reused: int = 0
+
+
+class StudyIncomplete(ArtStudyError):
+    """Some runs of a study failed; the others are recorded and a rerun retries the failed."""
 
 
 def seed_everything(seed: int) -> None:
@@ -40,42 +79,224 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> RunResult:
-    """Train the configured model, evaluate it under FGSM, and record it all in MLflow."""
-    experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
-    data = load_mnist(cfg.data.dir, n_train=cfg.data.n_train, n_test=cfg.data.n_test,
-                      seed=cfg.seed, download=cfg.data.download)
+def stage_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th stage: fixed by the run's seed and the stage's position."""
+    return (seed + 7919 * index) % 2**31
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.name) as run:
+
+def cache_dir_for(cfg: ExperimentConfig) -> Path:
+    """``study.cache_dir``, else ``stage-cache/`` beside a local sqlite store, else ./mlruns."""
+    if cfg.study is not None and cfg.study.cache_dir:
+        return Path(cfg.study.cache_dir)
+    local = _local_path(resolve_tracking_uri(cfg.tracking.uri))
+    return (local.parent if local is not None else DEFAULT_STORE_DIR) / "stage-cache"
+
+
+def load_data(cfg: ExperimentConfig, seeds: list[int]) -> dict[int, MnistData]:
+    """The data of each seed (subsets are seeded; the full set is loaded once)."""
+    d = cfg.data
+    if d.n_train is None and d.n_test is None:
+        data = load_mnist(d.dir, seed=seeds[0], download=d.download)
+        return dict.fromkeys(seeds, data)
+    return {s: load_mnist(d.dir, n_train=d.n_train, n_test=d.n_test, seed=s,
+                          download=d.download) for s in seeds}
+
+
+def run_study(cfg: ExperimentConfig, *, progress: bool = True) -> StudyResult:
+    """Run every experiment of ``cfg`` (one, or a whole study) and record them in MLflow."""
+    experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
+    seeds = cfg.study.seeds if cfg.study else [cfg.seed]
+    data = load_data(cfg, seeds)
+    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
+    cache = StageCache(cache_dir_for(cfg))
+    executor = _Executor(cfg, data, cache, progress)
+
+    if cfg.study is None:
+        result = StudyResult(None)
+        result.runs.append(executor.top_level_run(runs[0], experiment_id))
+    else:
+        result = executor.study(runs, experiment_id)
+    result.stages_trained, result.stages_reused = executor.trained, executor.reused
+    if result.failed:
+        spec, reason = result.failed[0]
+        raise StudyIncomplete(
+            f"{len(result.failed)} of {len(runs)} runs failed (first: {spec.name}: {reason}); "
+            "rerun the same command to retry them"
+        )
+    return result
+
+
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> RunResult:
+    """A config without a ``study`` section: one run. Returns that run's result."""
+    if cfg.study is not None:
+        raise ArtStudyError("run_experiment takes a config without 'study'; use run_study")
+    return run_study(cfg, progress=progress).runs[0]
+
+
+class _Executor:
+    """Runs planned runs; trains each distinct stage once (per process, and via the cache)."""
+
+    def __init__(self, cfg: ExperimentConfig, data: dict[int, MnistData], cache: StageCache,
+                 progress: bool):
+        self.cfg, self.data, self.cache, self.progress = cfg, data, cache, progress
+        self.trained = self.reused = 0
+
+    # -- a study: parent run, children, resume ------------------------------------------------
+    def study(self, runs: list[RunSpec], experiment_id: str) -> StudyResult:
+        study_key = stable_hash({"name": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
+                                 "runs": [r.key for r in runs]})
+        client = MlflowClient()
+        parent = _find_parent(client, experiment_id, study_key)
+        result = StudyResult(None)
+        with mlflow.start_run(run_id=parent, experiment_id=None if parent else experiment_id,
+                              run_name=None if parent else self.cfg.name) as run:
+            result.parent_run_id = run.info.run_id
+            if parent is None:
+                self._log_study(runs, study_key)
+            children = _children_by_key(client, experiment_id, run.info.run_id)
+            for spec in runs:
+                done = [c for c in children.get(spec.key, []) if c.info.status == "FINISHED"]
+                if done:
+                    result.runs.append(RunResult(done[0].info.run_id, spec,
+                                                 done[0].data.metrics, skipped=True))
+                    continue
+                for stale in children.get(spec.key, []):
+                    client.delete_run(stale.info.run_id)  # unfinished or failed: replaced
+                try:
+                    result.runs.append(self._child(spec))
+                except ArtStudyError as exc:
+                    result.failed.append((spec, str(exc)))
+                except Exception as exc:  # a bug in one run must not lose the others
+                    log.exception("run %s failed", spec.name)
+                    result.failed.append((spec, failure_reason(exc)))
+            mlflow.log_metrics({"study/runs": len(runs), "study/failed": len(result.failed),
+                                "study/stages_trained": self.trained,
+                                "study/stages_reused": self.reused})
+            if result.failed:
+                mlflow.set_tag("failure_reason", f"{len(result.failed)} runs failed")
+                mlflow.end_run("FAILED")
+        return result
+
+    def _log_study(self, runs: list[RunSpec], study_key: str) -> None:
+        import pandas as pd
+
+        mlflow.log_params(flatten(self.cfg))
+        mlflow.log_text(to_yaml(self.cfg), "config.yaml")
+        mlflow.set_tags({**environment_tags(), "art_study.role": "study",
+                         "study_key": study_key, "study": self.cfg.name})
+        plan = pd.DataFrame([{"sequence": r.sequence, "depth": r.depth, "seed": r.seed,
+                              "stages": ">".join(s.defense for s in r.stages),
+                              "run_key": r.key} for r in runs])
+        mlflow.log_table(plan, "plan.json")
+        mlflow.log_metric("study/distinct_stages", len(distinct_stages(runs)))
+
+    def _child(self, spec: RunSpec) -> RunResult:
+        tags = {"art_study.role": "run", "study": self.cfg.name}
+        parent = mlflow.active_run()
+        with mlflow.start_run(run_name=spec.name, nested=True, tags=tags,
+                              experiment_id=parent.info.experiment_id) as run:
+            return RunResult(run.info.run_id, spec, self._in_run(spec))
+
+    # -- a single experiment --------------------------------------------------------------------
+    def top_level_run(self, spec: RunSpec, experiment_id: str) -> RunResult:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=self.cfg.name) as run:
+            return RunResult(run.info.run_id, spec, self._in_run(spec))
+
+    # -- one run: stages → evaluation → model ---------------------------------------------------
+    def _in_run(self, spec: RunSpec) -> dict[str, float]:
         try:
-            metrics = _run(cfg, data, progress)
+            return self._execute(spec)
         except BaseException as exc:
             mlflow.set_tag("failure_reason", failure_reason(exc))
             raise
-    return RunResult(run.info.run_id, metrics)
+
+    def _execute(self, spec: RunSpec) -> dict[str, float]:
+        cfg, data = spec.config, self.data[spec.seed]
+        mlflow.log_params(flatten(cfg))
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.set_tags({
+            **environment_tags(), "run_key": spec.key, "sequence": spec.sequence,
+            "stages": ">".join(s.defense for s in spec.stages), "n_conv": str(spec.depth),
+            "depth": str(spec.depth), "seed": str(spec.seed), "data.source": data.source,
+            "data.fingerprint": data.fingerprint,
+        })
+
+        metrics: dict[str, float] = {}
+        for stage in spec.stages:
+            record = self._stage(stage, spec, data)
+            n = stage.index + 1
+            metrics[f"stage{n}/time_s"] = record.train_time_s
+            metrics[f"stage{n}/epochs"] = stage.epochs
+            if len(spec.stages) > 1:  # the .h5 hand-off file of every stage
+                mlflow.log_artifact(str(self.cache.model_path(stage.key)),
+                                    artifact_path=f"stages/stage{n}_{stage.defense}")
+        times = [h["epoch_time_s"] for s in spec.stages
+                 for h in self.cache.record(s.key).history if "epoch_time_s" in h]
+        metrics["train/total_time_s"] = sum(m for k, m in metrics.items()
+                                            if k.endswith("/time_s"))
+        metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
+
+        model = compile_model(self.cache.load_model(spec.stages[-1].key), cfg.train)
+        seed_everything(spec.seed)
+        t0 = time.perf_counter()
+        result = evaluate(model, data.x_test, data.y_test, cfg.evaluation, progress=self.progress)
+        metrics.update(result.metrics)
+        metrics["eval/time_s"] = time.perf_counter() - t0
+        mlflow.log_metrics(metrics)
+        if cfg.tracking.log_model:
+            log_keras_model(model, data.x_test[:2])
+        return metrics
+
+    def _stage(self, stage: StageSpec, spec: RunSpec, data: MnistData) -> StageRecord:
+        """Restore ``stage`` from the cache, or train it from its parent's ``.h5`` file."""
+        offset = sum(s.epochs for s in spec.stages[: stage.index])
+        if self.cache.has(stage.key):
+            self.reused += 1
+            record = self.cache.record(stage.key)
+            for i, h in enumerate(record.history):
+                mlflow.log_metrics({f"train/{k}": v for k, v in h.items()}, step=offset + i)
+            mlflow.log_metric(f"stage{stage.index + 1}/cached", 1.0)
+            return record
+
+        cfg = spec.config
+        seed_everything(stage_seed(spec.seed, stage.index))
+        if stage.parent is None:
+            model = build_cnn(cfg.model)
+        else:  # the paper's hand-off: the previous stage's .h5 file, reloaded
+            model = self.cache.load_model(stage.parent.key)
+        model = compile_model(model, cfg.train)
+        ctx = StageContext(data.x_train, data.y_train, cfg.model, cfg.train, spec.seed,
+                           incoming_trained=stage.parent is not None, step_offset=offset,
+                           progress=self.progress)
+        defense = DEFENSES[stage.defense]
+        t0 = time.perf_counter()
+        model = defense.train(model, ctx, stage.epochs, defense.settings(**stage.settings))
+        record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
+                             time.perf_counter() - t0, {})
+        self.cache.save(model, record)
+        self.trained += 1
+        mlflow.log_metric(f"stage{stage.index + 1}/cached", 0.0)
+        return record
 
 
-def _run(cfg: ExperimentConfig, data: MnistData, progress: bool) -> dict[str, float]:
-    mlflow.log_params(flatten(cfg))
-    mlflow.log_text(to_yaml(cfg), "config.yaml")
-    mlflow.set_tags({**environment_tags(), "data.source": data.source,
-                     "data.fingerprint": data.fingerprint, "n_conv": str(cfg.model.n_conv),
-                     "defense": "none", "seed": str(cfg.seed)})
+def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:
+    """The parent run of an earlier invocation of the same study, to resume it."""
+    found = client.search_runs([experiment_id],
+                               f"tags.study_key = '{study_key}' and "
+                               "tags.`art_study.role` = 'study'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
 
-    seed_everything(cfg.seed)
-    model = compile_model(build_cnn(cfg.model), cfg.train)
 
-    ctx = StageContext(data.x_train, data.y_train, cfg.model, cfg.train, cfg.seed,
-                       progress=progress)
-    plain = DEFENSES["none"]
-    t0 = time.perf_counter()
-    model = plain.train(model, ctx, cfg.train.epochs, plain.settings())
-    train_time = time.perf_counter() - t0
-
-    result = evaluate(model, data.x_test, data.y_test, cfg.evaluation, progress=progress)
-    metrics = {**result.metrics, "train/total_time_s": train_time,
-               "train/mean_epoch_time_s": sum(ctx.epoch_times) / len(ctx.epoch_times)}
-    mlflow.log_metrics(metrics)
-    if cfg.tracking.log_model:
-        log_keras_model(model, data.x_test[:2])
-    return metrics
+def _children_by_key(client: MlflowClient, experiment_id: str, parent_id: str) -> dict:
+    """Existing child runs of the parent, grouped by their ``run_key`` tag."""
+    out: dict[str, list] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                  max_results=1000, page_token=token)
+        for r in page:
+            out.setdefault(r.data.tags.get("run_key", ""), []).append(r)
+        token = page.token
+        if not token:
+            return out

@@ -1,0 +1,170 @@
+"""Expand a config into runs, and each run into a chain of stages keyed by everything before them.
+
+Sequences share prefixes: AT→DD, AT→GM and AT alone (4 + 3 epochs of AT) all begin with the same
+4-epoch AT stage. A stage's key is a hash of its defense, resolved settings and epochs, plus the
+key of the stage it continues from (or, for a first stage, the model, training and data config and
+the seed). Equal keys mean equal work, so the executor trains each distinct stage once and a
+resumed study finds it in the cache.
+
+Planning validates every defense name and setting, so a typo fails before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from art_study.config import ExperimentConfig
+from art_study.errors import ConfigError
+
+PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cached stages
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys): stable across runs and machines."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One training stage: ``epochs`` of ``defense`` with ``settings``, after ``parent``."""
+
+    index: int  # 0-based position in its sequence
+    defense: str
+    settings: dict[str, Any]
+    epochs: int
+    parent: StageSpec | None
+    key: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One MLflow run: a sequence of stages at one depth and seed, then the evaluation."""
+
+    sequence: str  # e.g. "adversarial_training>gradient_masking"; "none" for the control
+    depth: int
+    seed: int
+    stages: tuple[StageSpec, ...]
+    config: ExperimentConfig  # resolved for this run (model.n_conv = depth, seed = seed)
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.sequence} | {self.depth}conv | seed {self.seed}"
+
+
+def resolve_settings(cfg: ExperimentConfig, defense: str) -> dict[str, Any]:
+    """The defense's settings with defaults filled in, validated by its ``Settings`` model."""
+    from art_study.defenses import DEFENSES
+
+    if defense not in DEFENSES:
+        raise ConfigError(
+            f"unknown defense {defense!r}; available: {', '.join(sorted(DEFENSES))}"
+        )
+    try:
+        settings = DEFENSES[defense].settings.model_validate(cfg.defenses.get(defense, {}))
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(["defenses", defense, *(str(p) for p in e["loc"])])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        raise ConfigError(f"invalid config: {key}: {msg}") from None
+    return settings.model_dump(mode="json")
+
+
+def expand_sequences(cfg: ExperimentConfig, items: list[str | list[str]]) -> list[tuple[str, ...]]:
+    """Keywords → explicit defense chains, in a stable order without duplicates.
+
+    ``control`` and ``singles`` repeat their defense for the first two stages (4 + 3 epochs of
+    itself); ``pairs``/``triples`` are every ordered combination of distinct defenses.
+    """
+    assert cfg.study is not None
+    defenses = cfg.study.defenses
+    out: list[tuple[str, ...]] = []
+    for item in items:
+        if item == "control":
+            chains = [("none", "none")]
+        elif item == "singles":
+            chains = [(d, d) for d in defenses]
+        elif item == "pairs":
+            chains = list(itertools.permutations(defenses, 2))
+        elif item == "triples":
+            chains = list(itertools.permutations(defenses, 3))
+        else:
+            chains = [tuple(item)]
+        out += [c for c in chains if c not in out]
+    return out
+
+
+def sequence_name(chain: tuple[str, ...]) -> str:
+    """``(AT, AT)`` → ``adversarial_training``; ``(AT, GM)`` → ``AT>GM`` (full names)."""
+    return chain[0] if len(set(chain)) == 1 else ">".join(chain)
+
+
+def _run_config(cfg: ExperimentConfig, depth: int, seed: int) -> ExperimentConfig:
+    run_cfg = cfg.model_copy(deep=True)
+    run_cfg.model.n_conv = depth
+    run_cfg.seed = seed
+    run_cfg.study = None
+    return run_cfg
+
+
+def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int],
+                 fingerprint: str) -> tuple[StageSpec, ...]:
+    root = {
+        "version": PLAN_VERSION,
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "data": {**cfg.data.model_dump(mode="json", exclude={"dir", "download"}),
+                 "fingerprint": fingerprint},
+        "seed": cfg.seed,
+    }
+    stages: list[StageSpec] = []
+    parent_key = stable_hash(root)
+    for i, (defense, n) in enumerate(zip(chain, epochs, strict=True)):
+        settings = resolve_settings(cfg, defense)
+        key = stable_hash({"parent": parent_key, "index": i, "defense": defense,
+                           "settings": settings, "epochs": n})
+        stages.append(StageSpec(i, defense, settings, n, stages[-1] if stages else None, key))
+        parent_key = key
+    return tuple(stages)
+
+
+def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSpec]:
+    """Every run of the config, in execution order (depth, seed, then sequence).
+
+    ``fingerprints`` maps each seed to the fingerprint of the data that seed's runs use (subsets
+    are seeded), so a stage trained on other data never matches.
+    """
+    if cfg.study is None:  # a single experiment: one stage of plain training
+        chain, epochs = ("none",), [cfg.train.epochs]
+        blocks = [([cfg.model.n_conv], [chain])]
+        seeds = [cfg.seed]
+    else:
+        blocks = [(b.depths, expand_sequences(cfg, b.sequences)) for b in cfg.study.blocks]
+        seeds = cfg.study.seeds
+    runs: list[RunSpec] = []
+    seen: set[tuple[str, int, int]] = set()
+    for depths, chains in blocks:
+        for depth, seed, chain in itertools.product(depths, seeds, chains):
+            name = sequence_name(chain)
+            if (name, depth, seed) in seen:
+                continue
+            seen.add((name, depth, seed))
+            run_cfg = _run_config(cfg, depth, seed)
+            n_epochs = cfg.study.stage_epochs[: len(chain)] if cfg.study else epochs
+            stages = _stage_chain(run_cfg, chain, n_epochs, fingerprints[seed])
+            key = stable_hash({"stages": stages[-1].key,
+                               "evaluation": cfg.evaluation.model_dump(mode="json")})
+            runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
+    return runs
+
+
+def distinct_stages(runs: list[RunSpec]) -> dict[str, StageSpec]:
+    """Every distinct stage of the plan (what the study really trains), by key."""
+    return {s.key: s for r in runs for s in r.stages}

@@ -1,0 +1,238 @@
+"""The study: plan (no training), the tiny study end to end, resume, determinism."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from art_study.config import load_config
+from art_study.errors import ConfigError
+from art_study.study import distinct_stages, plan_runs, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SINGLE_PAIRS = 1 + 3 + 6  # control, each defense alone, every ordered pair
+
+
+def fake_fingerprints(cfg):
+    seeds = cfg.study.seeds if cfg.study else [cfg.seed]
+    return {s: f"data-{s}" for s in seeds}
+
+
+# -- planning (no training) ----------------------------------------------------------------------
+def test_paper_plan_shape() -> None:
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    runs = plan_runs(cfg, fake_fingerprints(cfg))
+    seeds = len(cfg.study.seeds)
+    assert seeds >= 3
+    base = [r for r in runs if r.depth == 2]
+    assert len({r.sequence for r in base}) == SINGLE_PAIRS
+    for depth in (3, 4, 5):
+        assert {r.sequence for r in runs if r.depth == depth} == {
+            "none", "adversarial_training", "distillation", "gradient_masking"}
+    assert len(runs) == seeds * (SINGLE_PAIRS + 3 * 4)
+    # Prefix sharing: per seed, 4 first stages per depth + one second stage per sequence.
+    assert len(distinct_stages(runs)) == seeds * ((4 + SINGLE_PAIRS) + 3 * (4 + 4))
+
+
+def test_prefixes_are_shared_and_keys_are_stable() -> None:
+    cfg = load_config(TINY)
+    runs = {r.sequence: r for r in plan_runs(cfg, fake_fingerprints(cfg))}
+    at = runs["adversarial_training"]
+    assert at.stages[0].key == runs["adversarial_training>distillation"].stages[0].key
+    assert at.stages[0].key == runs["adversarial_training>gradient_masking"].stages[0].key
+    assert at.stages[1].key != runs["adversarial_training>distillation"].stages[1].key
+    assert [s.epochs for s in at.stages] == [1, 1]
+    again = {r.sequence: r for r in plan_runs(load_config(TINY), fake_fingerprints(cfg))}
+    assert all(again[k].key == runs[k].key for k in runs)
+    # Anything before a stage changes its key: the data, a setting, the epochs.
+    other_data = {r.sequence: r for r in plan_runs(cfg, {0: "other"})}
+    assert other_data["none"].stages[0].key != runs["none"].stages[0].key
+    cfg2 = load_config(TINY, ["defenses.adversarial_training.eps=0.2"])
+    changed = {r.sequence: r for r in plan_runs(cfg2, fake_fingerprints(cfg2))}
+    assert changed["none"].key == runs["none"].key
+    assert changed["adversarial_training"].stages[0].key != at.stages[0].key
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("study.defenses=[adversarial_training,typo]", "unknown defense 'typo'"),
+     ("defenses.adversarial_training.bogus=1", "defenses.adversarial_training.bogus"),
+     ("study.blocks=[{depths: [6], sequences: [control]}]", "depth"),
+     ("study.blocks=[{depths: [2], sequences: [everything]}]", "everything")],
+)
+def test_bad_study_configs_fail_before_training(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        cfg = load_config(TINY, [override])
+        plan_runs(cfg, fake_fingerprints(cfg))
+
+
+# -- the tiny study end to end -------------------------------------------------------------------
+def children(uri: str, parent: str) -> list:
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name("art-study")
+    return mlflow.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                              output_format="list")
+
+
+def has_noise_layer(stages: list[str]) -> bool:
+    """GM adds the noise layer; a later distillation deploys a fresh student without it."""
+    if "gradient_masking" not in stages:
+        return False
+    last = len(stages) - 1 - stages[::-1].index("gradient_masking")
+    return "distillation" not in stages[last + 1:]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, mnist_dir):
+    """The tiny study, run once for the read-only assertions below."""
+    store = tmp_path_factory.mktemp("tiny")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    cfg = load_config(TINY, [f"tracking.uri={uri}", f"data.dir={mnist_dir}"])
+    result = run_study(cfg, progress=False)
+    return cfg, uri, result
+
+
+def test_tiny_study_creates_every_child_once(tiny_study) -> None:
+    _cfg, uri, result = tiny_study
+    kids = children(uri, result.parent_run_id)
+    assert len(kids) == SINGLE_PAIRS
+    assert all(k.info.status == "FINISHED" for k in kids)
+    seqs = {k.data.tags["sequence"] for k in kids}
+    assert len(seqs) == SINGLE_PAIRS
+    assert {"none", "adversarial_training", "distillation", "gradient_masking",
+            "adversarial_training>gradient_masking", "gradient_masking>distillation"} <= seqs
+    for k in kids:
+        assert k.data.tags["depth"] == "2" and k.data.tags["seed"] == "0"
+        m = k.data.metrics
+        for key in ("clean/accuracy", "fgsm_custom/accuracy_eps_0.1",
+                    "fgsm_art/accuracy_eps_0.1", "stage1/time_s", "stage2/time_s",
+                    "train/loss"):
+            assert key in m, (k.data.tags["sequence"], key)
+        if has_noise_layer(k.data.tags["stages"].split(">")):
+            # The gradient-noise layer randomises every gradient: our FGSM does not even agree
+            # with itself, and the cross-check reports that instead of hiding it.
+            assert m["xcheck/repeat_max_abs_diff"] > 0
+            assert m["xcheck/max_abs_diff"] > 0
+        else:
+            assert m["xcheck/max_abs_diff"] <= 1e-6
+            assert m["xcheck/repeat_max_abs_diff"] == 0
+    # Each distinct stage trained once: 4 first stages + 10 second stages.
+    assert result.stages_trained == 4 + SINGLE_PAIRS
+    assert result.stages_reused == 2 * SINGLE_PAIRS - result.stages_trained
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["study/runs"] == SINGLE_PAIRS
+
+
+def test_stage_handoff_files_are_logged(tiny_study) -> None:
+    _, uri, result = tiny_study
+    kid = next(k for k in children(uri, result.parent_run_id)
+               if k.data.tags["sequence"] == "adversarial_training>gradient_masking")
+    client = mlflow.MlflowClient()
+    stage_dirs = [a.path for a in client.list_artifacts(kid.info.run_id, "stages")]
+    assert stage_dirs == ["stages/stage1_adversarial_training", "stages/stage2_gradient_masking"]
+    files = [a.path for a in client.list_artifacts(kid.info.run_id, stage_dirs[0])]
+    assert files[0].endswith(".h5")
+
+
+def test_rerun_skips_finished_children(tiny_study) -> None:
+    cfg, uri, first = tiny_study
+    again = run_study(cfg, progress=False)
+    assert again.parent_run_id == first.parent_run_id
+    assert all(r.skipped for r in again.runs)
+    assert again.stages_trained == 0
+    assert len(children(uri, first.parent_run_id)) == SINGLE_PAIRS
+
+
+def test_failed_run_is_retried_once_on_rerun(tmp_path, mnist_dir, monkeypatch) -> None:
+    """Inject a failure in one stage; the study records the rest; a rerun completes it."""
+    from art_study import defenses
+    from art_study.study import StudyIncomplete
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(TINY, [f"tracking.uri={uri}", f"data.dir={mnist_dir}",
+                             "study.blocks=[{depths: [2], sequences: [control, singles]}]"])
+    real = defenses.DEFENSES["distillation"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setitem(defenses.DEFENSES, "distillation", real._replace(train=broken))
+    with pytest.raises(StudyIncomplete, match="1 of 4 runs failed"):
+        run_study(cfg, progress=False)
+    parent = mlflow.search_runs(search_all_experiments=True,
+                                filter_string="tags.`art_study.role` = 'study'",
+                                output_format="list")[0]
+    kids = children(uri, parent.info.run_id)
+    assert sorted(k.info.status for k in kids) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    failed = next(k for k in kids if k.info.status == "FAILED")
+    assert "injected failure" in failed.data.tags["failure_reason"]
+
+    monkeypatch.setitem(defenses.DEFENSES, "distillation", real)
+    result = run_study(cfg, progress=False)
+    assert result.parent_run_id == parent.info.run_id
+    assert sum(not r.skipped for r in result.runs) == 1
+    kids = children(uri, parent.info.run_id)
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+    assert len({k.data.tags["run_key"] for k in kids}) == 4
+
+
+def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
+    """Kill the study with SIGKILL after its first child finished; rerun; every run once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [str(Path(sys.executable).with_name("art-study")), "run", str(TINY), "--no-progress",
+            "--tracking-uri", uri, "--data-dir", str(mnist_dir),
+            "--set", "study.blocks=[{depths: [2], sequences: [control, singles]}]"]
+    # Create the store first: this test polls it while the study runs, and two processes must
+    # not both create a fresh MLflow database at once.
+    from art_study.tracking import prepare_store
+
+    prepare_store(uri, "art-study")
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            finished = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                          filter_string="attributes.status = 'FINISHED' and "
+                                          "tags.`art_study.role` = 'run'")
+            if finished:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the study ended before it could be killed"
+
+    rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`art_study.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = children(uri, parents[0].info.run_id)
+    assert len(kids) == 4
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert len({k.data.tags["sequence"] for k in kids}) == 4
+
+
+def test_same_seed_same_metrics(tmp_path, mnist_dir) -> None:
+    """Two independent runs (own store, own stage cache) of one config: identical metrics."""
+    from art_study.study import run_experiment
+
+    metrics = []
+    for i in range(2):
+        cfg = load_config(REPO / "configs" / "smoke.yaml",
+                          [f"tracking.uri=sqlite:///{tmp_path / str(i) / 'mlflow.db'}",
+                           f"data.dir={mnist_dir}", "tracking.log_model=false"])
+        metrics.append(run_experiment(cfg, progress=False).metrics)
+    keep = [k for k in metrics[0] if "time" not in k and "per_s" not in k]
+    assert len(keep) > 10
+    assert {k: metrics[0][k] for k in keep} == {k: metrics[1][k] for k in keep}
