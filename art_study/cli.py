@@ -75,12 +75,12 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from art_study.tracking import ARTIFACTS_DIR, _local_path, resolve_tracking_uri
+    from art_study.tracking import ARTIFACTS_DIR, local_store_path, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
-    local = _local_path(uri)
+    local = local_store_path(uri)
     if local is not None:
         if not local.exists():
             raise ArtStudyError(f"no MLflow store at {local}: run a study first")

@@ -47,7 +47,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def _local_path(uri: str) -> Path | None:
+def local_store_path(uri: str) -> Path | None:
     """Filesystem path behind a ``sqlite:///`` or ``file:`` URI, else None (remote store)."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
@@ -73,7 +73,7 @@ def _check_writable_dir(path: Path, what: str) -> None:
 
 def artifact_root_for(uri: str) -> str | None:
     """Artifact location for new experiments: beside the sqlite file for a local store."""
-    path = _local_path(uri)
+    path = local_store_path(uri)
     if path is None or urlparse(uri).scheme != "sqlite":
         return None
     return (path.parent / ARTIFACTS_DIR).resolve().as_uri()
@@ -85,7 +85,7 @@ def prepare_store(uri: str | None, experiment: str) -> str:
     Raises :class:`TrackingError` (one line) when the location cannot be written or reached.
     """
     uri = resolve_tracking_uri(uri)
-    local = _local_path(uri)
+    local = local_store_path(uri)
     if local is not None:
         if urlparse(uri).scheme == "sqlite":
             _check_writable_dir(local.parent, "database directory")

@@ -37,9 +37,9 @@ from art_study.study.cache import StageCache, StageRecord
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, stable_hash
 from art_study.tracking import (
     DEFAULT_STORE_DIR,
-    _local_path,
     environment_tags,
     failure_reason,
+    local_store_path,
     log_keras_model,
     prepare_store,
     resolve_tracking_uri,
@@ -88,7 +88,7 @@ def cache_dir_for(cfg: ExperimentConfig) -> Path:
     """``study.cache_dir``, else ``stage-cache/`` beside a local sqlite store, else ./mlruns."""
     if cfg.study is not None and cfg.study.cache_dir:
         return Path(cfg.study.cache_dir)
-    local = _local_path(resolve_tracking_uri(cfg.tracking.uri))
+    local = local_store_path(resolve_tracking_uri(cfg.tracking.uri))
     return (local.parent if local is not None else DEFAULT_STORE_DIR) / "stage-cache"
 
 
@@ -222,18 +222,16 @@ class _Executor:
         })
 
         metrics: dict[str, float] = {}
-        for stage in spec.stages:
-            record = self._stage(stage, spec, data)
+        records = [self._stage(stage, spec, data) for stage in spec.stages]
+        for stage, record in zip(spec.stages, records, strict=True):
             n = stage.index + 1
             metrics[f"stage{n}/time_s"] = record.train_time_s
             metrics[f"stage{n}/epochs"] = stage.epochs
             if len(spec.stages) > 1:  # the .h5 hand-off file of every stage
                 mlflow.log_artifact(str(self.cache.model_path(stage.key)),
                                     artifact_path=f"stages/stage{n}_{stage.defense}")
-        times = [h["epoch_time_s"] for s in spec.stages
-                 for h in self.cache.record(s.key).history if "epoch_time_s" in h]
-        metrics["train/total_time_s"] = sum(m for k, m in metrics.items()
-                                            if k.endswith("/time_s"))
+        times = [h["epoch_time_s"] for r in records for h in r.history if "epoch_time_s" in h]
+        metrics["train/total_time_s"] = sum(r.train_time_s for r in records)
         metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
 
         model = compile_model(self.cache.load_model(spec.stages[-1].key), cfg.train)
