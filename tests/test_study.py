@@ -176,6 +176,12 @@ def test_failed_run_is_retried_once_on_rerun(tmp_path, mnist_dir, monkeypatch) -
     failed = next(k for k in kids if k.info.status == "FAILED")
     assert "injected failure" in failed.data.tags["failure_reason"]
 
+    # A child killed in its first instant: RUNNING, without any of our tags.
+    client = mlflow.MlflowClient()
+    orphan = client.create_run(parent.info.experiment_id,
+                               tags={"mlflow.parentRunId": parent.info.run_id})
+    assert orphan.info.status == "RUNNING"
+
     monkeypatch.setitem(defenses.DEFENSES, "distillation", real)
     result = run_study(cfg, progress=False)
     assert result.parent_run_id == parent.info.run_id

@@ -33,6 +33,7 @@ from art_study.defenses import DEFENSES, StageContext
 from art_study.errors import ArtStudyError
 from art_study.evaluation import evaluate
 from art_study.models import build_cnn, compile_model
+from art_study.report import log_correctness
 from art_study.study.cache import StageCache, StageRecord
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, stable_hash
 from art_study.tracking import (
@@ -153,15 +154,13 @@ class _Executor:
             result.parent_run_id = run.info.run_id
             if parent is None:
                 self._log_study(runs, study_key)
-            children = _children_by_key(client, experiment_id, run.info.run_id)
+            finished = _finished_children(client, experiment_id, run.info.run_id)
             for spec in runs:
-                done = [c for c in children.get(spec.key, []) if c.info.status == "FINISHED"]
-                if done:
-                    result.runs.append(RunResult(done[0].info.run_id, spec,
-                                                 done[0].data.metrics, skipped=True))
+                if spec.key in finished:
+                    done = finished[spec.key]
+                    result.runs.append(RunResult(done.info.run_id, spec, done.data.metrics,
+                                                 skipped=True))
                     continue
-                for stale in children.get(spec.key, []):
-                    client.delete_run(stale.info.run_id)  # unfinished or failed: replaced
                 try:
                     result.runs.append(self._child(spec))
                 except ArtStudyError as exc:
@@ -191,7 +190,8 @@ class _Executor:
         mlflow.log_metric("study/distinct_stages", len(distinct_stages(runs)))
 
     def _child(self, spec: RunSpec) -> RunResult:
-        tags = {"art_study.role": "run", "study": self.cfg.name}
+        # The key is a creation tag, so even a run killed in its first instant is recognisable.
+        tags = {"art_study.role": "run", "study": self.cfg.name, "run_key": spec.key}
         parent = mlflow.active_run()
         with mlflow.start_run(run_name=spec.name, nested=True, tags=tags,
                               experiment_id=parent.info.experiment_id) as run:
@@ -241,6 +241,7 @@ class _Executor:
         metrics.update(result.metrics)
         metrics["eval/time_s"] = time.perf_counter() - t0
         mlflow.log_metrics(metrics)
+        log_correctness(result.correct)
         if cfg.tracking.log_model:
             log_keras_model(model, data.x_test[:2])
         return metrics
@@ -286,15 +287,29 @@ def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> st
     return found[0].info.run_id if found else None
 
 
-def _children_by_key(client: MlflowClient, experiment_id: str, parent_id: str) -> dict:
-    """Existing child runs of the parent, grouped by their ``run_key`` tag."""
-    out: dict[str, list] = {}
-    token = None
+def _finished_children(client: MlflowClient, experiment_id: str, parent_id: str) -> dict:
+    """FINISHED child runs of the parent by ``run_key``; every other child is deleted.
+
+    Runs of one study are never executed by two processes at once, so a child that is not
+    FINISHED when the study (re)starts is left over from a failure or a kill: it is replaced.
+    """
+    finished: dict[str, object] = {}
+    for r in _search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'"):
+        key = r.data.tags.get("run_key")
+        if r.info.status == "FINISHED" and key and key not in finished:
+            finished[key] = r
+        else:
+            client.delete_run(r.info.run_id)
+    return finished
+
+
+def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """Every run matching ``filter_string`` (MLflow pages its results)."""
+    out, token = [], None
     while True:
-        page = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  max_results=1000, page_token=token)
-        for r in page:
-            out.setdefault(r.data.tags.get("run_key", ""), []).append(r)
+        page = client.search_runs([experiment_id], filter_string, max_results=1000,
+                                  page_token=token)
+        out += list(page)
         token = page.token
         if not token:
             return out
