@@ -93,6 +93,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from art_study.report import write_report
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    files = write_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out,
+                         data_dir=args.data_dir)
+    print(f"report of study {files.study} (parent run {files.parent_run_id}): {files.markdown} "
+          f"and {files.html}; logged to the parent run under report/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="art-study", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"art-study {__version__}")
@@ -119,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", help="store to serve (default: sqlite under mlruns/)")
     ui.set_defaults(func=cmd_ui)
+
+    report = sub.add_parser("report", help="write a study's results report (Markdown + HTML)")
+    report.add_argument("study", nargs="?",
+                        help="study name or parent run id (default: the most recent study)")
+    report.add_argument("--tracking-uri", help="store to read (default: sqlite under mlruns/)")
+    report.add_argument("--out", type=Path,
+                        help="output directory (default: mlruns/reports/<study name>)")
+    report.add_argument("--data-dir", help="MNIST for the example images (default: the runs' own)")
+    report.set_defaults(func=cmd_report)
     return p
 
 

@@ -2,7 +2,8 @@
 
 Reads top to bottom like RobustBench's ``benchmark``: clean accuracy → for each ε, our FGSM and
 ART's FGSM on the same images and labels → accuracies, agreement between the two, throughput.
-Every number is returned as a flat ``metric name → value`` dict ready for MLflow.
+Every number is returned as a flat ``metric name → value`` dict ready for MLflow, and which test
+images each model got right (clean and under our FGSM per ε), for paired per-example tests.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def eps_key(eps: float) -> str:
 
 @dataclass
 class EvaluationResult:
-    """All figures of one evaluation, named as they are logged to MLflow."""
+    """All figures of one evaluation, named as they are logged to MLflow.
+
+    ``correct`` holds one boolean per evaluated image: ``clean`` and ``fgsm_eps_<ε>`` (ours), so
+    two models evaluated on the same images can be compared image by image (McNemar's test).
+    """
 
     metrics: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fgsm_accuracy(self, eps: float, impl: str = "custom") -> float:
         return self.metrics[f"fgsm_{impl}/accuracy_{eps_key(eps)}"]
@@ -64,7 +70,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     result = EvaluationResult()
     m = result.metrics
 
-    m["clean/accuracy"] = float(np.mean(predict_labels(model, x) == y))
+    result.correct["clean"] = predict_labels(model, x) == y
+    m["clean/accuracy"] = float(np.mean(result.correct["clean"]))
     m["eval/n_images"] = float(len(x))
 
     ours = FGSM(model, batch_size=cfg.batch_size, progress=progress)
@@ -83,7 +90,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
         first = x_ours if first is None else first
 
         pred_ours, pred_art = predict_labels(model, x_ours), predict_labels(model, x_art)
-        m[f"fgsm_custom/accuracy_{k}"] = float(np.mean(pred_ours == y))
+        result.correct[f"fgsm_{k}"] = pred_ours == y
+        m[f"fgsm_custom/accuracy_{k}"] = float(np.mean(result.correct[f"fgsm_{k}"]))
         m[f"fgsm_art/accuracy_{k}"] = float(np.mean(pred_art == y))
         cc = cross_check(x_ours, x_art, pred_ours, pred_art)
         m[f"xcheck/max_abs_diff_{k}"] = cc.max_abs_diff

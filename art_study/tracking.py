@@ -33,6 +33,7 @@ from art_study.errors import TrackingError, TrainingError
 DEFAULT_STORE_DIR = Path("mlruns")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
+CORRECT_ARTIFACT = "eval/correct.npz"  # per-image correctness, for McNemar's test
 _PACKAGES = ("art-study", "tensorflow", "keras", "adversarial-robustness-toolbox", "mlflow",
              "numpy", "pandas")
 
@@ -186,3 +187,11 @@ def failure_reason(exc: BaseException) -> str:
     """One line describing why a run failed, for the ``failure_reason`` tag."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:4000]
+
+
+def log_correctness(correct: dict[str, np.ndarray]) -> None:
+    """Log which test images the run got right as ``eval/correct.npz``, for McNemar's test."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(CORRECT_ARTIFACT).name
+        np.savez_compressed(path, **{k: np.asarray(v, dtype=bool) for k, v in correct.items()})
+        mlflow.log_artifact(str(path), artifact_path=str(Path(CORRECT_ARTIFACT).parent))

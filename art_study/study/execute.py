@@ -33,7 +33,6 @@ from art_study.defenses import DEFENSES, StageContext
 from art_study.errors import ArtStudyError
 from art_study.evaluation import evaluate
 from art_study.models import build_cnn, compile_model
-from art_study.report import log_correctness
 from art_study.study.cache import StageCache, StageRecord
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, stable_hash
 from art_study.tracking import (
@@ -41,6 +40,7 @@ from art_study.tracking import (
     environment_tags,
     failure_reason,
     local_store_path,
+    log_correctness,
     log_keras_model,
     prepare_store,
     resolve_tracking_uri,

@@ -1,0 +1,200 @@
+"""The results report: a tiny two-seed study read back from MLflow, rendered, logged; a study with a
+failed and a missing run; the ``art-study report`` command; the statistics on known numbers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from art_study import report
+from art_study.cli import main
+from art_study.config import load_config
+from art_study.study import run_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SEQUENCES = ["none", "adversarial_training", "distillation", "gradient_masking"]
+P_VALUE = re.compile(r"^(<0\.0001|\d(\.\d+)?(e-\d+)?)( \((exact|χ²)\))?$")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, mnist_dir):
+    """The tiny study with two seeds, control and single defenses: 8 child runs."""
+    store = tmp_path_factory.mktemp("report-study")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    cfg = load_config(TINY, [f"tracking.uri={uri}", f"data.dir={mnist_dir}", "study.seeds=[0,1]",
+                             "evaluation.eps=[0.1,0.3]",
+                             "study.blocks=[{depths: [2], sequences: [control, singles]}]"])
+    result = run_study(cfg, progress=False)
+    return uri, result.parent_run_id, store
+
+
+@pytest.fixture(scope="module")
+def written(study, tmp_path_factory):
+    """The report of that study, by name, into a fresh directory, logged to the parent run."""
+    uri, _, _ = study
+    files = report.write_report("tiny", tracking_uri=uri, out_dir=tmp_path_factory.mktemp("out"))
+    return files, files.markdown.read_text(encoding="utf-8")
+
+
+def table_after(md: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table after ``heading``, as dicts."""
+    lines = md[md.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = re.split(r"(?<!\\)\|", line)[1:-1]
+        rows.append([c.strip().replace("\\|", "|") for c in cells])
+    header, body = rows[0], rows[2:]
+    return [dict(zip(header, r, strict=True)) for r in body]
+
+
+def test_report_tables_tests_and_comparison_eps(study, written) -> None:
+    _, parent, _ = study
+    files, md = written
+    assert files.parent_run_id == parent and files.study == "tiny"
+    rows = {r["sequence"]: r for r in table_after(md, "## Results: 2 conv layers")}
+    assert set(rows) == {"none (control)", *SEQUENCES[1:]}
+    for row in rows.values():
+        assert row["seeds"] == "2/2"
+        assert "±" in row["clean %"] and "±" in row["FGSM ε=0.3 %"]
+    eps_star = re.search(r"We compare at ε = ([0-9.]+):", md).group(1)
+    assert f"FGSM ε={eps_star} % ★" in rows["none (control)"]
+    paper = f"paper FGSM % (at ε={eps_star})"
+    assert rows["none (control)"][paper] == "29.15"
+    assert rows["adversarial_training"][paper] == "88.5"
+    assert rows["none (control)"]["paper clean %"] == "99.5"
+    assert "randomised gradients" in rows["gradient_masking"]["repeat max|Δ|"]
+    assert "randomised gradients" not in rows["none (control)"]["repeat max|Δ|"]
+
+    assert "closest to the paper's 29.15 %" in md
+    assert {r["ε"] for r in table_after(md, "## Comparison ε")} == {"0.1", "0.3"}
+
+    vs_control = table_after(md, "### Each defense vs the control")
+    assert {r["A"] for r in vs_control} == set(SEQUENCES[1:])
+    assert len(table_after(md, "### Between defenses")) == 3
+    for row in vs_control + table_after(md, "### Between defenses"):
+        assert P_VALUE.match(row["paired t p"]), row
+        assert P_VALUE.match(row["McNemar p"]), row
+        assert row["seeds · images"] == "2 · 200"
+    assert "## Missing or failed runs\n\nNone: all 8 planned runs finished." in md
+
+
+def test_runs_log_per_example_correctness(study) -> None:
+    uri, parent, _ = study
+    mlflow.set_tracking_uri(uri)
+    for run_id in report.study_runs(parent)["run_id"]:
+        correct = report.load_correctness(run_id)
+        assert sorted(correct) == ["clean", "fgsm_eps_0.1", "fgsm_eps_0.3"]
+        run = mlflow.get_run(run_id)
+        assert correct["clean"].dtype == bool and correct["clean"].shape == (100,)
+        assert correct["clean"].mean() == pytest.approx(run.data.metrics["clean/accuracy"])
+        assert correct["fgsm_eps_0.3"].mean() == pytest.approx(
+            run.data.metrics["fgsm_custom/accuracy_eps_0.3"])
+
+
+def test_plots_html_and_logged_artifacts(study, written) -> None:
+    _, parent, _ = study
+    files, md = written
+    assert sorted(p.name for p in files.images) == ["depth.png", "examples.png",
+                                                    "robustness_depth2.png"]
+    for png in files.images:
+        assert f"]({png.name})" in md
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[2] in (3, 4)
+        assert image.shape[0] >= 200 and image.shape[1] >= 400
+        assert image.std() > 0.01  # not a blank canvas
+    page = files.html.read_text(encoding="utf-8")
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert len(sources) == len(files.images)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<table" in page and "closest to the paper" in page
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "report")}
+    assert logged == {f"report/{p.name}" for p in (files.markdown, files.html, *files.images)}
+
+
+def test_failed_and_missing_runs_are_listed(study, tmp_path) -> None:
+    """On a copy of the store: one run FAILED, one deleted; the report still renders."""
+    _, parent, store = study
+    shutil.copy(store / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    runs = report.study_runs(parent).set_index(["sequence", "seed"])
+    client = mlflow.MlflowClient()
+    failed = runs.loc[("distillation", 1), "run_id"]
+    client.set_tag(failed, "failure_reason", "RuntimeError: injected")
+    client.set_terminated(failed, "FAILED")
+    client.delete_run(runs.loc[("gradient_masking", 0), "run_id"])
+
+    files = report.write_report(parent, tracking_uri=uri, out_dir=tmp_path / "out", log=False,
+                                examples=False)
+    md = files.markdown.read_text(encoding="utf-8")
+    missing = {(r["sequence"], r["seed"]): r for r in table_after(md, "## Missing or failed")}
+    assert set(missing) == {("distillation", "1"), ("gradient_masking", "0")}
+    assert missing[("distillation", "1")]["status"] == "FAILED"
+    assert "injected" in missing[("distillation", "1")]["failure reason"]
+    assert missing[("gradient_masking", "0")]["status"] == "not started"
+    rows = {r["sequence"]: r for r in table_after(md, "## Results: 2 conv layers")}
+    assert rows["distillation"]["seeds"] == "1/2"
+    assert "(n=1)" in rows["distillation"]["clean %"]
+    vs_control = {r["A"]: r for r in table_after(md, "### Each defense vs the control")}
+    assert vs_control["distillation"]["paired t p"] == "n/a (1 seed)"
+    assert P_VALUE.match(vs_control["distillation"]["McNemar p"])
+
+
+def test_cli_report(study, tmp_path, monkeypatch, capsys) -> None:
+    uri, parent, _ = study
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--tracking-uri", uri]) == 0  # the most recent study, default dir
+    out = capsys.readouterr().out
+    where = Path("mlruns") / "reports" / "tiny"
+    assert f"{where / 'report.md'}" in out and parent in out
+    assert (tmp_path / where / "report.html").stat().st_size > 0
+
+    for args, needle in ((["no-such-study"], "no study named 'no-such-study'"),
+                         (["--tracking-uri", f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"],
+                          "no MLflow store")):
+        argv = ["report", *args] if "--tracking-uri" in args else ["report", *args,
+                                                                    "--tracking-uri", uri]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("art-study: error:") and "\n" not in err, err
+        assert needle in err, err
+
+
+# -- the statistics on known numbers (no training) -----------------------------------------------
+def test_mcnemar_exact_and_chi2() -> None:
+    p, how = report.mcnemar(1, 9)
+    assert how == "exact" and p == pytest.approx(stats.binomtest(1, 10, 0.5).pvalue)
+    assert report.mcnemar(0, 0) == (1.0, "exact")
+    p, how = report.mcnemar(40, 20)
+    assert how == "χ²" and p == pytest.approx(stats.chi2.sf((20 - 1) ** 2 / 60, 1))
+
+
+def test_confidence_interval_and_formatting() -> None:
+    assert np.isnan(report.ci95_half_width(pd.Series([0.5])))
+    half = report.ci95_half_width(pd.Series([1.0, 2.0, 3.0]))
+    assert half == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3))
+    assert report.fmt_ci(pd.Series({"mean": 97.0, "half": np.nan, "n": 1})) == "97.00 (n=1)"
+    assert report.fmt_ci(pd.Series({"mean": 97.0, "half": 1.5, "n": 3})) == "97.00 ± 1.50"
+
+
+def test_comparison_eps_is_closest_to_paper_control() -> None:
+    summary = pd.DataFrame([
+        {"depth": d, "sequence": "none", "metric": m, "mean": v, "half": 1.0, "n": 3}
+        for d, m, v in [(2, "clean", 99.0), (2, "eps_0.1", 70.0), (2, "eps_0.2", 31.0),
+                        (2, "eps_0.3", 12.0), (3, "eps_0.3", 29.0)]])
+    cmp = report.choose_comparison_eps(summary, [0.1, 0.2, 0.3])
+    assert cmp.eps == 0.2 and cmp.base_depth == 2
+    assert "closest to the paper's 29.15 %" in cmp.reason
+    assert list(cmp.sweep["ε"]) == ["0.1", "0.2", "0.3"]
