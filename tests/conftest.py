@@ -63,3 +63,48 @@ def trained_model(small_mnist):
     model.fit(small_mnist.x_train, one_hot(small_mnist.y_train), epochs=2, batch_size=64,
               verbose=0)
     return model
+
+
+@pytest.fixture
+def mlflow_ui():
+    """Start ``art-study ui`` for a store on a free loopback port; stopped after the test.
+
+    Returns ``start(uri) -> (address line printed by the command, base URL, experiment names)``,
+    once the server answers the MLflow REST API.
+    """
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    procs: list[subprocess.Popen] = []
+
+    def start(uri: str, timeout_s: float = 180) -> tuple[str, str, list[str]]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        exe = Path(sys.executable).with_name("art-study")
+        proc = subprocess.Popen([str(exe), "ui", "--port", str(port), "--tracking-uri", uri],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        procs.append(proc)
+        first = proc.stdout.readline()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                url = f"{base}/api/2.0/mlflow/experiments/search?max_results=10"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    return first, base, [e["name"] for e in json.load(resp)["experiments"]]
+            except OSError:
+                assert proc.poll() is None, "the UI server exited"
+                assert time.time() < deadline, f"the UI did not answer within {timeout_s} s"
+                time.sleep(1)
+
+    yield start
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

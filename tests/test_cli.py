@@ -5,10 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -182,41 +180,15 @@ def test_cli_exits_nonzero_in_a_real_process(tmp_path) -> None:
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_ui_serves_the_store_on_loopback(tmp_path) -> None:
+def test_ui_serves_the_store_on_loopback(tmp_path, mlflow_ui) -> None:
     """`art-study ui` prints its address and serves the store's experiments there."""
-    import json
-    import socket
-    import urllib.request
-
     from art_study.tracking import prepare_store
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     prepare_store(uri, "art-study")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("art-study")
-    proc = subprocess.Popen([str(exe), "ui", "--port", str(port), "--tracking-uri", uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    try:
-        first = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}" in first
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    names = [e["name"] for e in json.load(resp)["experiments"]]
-                break
-            except OSError:
-                assert proc.poll() is None, "the UI server exited"
-                assert time.time() < deadline, "the UI did not answer within 180 s"
-                time.sleep(1)
-        assert "art-study" in names
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    first, base, experiments = mlflow_ui(uri)
+    assert base in first
+    assert "art-study" in experiments
 
 
 def test_ui_without_a_store_says_so(tmp_path, capsys) -> None:

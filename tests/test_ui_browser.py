@@ -7,15 +7,8 @@ Screenshots of every step land in `test-artifacts/ui/` (git-ignored) for a human
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,27 +23,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-sync"]
 PAGE_TIMEOUT_MS = 60_000  # the test machine is slow and shared
 SERVER_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_server(proc: subprocess.Popen, base: str) -> None:
-    url = f"{base}/api/2.0/mlflow/experiments/search?max_results=10"
-    deadline = time.time() + SERVER_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                names = [e["name"] for e in json.load(resp)["experiments"]]
-            break
-        except OSError:
-            assert proc.poll() is None, "the UI server exited"
-            assert time.time() < deadline, f"the UI did not answer within {SERVER_TIMEOUT_S} s"
-            time.sleep(1)
-    assert "art-study" in names
 
 
 def _numbers_on_row(page, label) -> list[float]:
@@ -95,7 +67,7 @@ def _two_run_study(store: Path, mnist_dir: Path):
 
 
 @pytest.mark.browser
-def test_mlflow_ui_renders_runs_tags_and_compare_view(tmp_path, mnist_dir) -> None:
+def test_mlflow_ui_renders_runs_tags_and_compare_view(tmp_path, mnist_dir, mlflow_ui) -> None:
     sync_playwright = _browser_prerequisites()  # before the study: fail fast without a browser
     import mlflow
 
@@ -108,62 +80,53 @@ def test_mlflow_ui_renders_runs_tags_and_compare_view(tmp_path, mnist_dir) -> No
     if SHOTS.exists():
         shutil.rmtree(SHOTS)
     SHOTS.mkdir(parents=True)
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    exe = Path(sys.executable).with_name("art-study")
-    proc = subprocess.Popen([str(exe), "ui", "--port", str(port), "--tracking-uri", uri],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        _wait_for_server(proc, base)
-        profile = tmp_path / "chromium-profile"  # a fresh user-data-dir for every run
-        with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(
-                str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-                viewport={"width": 1600, "height": 1000})
-            context.set_default_timeout(PAGE_TIMEOUT_MS)
-            context.set_default_navigation_timeout(PAGE_TIMEOUT_MS)
-            page = context.new_page()
-            try:
-                # 1. The experiment's runs table: the study's parent run, expanded to its children.
-                page.goto(f"{base}/#/experiments/{experiment_id}/runs")
-                page.get_by_text("tiny", exact=True).first.wait_for()
-                if not page.get_by_text("none | 2conv | seed 0").count():
-                    page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
-                for name in ("none | 2conv | seed 0", "adversarial_training | 2conv | seed 0"):
-                    page.get_by_text(name, exact=True).first.wait_for()
-                page.screenshot(path=SHOTS / "01-experiment-runs.png", full_page=True)
+    _, base, served = mlflow_ui(uri)
+    assert "art-study" in served
+    profile = tmp_path / "chromium-profile"  # a fresh user-data-dir for every run
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1600, "height": 1000})
+        context.set_default_timeout(PAGE_TIMEOUT_MS)
+        context.set_default_navigation_timeout(PAGE_TIMEOUT_MS)
+        page = context.new_page()
+        try:
+            # 1. The experiment's runs table: the study's parent run, expanded to its children.
+            page.goto(f"{base}/#/experiments/{experiment_id}/runs")
+            page.get_by_text("tiny", exact=True).first.wait_for()
+            if not page.get_by_text("none | 2conv | seed 0").count():
+                page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+            for name in ("none | 2conv | seed 0", "adversarial_training | 2conv | seed 0"):
+                page.get_by_text(name, exact=True).first.wait_for()
+            page.screenshot(path=SHOTS / "01-experiment-runs.png", full_page=True)
 
-                # 2. A child run's page lists our tags, e.g. `sequence: adversarial_training`.
-                page.goto(f"{base}/#/experiments/{experiment_id}/runs/{kids['adversarial_training']}")
-                page.get_by_text("adversarial_training | 2conv | seed 0").first.wait_for()
-                for key, value in (("sequence", "adversarial_training"), ("depth", "2")):
-                    tag = page.get_by_title(key, exact=True).first.locator("xpath=..")
-                    tag.wait_for()
-                    assert tag.inner_text().replace("\n", "") == f"{key}: {value}"
-                page.get_by_role("link", name="tiny", exact=True).first.wait_for()  # parent run
-                page.screenshot(path=SHOTS / "02-run-tags.png", full_page=True)
+            # 2. A child run's page lists our tags, e.g. `sequence: adversarial_training`.
+            page.goto(f"{base}/#/experiments/{experiment_id}/runs/{kids['adversarial_training']}")
+            page.get_by_text("adversarial_training | 2conv | seed 0").first.wait_for()
+            for key, value in (("sequence", "adversarial_training"), ("depth", "2")):
+                tag = page.get_by_title(key, exact=True).first.locator("xpath=..")
+                tag.wait_for()
+                assert tag.inner_text().replace("\n", "") == f"{key}: {value}"
+            page.get_by_role("link", name="tiny", exact=True).first.wait_for()  # parent run
+            page.screenshot(path=SHOTS / "02-run-tags.png", full_page=True)
 
-                # 3. The compare view of the two children: `clean/accuracy` with each run's value
-                # on its row (MLflow 3: #/compare-runs?runs=[ids]&experiments=[ids], JSON).
-                runs = quote(json.dumps(sorted(kids.values())))
-                experiments = quote(json.dumps([experiment_id]))
-                page.goto(f"{base}/#/compare-runs?runs={runs}&experiments={experiments}")
-                page.get_by_text("Comparing 2 Runs from 1 Experiment").wait_for()
-                label = page.get_by_text("clean/accuracy", exact=True).first
-                label.wait_for()
-                label.scroll_into_view_if_needed()
-                shown = _numbers_on_row(page, label)
-                for run_id in sorted(kids.values()):
-                    value = client.get_run(run_id).data.metrics["clean/accuracy"]
-                    assert any(abs(v - value) < 1e-3 for v in shown), (
-                        f"clean/accuracy {value} of run {run_id} not on its row: {shown}")
-                page.screenshot(path=SHOTS / "03-compare-runs.png", full_page=True)
-            except Exception:
-                page.screenshot(path=SHOTS / "failure.png", full_page=True)
-                raise
-            finally:
-                context.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+            # 3. The compare view of the two children: `clean/accuracy` with each run's value
+            # on its row (MLflow 3: #/compare-runs?runs=[ids]&experiments=[ids], JSON).
+            runs = quote(json.dumps(sorted(kids.values())))
+            experiments = quote(json.dumps([experiment_id]))
+            page.goto(f"{base}/#/compare-runs?runs={runs}&experiments={experiments}")
+            page.get_by_text("Comparing 2 Runs from 1 Experiment").wait_for()
+            label = page.get_by_text("clean/accuracy", exact=True).first
+            label.wait_for()
+            label.scroll_into_view_if_needed()
+            shown = _numbers_on_row(page, label)
+            for run_id in sorted(kids.values()):
+                value = client.get_run(run_id).data.metrics["clean/accuracy"]
+                assert any(abs(v - value) < 1e-3 for v in shown), (
+                    f"clean/accuracy {value} of run {run_id} not on its row: {shown}")
+            page.screenshot(path=SHOTS / "03-compare-runs.png", full_page=True)
+        except Exception:
+            page.screenshot(path=SHOTS / "failure.png", full_page=True)
+            raise
+        finally:
+            context.close()
