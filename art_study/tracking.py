@@ -11,6 +11,7 @@ unreachable location fails with one line and leaves nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import math
 import os
@@ -110,7 +111,15 @@ def prepare_store(uri: str | None, experiment: str) -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    """Package versions, Python, platform and git commit: what reproducing a run needs."""
+    """Package versions, Python, platform and git commit: what reproducing a run needs.
+
+    Computed once per process (two ``git`` calls and a metadata scan), not once per child run.
+    """
+    return dict(_environment_tags())
+
+
+@functools.cache
+def _environment_tags() -> dict[str, str]:
     tags = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in _PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
