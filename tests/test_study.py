@@ -42,6 +42,14 @@ def test_paper_plan_shape() -> None:
     assert len(distinct_stages(runs)) == seeds * ((4 + SINGLE_PAIRS) + 3 * (4 + 4))
 
 
+def test_grid_plan_covers_every_sequence_at_every_depth() -> None:
+    cfg = load_config(REPO / "configs" / "grid.yaml")
+    runs = plan_runs(cfg, fake_fingerprints(cfg))
+    per_depth = SINGLE_PAIRS + 6  # + every ordered triple of the three defenses
+    assert len(runs) == len(cfg.study.seeds) * 4 * per_depth
+    assert {len(r.stages) for r in runs if ">" in r.sequence} == {2, 3}
+
+
 def test_prefixes_are_shared_and_keys_are_stable() -> None:
     cfg = load_config(TINY)
     runs = {r.sequence: r for r in plan_runs(cfg, fake_fingerprints(cfg))}
