@@ -69,6 +69,21 @@ def test_prefixes_are_shared_and_keys_are_stable() -> None:
     assert changed["adversarial_training"].stages[0].key != at.stages[0].key
 
 
+def test_a_new_implementation_of_a_defense_invalidates_only_its_stages(monkeypatch) -> None:
+    from art_study.defenses import DEFENSES
+
+    cfg = load_config(TINY)
+    before = {r.sequence: r for r in plan_runs(cfg, fake_fingerprints(cfg))}
+    settings = DEFENSES["distillation"].settings
+    monkeypatch.setattr(settings, "implementation", settings.implementation + 1)
+    after = {r.sequence: r for r in plan_runs(cfg, fake_fingerprints(cfg))}
+    assert after["none"].key == before["none"].key
+    assert after["distillation"].stages[0].key != before["distillation"].stages[0].key
+    seq = "adversarial_training>distillation"
+    assert after[seq].stages[0].key == before[seq].stages[0].key
+    assert after[seq].stages[1].key != before[seq].stages[1].key
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [("study.defenses=[adversarial_training,typo]", "unknown defense 'typo'"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import keras
 import mlflow
@@ -29,6 +29,11 @@ class DefenseSettings(BaseModel):
     """Base of every defense's ``Settings``: unknown keys are refused, values validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    implementation: ClassVar[int] = 1
+    """Version of the stage's training code. Bumped when a change alters what the same settings
+    train (e.g. a different order of random draws), so cached stages of the old code are not
+    reused as if the new code had made them. Part of the stage key from 2 on."""
 
 
 @dataclass

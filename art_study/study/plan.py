@@ -116,6 +116,8 @@ def _run_config(cfg: ExperimentConfig, depth: int, seed: int) -> ExperimentConfi
 
 def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int],
                  fingerprint: str) -> tuple[StageSpec, ...]:
+    from art_study.defenses import DEFENSES
+
     root = {
         "version": PLAN_VERSION,
         "model": cfg.model.model_dump(mode="json"),
@@ -128,8 +130,12 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
     parent_key = stable_hash(root)
     for i, (defense, n) in enumerate(zip(chain, epochs, strict=True)):
         settings = resolve_settings(cfg, defense)
-        key = stable_hash({"parent": parent_key, "index": i, "defense": defense,
-                           "settings": settings, "epochs": n})
+        material = {"parent": parent_key, "index": i, "defense": defense,
+                    "settings": settings, "epochs": n}
+        implementation = DEFENSES[defense].settings.implementation
+        if implementation > 1:  # absent at 1, so keys made before versions existed stay valid
+            material["implementation"] = implementation
+        key = stable_hash(material)
         stages.append(StageSpec(i, defense, settings, n, stages[-1] if stages else None, key))
         parent_key = key
     return tuple(stages)
