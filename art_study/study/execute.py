@@ -9,6 +9,11 @@ The path reads top to bottom:
    the ``.h5`` hand-off → defense → save), then the evaluation, then the model, all logged to
    the run.
 
+Training a stage (:func:`train_stage`) and evaluating a run's model (:func:`evaluate_run`) are
+plain functions of their inputs, seeded by themselves; the executor around them owns MLflow. The
+in-process executor calls them as each run comes; the Ray backend (``ray_backend.py``) runs the
+same two functions as Ray tasks and this module logs their results the same way.
+
 A config without ``study`` is a single top-level run. A study is one parent run with a child
 per (sequence, depth, seed). Rerunning a study resumes its parent, skips children that
 FINISHED (matched by their ``run_key``), deletes and reruns unfinished or failed ones, and
@@ -31,7 +36,7 @@ from art_study.config import ExperimentConfig, flatten, to_yaml
 from art_study.data import MnistData, load_mnist
 from art_study.defenses import DEFENSES, StageContext
 from art_study.errors import ArtStudyError
-from art_study.evaluation import evaluate
+from art_study.evaluation import EvaluationResult, evaluate
 from art_study.models import build_cnn, compile_model
 from art_study.study.cache import StageCache, StageRecord
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, stable_hash
@@ -93,6 +98,48 @@ def cache_dir_for(cfg: ExperimentConfig) -> Path:
     return (local.parent if local is not None else DEFAULT_STORE_DIR) / "stage-cache"
 
 
+def step_offset(stage: StageSpec) -> int:
+    """The run's epoch step at which ``stage`` begins: the epochs of the stages before it."""
+    offset, parent = 0, stage.parent
+    while parent is not None:
+        offset, parent = offset + parent.epochs, parent.parent
+    return offset
+
+
+def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache: StageCache,
+                *, progress: bool = False) -> StageRecord:
+    """Train ``stage`` of a run with config ``cfg`` and save its model and record in ``cache``.
+
+    The stage starts from a fresh CNN, or from its parent's ``.h5`` file in ``cache`` (the
+    paper's hand-off), and seeds itself from the run's seed and its position, so it gives the
+    same model wherever it runs. Each epoch's figures are logged to the active MLflow run as they
+    come (the defenses do that) and kept in the returned record.
+    """
+    seed_everything(stage_seed(cfg.seed, stage.index))
+    # A first stage builds the CNN; a later one reloads its parent's .h5 file (the hand-off).
+    model = build_cnn(cfg.model) if stage.parent is None else cache.load_model(stage.parent.key)
+    model = compile_model(model, cfg.train)
+    ctx = StageContext(data.x_train, data.y_train, cfg.model, cfg.train, cfg.seed,
+                       incoming_trained=stage.parent is not None,
+                       step_offset=step_offset(stage), progress=progress)
+    defense = DEFENSES[stage.defense]
+    t0 = time.perf_counter()
+    model = defense.train(model, ctx, stage.epochs, defense.settings(**stage.settings))
+    record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
+                         time.perf_counter() - t0, {})
+    cache.save(model, record)
+    return record
+
+
+def evaluate_run(spec: RunSpec, model: keras.Model, data: MnistData,
+                 *, progress: bool = False) -> tuple[EvaluationResult, float]:
+    """Evaluate the final model of run ``spec``, seeded by the run's seed; also its wall time."""
+    seed_everything(spec.seed)
+    t0 = time.perf_counter()
+    result = evaluate(model, data.x_test, data.y_test, spec.config.evaluation, progress=progress)
+    return result, time.perf_counter() - t0
+
+
 def load_data(cfg: ExperimentConfig, seeds: list[int]) -> dict[int, MnistData]:
     """The data of each seed (subsets are seeded; the full set is loaded once)."""
     d = cfg.data
@@ -112,11 +159,14 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True) -> StudyResult:
     cache = StageCache(cache_dir_for(cfg))
     executor = _Executor(cfg, data, cache, progress)
 
-    if cfg.study is None:
-        result = StudyResult(None)
-        result.runs.append(executor.top_level_run(runs[0], experiment_id))
-    else:
-        result = executor.study(runs, experiment_id)
+    try:
+        if cfg.study is None:
+            result = StudyResult(None)
+            result.runs.append(executor.top_level_run(runs[0], experiment_id))
+        else:
+            result = executor.study(runs, experiment_id)
+    finally:
+        executor.close()
     result.stages_trained, result.stages_reused = executor.trained, executor.reused
     if result.failed:
         spec, reason = result.failed[0]
@@ -142,6 +192,14 @@ class _Executor:
         self.cfg, self.data, self.cache, self.progress = cfg, data, cache, progress
         self.trained = self.reused = 0
 
+    # -- the backend: where stages and evaluations compute ---------------------------------------
+    def start(self, runs: list[RunSpec]) -> None:
+        """Begin the work of ``runs`` before they are logged. In-process there is nothing to
+        begin: each stage trains and each evaluation runs when its run is logged."""
+
+    def close(self) -> None:
+        """Release what :meth:`start` acquired (nothing in-process)."""
+
     # -- a study: parent run, children, resume ------------------------------------------------
     def study(self, runs: list[RunSpec], experiment_id: str) -> StudyResult:
         study_key = stable_hash({"name": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
@@ -155,6 +213,7 @@ class _Executor:
             if parent is None:
                 self._log_study(runs, study_key)
             finished = _finished_children(client, experiment_id, run.info.run_id)
+            self.start([spec for spec in runs if spec.key not in finished])
             for spec in runs:
                 if spec.key in finished:
                     done = finished[spec.key]
@@ -199,6 +258,7 @@ class _Executor:
 
     # -- a single experiment --------------------------------------------------------------------
     def top_level_run(self, spec: RunSpec, experiment_id: str) -> RunResult:
+        self.start([spec])
         with mlflow.start_run(experiment_id=experiment_id, run_name=self.cfg.name) as run:
             return RunResult(run.info.run_id, spec, self._in_run(spec))
 
@@ -235,11 +295,9 @@ class _Executor:
         metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
 
         model = compile_model(self.cache.load_model(spec.stages[-1].key), cfg.train)
-        seed_everything(spec.seed)
-        t0 = time.perf_counter()
-        result = evaluate(model, data.x_test, data.y_test, cfg.evaluation, progress=self.progress)
+        result, eval_time_s = self._evaluate(spec, model, data)
         metrics.update(result.metrics)
-        metrics["eval/time_s"] = time.perf_counter() - t0
+        metrics["eval/time_s"] = eval_time_s
         mlflow.log_metrics(metrics)
         log_correctness(result.correct)
         if cfg.tracking.log_model:
@@ -248,34 +306,27 @@ class _Executor:
 
     def _stage(self, stage: StageSpec, spec: RunSpec, data: MnistData) -> StageRecord:
         """Restore ``stage`` from the cache, or train it from its parent's ``.h5`` file."""
-        offset = sum(s.epochs for s in spec.stages[: stage.index])
         if self.cache.has(stage.key):
             self.reused += 1
-            record = self.cache.record(stage.key)
-            for i, h in enumerate(record.history):
-                mlflow.log_metrics({f"train/{k}": v for k, v in h.items()}, step=offset + i)
-            mlflow.log_metric(f"stage{stage.index + 1}/cached", 1.0)
-            return record
-
-        cfg = spec.config
-        seed_everything(stage_seed(spec.seed, stage.index))
-        if stage.parent is None:
-            model = build_cnn(cfg.model)
-        else:  # the paper's hand-off: the previous stage's .h5 file, reloaded
-            model = self.cache.load_model(stage.parent.key)
-        model = compile_model(model, cfg.train)
-        ctx = StageContext(data.x_train, data.y_train, cfg.model, cfg.train, spec.seed,
-                           incoming_trained=stage.parent is not None, step_offset=offset,
-                           progress=self.progress)
-        defense = DEFENSES[stage.defense]
-        t0 = time.perf_counter()
-        model = defense.train(model, ctx, stage.epochs, defense.settings(**stage.settings))
-        record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
-                             time.perf_counter() - t0, {})
-        self.cache.save(model, record)
+            return self._replay(stage, cached=True)
+        record = train_stage(stage, spec.config, data, self.cache, progress=self.progress)
         self.trained += 1
         mlflow.log_metric(f"stage{stage.index + 1}/cached", 0.0)
         return record
+
+    def _replay(self, stage: StageSpec, *, cached: bool) -> StageRecord:
+        """Log the recorded epochs of a stage in the cache to the active run, at its steps."""
+        record = self.cache.record(stage.key)
+        offset = step_offset(stage)
+        for i, h in enumerate(record.history):
+            mlflow.log_metrics({f"train/{k}": v for k, v in h.items()}, step=offset + i)
+        mlflow.log_metric(f"stage{stage.index + 1}/cached", float(cached))
+        return record
+
+    def _evaluate(self, spec: RunSpec, model: keras.Model,
+                  data: MnistData) -> tuple[EvaluationResult, float]:
+        """The run's evaluation and its wall time."""
+        return evaluate_run(spec, model, data, progress=self.progress)
 
 
 def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:
