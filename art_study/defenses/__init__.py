@@ -4,12 +4,20 @@ A new defense is one module in this package (``Settings`` + ``train``, see ``bas
 entry in :data:`DEFENSES`.
 """
 
-from art_study.defenses import adversarial_training, distillation, gradient_masking, plain
+from art_study.defenses import (
+    adversarial_training,
+    adversarial_training_fast,
+    distillation,
+    gradient_masking,
+    plain,
+)
 from art_study.defenses.base import Defense, DefenseSettings, StageContext
 
 DEFENSES: dict[str, Defense] = {
     "none": Defense(plain.Settings, plain.train),
     "adversarial_training": Defense(adversarial_training.Settings, adversarial_training.train),
+    "adversarial_training_fast": Defense(adversarial_training_fast.Settings,
+                                         adversarial_training_fast.train),
     "distillation": Defense(distillation.Settings, distillation.train),
     "gradient_masking": Defense(gradient_masking.Settings, gradient_masking.train),
 }
