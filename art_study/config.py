@@ -78,22 +78,95 @@ class TrainConfig(_Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
 
 
+def _check_eps(v: list[float]) -> list[float]:
+    for e in v:
+        if not math.isfinite(e) or e < 0.0 or e > 1.0:
+            raise ValueError(f"each ε must be in [0, 1] (pixel scale), got {e}")
+    return sorted(set(v))
+
+
+class AttackConfig(_Strict):
+    """One attack beyond the FGSM sweep: an alias or any ``art.attacks.evasion`` class.
+
+    Names and arguments are checked against ART before any training starts
+    (:func:`art_study.attacks.registry.validate_attacks`). ``n_images`` and the arguments
+    (iterations, restarts, queries) are the evaluation budget, logged with the results.
+    """
+
+    name: str = Field(..., min_length=1, description="Alias (pgd, apgd-ce, square, ...) or class.")
+    eps: list[float] | None = Field(
+        None, min_length=1, description="L∞ budgets; unset → the evaluation's eps list."
+    )
+    n_images: int = Field(500, ge=1, description="The first n test images are attacked.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for ART.")
+    estimator: Literal["keras", "keras-dlr", "tensorflow"] | None = Field(
+        None, description="ART estimator: compiled KerasClassifier (CE or DLR loss) or "
+                          "TensorFlowV2Classifier; unset → the alias's choice, else keras.")
+    label: str | None = Field(
+        None, description="Name in metric keys (default: the alias or class name).")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_range(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else _check_eps(v)
+
+    @property
+    def key(self) -> str:
+        """The attack's name in metric keys: ``attack/<key>/accuracy_eps_0.3``."""
+        return (self.label or self.name).lower()
+
+
+class DiagnosticsConfig(_Strict):
+    """Gradient-masking checks after Carlini et al. 2019 (see ``art_study/diagnostics.py``)."""
+
+    enabled: bool = True
+    tolerance: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="Accuracy slack for paired comparisons on the same images (sampling noise).")
+    destroy_eps: float = Field(
+        0.5, gt=0.0, le=1.0,
+        description="An L∞ budget at which every digit can be made grey: accuracy must fall.")
+    chance_margin: float = Field(
+        0.1, ge=0.0, le=1.0, description="Accuracy at destroy_eps must be ≤ chance + margin.")
+    n_images: int = Field(500, ge=1, description="Images for the diagnostic attacks.")
+    pgd_steps: int = Field(
+        20, ge=1, description="PGD iterations; the 'more iterations' check runs 5× as many.")
+
+
 class EvaluationConfig(_Strict):
-    """FGSM evaluation, run with both our FGSM and ART's and cross-checked."""
+    """FGSM sweep (ours and ART's, cross-checked), stronger attacks, transfer, diagnostics."""
 
     eps: list[float] = Field(default_factory=lambda: list(DEFAULT_EPS), min_length=1)
     n_attack: int | None = Field(
         None, ge=1, description="Test images attacked (the first n of the test set); all if unset."
     )
+    xcheck_images: int | None = Field(
+        None, ge=1,
+        description="Images on which ART's FGSM re-does ours for the cross-check; all if unset.")
     batch_size: int = Field(500, ge=1)
+    attacks: list[AttackConfig] = Field(default_factory=list)
+    transfer: list[str] = Field(
+        default_factory=list,
+        description="Attacks (keys of `attacks`, or fgsm) crafted on the control model of the "
+                    "same depth and seed and evaluated on this model.")
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
 
     @field_validator("eps")
     @classmethod
     def _eps_in_range(cls, v: list[float]) -> list[float]:
-        for e in v:
-            if not math.isfinite(e) or e < 0.0 or e > 1.0:
-                raise ValueError(f"each ε must be in [0, 1] (pixel scale), got {e}")
-        return sorted(set(v))
+        return _check_eps(v)
+
+    @model_validator(mode="after")
+    def _unique_attack_keys(self) -> EvaluationConfig:
+        keys = [a.key for a in self.attacks]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"attack names must be unique (set `label`): {', '.join(dupes)}")
+        unknown = sorted(set(self.transfer) - {*keys, "fgsm"})
+        if unknown:
+            raise ValueError(f"transfer names unknown attacks {unknown}; known: "
+                             f"{', '.join(['fgsm', *keys])}")
+        return self
 
 
 class TrackingConfig(_Strict):

@@ -30,11 +30,33 @@ _X = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
 _Y = tf.TensorSpec((None, N_CLASSES), tf.float32)
 
 
-class CompiledKerasClassifier(KerasClassifier):
-    """``KerasClassifier(model, use_logits=True, clip_values=(0, 1))`` with compiled gradients."""
+def dlr_loss(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Croce & Hein (2020)'s difference-of-logits ratio, per image (larger = closer to wrong):
+    ``-(z_y - max_{i≠y} z_i) / (z_(1) - z_(3))``, with ``z_(k)`` the k-th largest logit.
 
-    def __init__(self, model: keras.Model):
+    It is invariant to the logits' scale, which is what defeats the saturated softmax of
+    defensive distillation that starves cross-entropy gradients.
+    """
+    z_y = tf.reduce_sum(y * logits, axis=1)
+    z_other = tf.reduce_max(logits - 1e9 * y, axis=1)
+    top = tf.math.top_k(logits, k=3).values
+    return -(z_y - z_other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+class CompiledKerasClassifier(KerasClassifier):
+    """``KerasClassifier(model, use_logits=True, clip_values=(0, 1))`` with compiled gradients.
+
+    ``loss="dlr"`` makes ``loss_gradient``/``compute_loss`` use :func:`dlr_loss` instead of the
+    model's cross-entropy: ART's APGD with ``loss_type=None`` then runs APGD-DLR on a
+    ``KerasClassifier`` (ART builds its own DLR loss only on a ``TensorFlowV2Classifier``,
+    through uncompiled eager calls). Training (``fit``) always uses the model's own loss.
+    """
+
+    def __init__(self, model: keras.Model, loss: str = "ce"):
         super().__init__(model=model, use_logits=True, clip_values=(0.0, 1.0))
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+        self.loss_name = loss
         self._compiled = (
             isinstance(model.loss, keras.losses.CategoricalCrossentropy)
             and model.loss.get_config().get("from_logits", False)
@@ -42,7 +64,10 @@ class CompiledKerasClassifier(KerasClassifier):
             and self.preprocessing_defences is None
             and self.postprocessing_defences is None
         )
-        ce = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        if loss == "dlr" and not self._compiled:
+            raise ValueError("the DLR loss needs a model compiled with cross-entropy on logits")
+        ce_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        ce = dlr_loss if loss == "dlr" else ce_fn
 
         @tf.function(input_signature=[_X, _Y])
         def per_image_loss(x, y):
@@ -53,7 +78,7 @@ class CompiledKerasClassifier(KerasClassifier):
             def loss_gradient(x, y):
                 with tf.GradientTape() as tape:
                     tape.watch(x)
-                    loss = ce(y, model(x, training=training))
+                    loss = tf.reduce_sum(ce(y, model(x, training=training)))
                 return tape.gradient(loss, x)
 
             return loss_gradient
@@ -145,3 +170,18 @@ class CompiledKerasClassifier(KerasClassifier):
         for cb in callbacks:
             cb.set_model(self._model)
             cb.on_train_batch_end(0, logs)
+
+
+def to_tensorflow_v2(model: keras.Model):
+    """ART's ``TensorFlowV2Classifier`` on the same Keras model (logits, CE, clip (0, 1)).
+
+    APGD's DLR loss and AutoAttack build their losses only on this estimator; it wraps the very
+    same model object, so every attack still sees the weights the study trained.
+    """
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    return TensorFlowV2Classifier(
+        model=model, nb_classes=N_CLASSES, input_shape=INPUT_SHAPE,
+        loss_object=keras.losses.CategoricalCrossentropy(from_logits=True),
+        clip_values=(0.0, 1.0),
+    )

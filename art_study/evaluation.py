@@ -1,9 +1,14 @@
-"""Evaluate a trained model: clean accuracy, FGSM per ε with both implementations, cross-check.
+"""Evaluate a trained model: clean accuracy, FGSM per ε with both implementations and their
+cross-check, the configured stronger attacks, the transfer attack, and the gradient-masking
+diagnostics.
 
 Reads top to bottom like RobustBench's ``benchmark``: clean accuracy → for each ε, our FGSM and
-ART's FGSM on the same images and labels → accuracies, agreement between the two, throughput.
-Every number is returned as a flat ``metric name → value`` dict ready for MLflow, and which test
-images each model got right (clean and under our FGSM per ε), for paired per-example tests.
+ART's FGSM on the same images and labels → accuracies, agreement between the two, throughput →
+each configured ART attack on its first ``n_images`` test images → examples crafted on the
+undefended control, evaluated here → the diagnostics of :mod:`art_study.diagnostics`.
+Every number is returned as a flat ``metric name → value`` dict ready for MLflow, with the tags
+of the verdict, and which test images the model got right under each attack and ε, for paired
+per-example tests.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from art_study.attacks import FGSM, art_fgsm
-from art_study.config import EvaluationConfig
+from art_study.attacks.registry import Estimators, ResolvedAttack, resolve
+from art_study.config import AttackConfig, EvaluationConfig
+from art_study.diagnostics import Evidence, diagnose, gradient_zero_share
 from art_study.models import one_hot, predict_labels, to_art
 
 
@@ -56,20 +63,41 @@ class EvaluationResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     correct: dict[str, np.ndarray] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
     def fgsm_accuracy(self, eps: float, impl: str = "custom") -> float:
         return self.metrics[f"fgsm_{impl}/accuracy_{eps_key(eps)}"]
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationConfig,
-             progress: bool = True) -> EvaluationResult:
-    """Clean and FGSM accuracy (ours and ART's) on the first ``cfg.n_attack`` test images."""
+             progress: bool = True, reference: keras.Model | None = None,
+             transfer_cache: dict | None = None) -> EvaluationResult:
+    """Everything :mod:`art_study.evaluation` promises, for one model.
+
+    ``reference`` is the undefended control of the same depth and seed (``None`` for the
+    control itself): the transfer attacks are crafted on it. ``transfer_cache`` keeps those
+    examples between the runs that share a reference.
+    """
     if cfg.n_attack is not None:
         x, y = x[: cfg.n_attack], y[: cfg.n_attack]
-    y1h = one_hot(y)
     result = EvaluationResult()
-    m = result.metrics
+    fgsm_sweep(model, x, y, cfg, result, progress)
+    attacks = [resolve(a, cfg.eps) for a in cfg.attacks]  # validated when the plan was made
+    estimators = Estimators(model)
+    for attack in tqdm(attacks, desc="attacks", disable=not progress, leave=False):
+        run_attack(attack, estimators, x, y, cfg, result, prefix="attack")
+    if reference is not None and cfg.transfer:
+        transfer(model, reference, x, y, cfg, attacks, result, transfer_cache)
+    if cfg.diagnostics.enabled:
+        diagnostics(model, estimators, x, y, cfg, result)
+    return result
 
+
+def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationConfig,
+               result: EvaluationResult, progress: bool) -> None:
+    """Clean accuracy; our FGSM at every ε; ART's on the first ``xcheck_images``; cross-check."""
+    y1h = one_hot(y)
+    m = result.metrics
     result.correct["clean"] = predict_labels(model, x) == y
     m["clean/accuracy"] = float(np.mean(result.correct["clean"]))
     m["eval/n_images"] = float(len(x))
@@ -79,12 +107,14 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     ours.warm_up()  # trace once so the timings measure throughput, not tracing
     t_ours = t_art = 0.0
     first: np.ndarray | None = None
+    n_x = len(x) if cfg.xcheck_images is None else min(cfg.xcheck_images, len(x))
+    m["xcheck/n_images"] = float(n_x)
     for eps in tqdm(cfg.eps, desc="FGSM sweep (ours + ART)", disable=not progress, leave=False):
         k = eps_key(eps)
         t0 = time.perf_counter()
         x_ours = ours.generate(x, y1h, eps)
         t1 = time.perf_counter()
-        x_art = art_fgsm(classifier, x, y1h, eps, batch_size=cfg.batch_size)
+        x_art = art_fgsm(classifier, x[:n_x], y1h[:n_x], eps, batch_size=cfg.batch_size)
         t2 = time.perf_counter()
         t_ours, t_art = t_ours + (t1 - t0), t_art + (t2 - t1)
         first = x_ours if first is None else first
@@ -92,8 +122,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
         pred_ours, pred_art = predict_labels(model, x_ours), predict_labels(model, x_art)
         result.correct[f"fgsm_{k}"] = pred_ours == y
         m[f"fgsm_custom/accuracy_{k}"] = float(np.mean(result.correct[f"fgsm_{k}"]))
-        m[f"fgsm_art/accuracy_{k}"] = float(np.mean(pred_art == y))
-        cc = cross_check(x_ours, x_art, pred_ours, pred_art)
+        m[f"fgsm_art/accuracy_{k}"] = float(np.mean(pred_art == y[:n_x]))
+        cc = cross_check(x_ours[:n_x], x_art, pred_ours[:n_x], pred_art)
         m[f"xcheck/max_abs_diff_{k}"] = cc.max_abs_diff
         m[f"xcheck/pixel_diff_share_{k}"] = cc.pixel_diff_share
         m[f"xcheck/prediction_agreement_{k}"] = cc.prediction_agreement
@@ -104,8 +134,92 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     repeat = ours.generate(x, y1h, cfg.eps[0])
     m["xcheck/repeat_max_abs_diff"] = float(np.abs(repeat - first).max())
 
-    n = len(x) * len(cfg.eps)
-    m["fgsm_custom/images_per_s"] = n / max(t_ours, 1e-9)
-    m["fgsm_art/images_per_s"] = n / max(t_art, 1e-9)
+    m["fgsm_custom/images_per_s"] = len(x) * len(cfg.eps) / max(t_ours, 1e-9)
+    m["fgsm_art/images_per_s"] = n_x * len(cfg.eps) / max(t_art, 1e-9)
     m["xcheck/max_abs_diff"] = max(m[f"xcheck/max_abs_diff_{eps_key(e)}"] for e in cfg.eps)
-    return result
+
+
+def run_attack(attack: ResolvedAttack, estimators: dict, x: np.ndarray, y: np.ndarray,
+               cfg: EvaluationConfig, result: EvaluationResult, prefix: str) -> None:
+    """One ART attack on the first ``n_images``: accuracy per ε, its wall time and budget."""
+    n = min(attack.cfg.n_images, len(x))
+    t0 = time.perf_counter()
+    correct = attack.run(estimators[attack.estimator], x[:n], y[:n], cfg.batch_size)
+    record(result, f"{prefix}/{attack.key}", correct, time.perf_counter() - t0,
+           attack.budget() | {"n_images": float(n)})
+
+
+def record(result: EvaluationResult, name: str, correct: dict[float, np.ndarray],
+           seconds: float, budget: dict[str, float]) -> None:
+    """Log ``<name>/accuracy_eps_<ε>``, ``<name>/time_s`` and the budget; keep the per-image
+    verdicts under ``<name>_eps_<ε>`` for McNemar's test."""
+    m = result.metrics
+    for eps, ok in correct.items():
+        m[f"{name}/accuracy_{eps_key(eps)}"] = float(np.mean(ok))
+        result.correct[f"{name}_{eps_key(eps)}"] = ok
+    m[f"{name}/time_s"] = seconds
+    m.update({f"{name}/{k}": v for k, v in budget.items()})
+
+
+def transfer(model: keras.Model, reference: keras.Model, x: np.ndarray, y: np.ndarray,
+             cfg: EvaluationConfig, attacks: list[ResolvedAttack], result: EvaluationResult,
+             cache: dict | None) -> None:
+    """Examples crafted on the undefended ``reference``, evaluated on ``model`` (black box)."""
+    by_key = {a.key: a for a in attacks}
+    cache = {} if cache is None else cache
+    for key in cfg.transfer:
+        attack = by_key.get(key) or resolve(AttackConfig(name="fgsm", n_images=len(x)), cfg.eps)
+        n = min(attack.cfg.n_images, len(x))
+        t0 = time.perf_counter()
+        ck = (id(reference), key, n)
+        if ck not in cache:
+            est = Estimators(reference)[attack.estimator]
+            cache[ck] = {eps: attack.build(est, eps, cfg.batch_size).generate(
+                x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
+        correct = {eps: predict_labels(model, xa) == y[:n] for eps, xa in cache[ck].items()}
+        record(result, f"transfer/{key}", correct, time.perf_counter() - t0,
+               {"n_images": float(n)})
+
+
+def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarray,
+                cfg: EvaluationConfig, result: EvaluationResult) -> None:
+    """PGD at the top ε with k and 5k steps and at ``destroy_eps``, the loss-gradient check,
+    then the verdict of :func:`art_study.diagnostics.diagnose` as metrics and tags."""
+    d = cfg.diagnostics
+    n = min(d.n_images, len(x))
+    top = max(cfg.eps)
+    runs = {f"pgd{d.pgd_steps}": ([top], d.pgd_steps),
+            f"pgd{5 * d.pgd_steps}": ([top], 5 * d.pgd_steps),
+            "pgd_destroy": ([d.destroy_eps], d.pgd_steps)}
+    for label, (eps, steps) in runs.items():
+        attack = resolve(AttackConfig(name="pgd", eps=eps, n_images=n,
+                                      args={"max_iter": steps}, label=label), cfg.eps)
+        run_attack(attack, estimators, x, y, cfg, result, prefix="diag")
+    grads = estimators["keras"].loss_gradient(x[:n], one_hot(y[:n]))
+    m = result.metrics
+    m["diag/grad_zero_share"] = gradient_zero_share(grads)
+    m["diag/grad_l1_median"] = float(np.median(np.abs(grads.reshape(n, -1)).sum(axis=1)))
+
+    def accs(prefix: str) -> dict[str, dict[float, float]]:
+        out: dict[str, dict[float, float]] = {}
+        for k, ok in result.correct.items():
+            if k.startswith(prefix) and "_eps_" in k:
+                name, _, e = k[len(prefix):].rpartition("_eps_")
+                out.setdefault(name, {})[float(e)] = float(np.mean(ok[:n]))
+        return out
+
+    attacks = {**accs("attack/"), **{f"transfer-{k}": v for k, v in accs("transfer/").items()},
+               **{f"diag-{k}": v for k, v in accs("diag/").items()}}
+    fgsm = {e: float(np.mean(result.correct[f"fgsm_{eps_key(e)}"][:n])) for e in cfg.eps}
+    evidence = Evidence(
+        fgsm=fgsm,
+        fgsm_sweep={e: m[f"fgsm_custom/accuracy_{eps_key(e)}"] for e in cfg.eps},
+        attacks=attacks,
+        pgd_steps=(f"diag-pgd{d.pgd_steps}", f"diag-pgd{5 * d.pgd_steps}"),
+        pgd_destroy="diag-pgd_destroy",
+        grad_zero_share=m["diag/grad_zero_share"],
+        repeat_max_abs_diff=m["xcheck/repeat_max_abs_diff"],
+    )
+    diagnosis = diagnose(evidence, d)
+    m.update(diagnosis.metrics())
+    result.tags.update(diagnosis.tags())

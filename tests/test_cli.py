@@ -132,7 +132,11 @@ def test_npz_with_wrong_shapes(tmp_path, tracking_uri, capsys) -> None:
 @pytest.mark.parametrize(
     ("override", "needle"),
     [("model.n_conv=7", "model.n_conv"), ("evaluation.eps=[0.1,-0.1]", "evaluation.eps"),
-     ("train.colour=red", "train.colour")],
+     ("train.colour=red", "train.colour"),
+     ("evaluation.attacks=[{name: pgdd}]", "unknown attack 'pgdd'; available: fgsm, bim, pgd"),
+     ("evaluation.attacks=[{name: pgd, args: {max_iters: 3}}]", "does not take max_iters"),
+     ("evaluation.attacks=[{name: pgd, args: {max_iter: -1}}]", "attack 'pgd'"),
+     ("evaluation.transfer=[square]", "transfer names unknown attacks")],
 )
 def test_invalid_config(override, needle, tracking_uri, capsys) -> None:
     code = run_cli("--set", override)

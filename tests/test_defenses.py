@@ -26,12 +26,13 @@ import tensorflow as tf
 from pydantic import ValidationError
 
 from art_study.attacks import FGSM, art_fgsm
-from art_study.config import ModelConfig, TrainConfig
+from art_study.config import EvaluationConfig, ModelConfig, TrainConfig
 from art_study.data import load_mnist
 from art_study.defenses import DEFENSES, StageContext, plain
 from art_study.defenses import adversarial_training as at
 from art_study.defenses import distillation as dd
 from art_study.defenses import gradient_masking as gm
+from art_study.evaluation import evaluate
 from art_study.models import accuracy, build_cnn, compile_model, one_hot, to_art
 
 MODEL_CFG = ModelConfig(n_conv=2)
@@ -521,3 +522,34 @@ def test_gradient_masking_modes(mnist, run, mode: str, n_noise: int, n_masks: in
     assert kinds.count(gm.GradientNoise) == n_noise
     assert kinds.count(gm.UnitMask) == n_masks
     assert gm.masked_counts(model)["masked_channels"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient-masking diagnostics on the defended models above
+# --------------------------------------------------------------------------------------------
+
+DIAG_CFG = EvaluationConfig(eps=[0.1, 0.2, 0.3], batch_size=250,
+                            diagnostics={"n_images": 250, "pgd_steps": 10})
+
+
+def _diagnosed(model: keras.Model, mnist) -> dict[str, str]:
+    return evaluate(model, mnist.x_test, mnist.y_test, DIAG_CFG, progress=False).tags
+
+
+def test_diagnostics_pass_an_undefended_model(distilled, mnist):
+    tags = _diagnosed(distilled["plain"], mnist)
+    assert tags["gradient_masking_suspected"] == "false", tags
+
+
+def test_diagnostics_flag_the_distilled_student(distilled, mnist):
+    """Distillation at T = 20 saturates the softmax: cross-entropy gradients underflow."""
+    tags = _diagnosed(distilled["ours"], mnist)
+    assert tags["gradient_masking_suspected"] == "true"
+    assert tags["diag.gradients_not_vanishing"].startswith("FAIL")
+    assert "gradients_not_vanishing" in tags["gradient_masking_reasons"]
+
+
+def test_diagnostics_flag_the_gradient_noise_layer(masked, mnist):
+    tags = _diagnosed(masked[0], mnist)
+    assert tags["gradient_masking_suspected"] == "true"
+    assert tags["diag.gradients_deterministic"].startswith("FAIL")

@@ -11,6 +11,7 @@ Planning validates every defense name and setting, so a typo fails before any tr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -53,6 +54,9 @@ class RunSpec:
     stages: tuple[StageSpec, ...]
     config: ExperimentConfig  # resolved for this run (model.n_conv = depth, seed = seed)
     key: str
+    # The last stage of the undefended control at the same depth and seed, on which transfer
+    # attacks are crafted (``evaluation.transfer``); None for the control itself.
+    reference: StageSpec | None = None
 
     @property
     def name(self) -> str:
@@ -168,7 +172,42 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
             key = stable_hash({"stages": stages[-1].key,
                                "evaluation": cfg.evaluation.model_dump(mode="json")})
             runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
-    return runs
+    if cfg.evaluation.attacks:
+        from art_study.attacks.registry import validate_attacks
+
+        validate_attacks(cfg.evaluation)  # a bad attack fails here, before any training
+    return _with_references(runs) if cfg.evaluation.transfer else runs
+
+
+def _with_references(runs: list[RunSpec]) -> list[RunSpec]:
+    """Point every defended run at the control of its depth and seed (the transfer source).
+
+    The control must be part of the plan: it is trained and evaluated as a run of its own
+    before the defended runs of its depth and seed, so its model is in the stage cache when
+    they need it.
+    """
+    controls = {(r.depth, r.seed): r for r in runs
+                if all(s.defense == "none" for s in r.stages)}
+    out = []
+    for r in runs:
+        if all(s.defense == "none" for s in r.stages):
+            out.append(r)
+            continue
+        control = controls.get((r.depth, r.seed))
+        if control is None:
+            raise ConfigError(
+                f"evaluation.transfer needs the undefended control at depth {r.depth}, seed "
+                f"{r.seed} (for {r.sequence}): add `control` to that block's sequences")
+        out.append(dataclasses.replace(r, reference=control.stages[-1]))
+    # Each control runs before the first run that needs it, so its model exists by then.
+    ordered: list[RunSpec] = []
+    for r in out:
+        control = controls.get((r.depth, r.seed)) if r.reference is not None else None
+        if control is not None and control not in ordered:
+            ordered.append(control)
+        if r not in ordered:
+            ordered.append(r)
+    return ordered
 
 
 def distinct_stages(runs: list[RunSpec]) -> dict[str, StageSpec]:

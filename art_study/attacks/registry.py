@@ -1,0 +1,254 @@
+"""Attacks from configs: short aliases, or any class of ``art.attacks.evasion`` by name.
+
+An alias is a class plus the defaults a careful evaluation uses on MNIST (Madry et al. 2018's
+PGD, Croce & Hein 2020's APGD and AutoAttack components, Andriushchenko et al. 2020's Square),
+sized so that one model's evaluation takes minutes on a 2-core CPU. Anything the config's
+``args`` sets overrides them; any other ART evasion class works by its name with its own
+arguments, so adding ART's other attacks needs no code change.
+
+Two kinds of attack are scored differently:
+
+- *bounded* attacks take ``eps`` and stay inside the L∞ ball: an image is robust at ε when the
+  attack's output is still classified correctly;
+- *minimal-perturbation* attacks (DeepFool, C&W L∞, HopSkipJump) take no ε and look for the
+  smallest perturbation that flips the label: an image counts as broken at ε only when it is
+  misclassified **and** its L∞ perturbation is ≤ ε. One run gives the whole ε curve.
+
+Every name and argument is checked before any training starts (:func:`validate_attacks`):
+unknown names list what exists, unknown arguments list what the class accepts, and ART's own
+parameter checks run on a throw-away model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from art_study.config import AttackConfig, EvaluationConfig
+from art_study.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A named ART attack with its default arguments.
+
+    ``step``: ``eps_step = step × ε`` for iterative attacks (the usual 2.5 ε / iterations of
+    Madry et al.'s PGD is 0.0625 ε at 40 iterations; we take 0.1 ε at 20–40). ``estimator``:
+    ``keras`` is :class:`~art_study.estimator.CompiledKerasClassifier` on cross-entropy,
+    ``keras-dlr`` the same on the DLR loss (APGD with ``loss_type=None`` then optimises DLR;
+    ART's own ``loss_type`` losses exist only for ``TensorFlowV2Classifier`` and run eagerly,
+    ~15× slower here), ``tensorflow`` ART's ``TensorFlowV2Classifier`` on the same model.
+    """
+
+    art_class: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    step: float | None = None
+    estimator: str = "keras"
+    targeted_labels: bool = True  # pass the true labels (else ART attacks its own predictions)
+
+
+ALIASES: dict[str, Alias] = {
+    "fgsm": Alias("FastGradientMethod", {"norm": np.inf, "num_random_init": 0}, step=1.0),
+    "bim": Alias("BasicIterativeMethod", {"max_iter": 20}, step=0.1),
+    "pgd": Alias("ProjectedGradientDescent",
+                 {"norm": np.inf, "max_iter": 40, "num_random_init": 1}, step=0.1),
+    "apgd-ce": Alias("AutoProjectedGradientDescent",
+                     {"norm": np.inf, "max_iter": 100, "nb_random_init": 1}, step=0.2),
+    "apgd-dlr": Alias("AutoProjectedGradientDescent",
+                      {"norm": np.inf, "max_iter": 100, "nb_random_init": 1}, step=0.2,
+                      estimator="keras-dlr"),
+    "autoattack": Alias("AutoAttack", {"norm": np.inf}, step=0.2),
+    "cw-linf": Alias("CarliniLInfMethod", {"max_iter": 10, "learning_rate": 0.01}),
+    "deepfool": Alias("DeepFool", {"max_iter": 50, "epsilon": 0.02, "nb_grads": 10}),
+    "square": Alias("SquareAttack", {"norm": np.inf, "max_iter": 1000, "nb_restarts": 1,
+                                     "p_init": 0.8}),
+    "hopskipjump": Alias("HopSkipJump", {"norm": np.inf, "max_iter": 20, "max_eval": 1000,
+                                         "init_eval": 100}),
+}
+
+#: Arguments art-study sets itself; a config must not.
+_RESERVED = {"estimator", "classifier", "eps", "eps_step", "verbose", "attacks", "batch_size"}
+
+
+def available() -> list[str]:
+    """Aliases, then every class of ``art.attacks.evasion``."""
+    from art.attacks import evasion
+
+    classes = sorted(n for n, c in vars(evasion).items()
+                     if inspect.isclass(c) and n[0].isupper() and hasattr(c, "generate"))
+    return [*ALIASES, *classes]
+
+
+@dataclass(frozen=True)
+class ResolvedAttack:
+    """An attack entry checked against ART: its class, arguments and how it is scored."""
+
+    cfg: AttackConfig
+    cls: type
+    kwargs: dict[str, Any]
+    bounded: bool
+    step: float | None
+    estimator: str
+    eps: tuple[float, ...]
+
+    @property
+    def key(self) -> str:
+        return self.cfg.key
+
+    def budget(self) -> dict[str, float]:
+        """The evaluation budget: images, iterations, restarts, queries (whatever applies)."""
+        out = {"n_images": float(self.cfg.n_images)}
+        for name in ("max_iter", "nb_random_init", "num_random_init", "nb_restarts", "max_eval",
+                     "nb_grads"):
+            if isinstance(self.kwargs.get(name), int | float):
+                out[name] = float(self.kwargs[name])
+        return out
+
+    def build(self, estimator, eps: float | None, batch_size: int):
+        """The ART attack object on ``estimator`` at budget ``eps`` (ignored when unbounded)."""
+        kwargs = dict(self.kwargs)
+        params = inspect.signature(self.cls.__init__).parameters
+        if "verbose" in params:
+            kwargs["verbose"] = False
+        if "batch_size" in params:
+            kwargs["batch_size"] = batch_size
+        if self.bounded and eps is not None:
+            kwargs["eps"] = eps
+            if "eps_step" in params:
+                kwargs.setdefault("eps_step", (self.step or 0.1) * eps)
+        if self.cls.__name__ == "AutoAttack" and "attacks" not in kwargs:
+            kwargs["attacks"] = _autoattack_components(estimator, eps, batch_size)
+        first = "classifier" if "classifier" in params else "estimator"
+        return self.cls(**{first: estimator}, **kwargs)
+
+
+    def run(self, estimator, x: np.ndarray, y: np.ndarray, batch_size: int,
+            ) -> dict[float, np.ndarray]:
+        """Which of ``x`` (labels ``y``) stay correctly classified, per ε of this attack.
+
+        Bounded attacks run once per ε. A minimal-perturbation attack runs once: an image is
+        broken at ε when it is misclassified and its L∞ perturbation is at most ε.
+        """
+        from art_study.models import one_hot
+
+        y1h = one_hot(y)
+        out: dict[float, np.ndarray] = {}
+        if self.bounded:
+            for eps in self.eps:
+                x_adv = self.build(estimator, eps, batch_size).generate(x=x, y=y1h)
+                out[eps] = _predict(estimator, x_adv, batch_size) == y
+            return out
+        x_adv = self.build(estimator, None, batch_size).generate(x=x, y=y1h)
+        fooled = _predict(estimator, x_adv, batch_size) != y
+        dist = np.abs(x_adv.reshape(len(x), -1) - x.reshape(len(x), -1)).max(axis=1)
+        for eps in self.eps:
+            out[eps] = ~(fooled & (dist <= eps + 1e-6))
+        return out
+
+
+def _predict(estimator, x: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.argmax(estimator.predict(x.astype(np.float32), batch_size=batch_size), axis=1)
+
+
+def _autoattack_components(estimator, eps: float, batch_size: int) -> list:
+    """AutoAttack's standard untargeted ensemble (APGD-CE, APGD-DLR, Square) at a CPU budget.
+
+    ART's default list adds DeepFool and 5 restarts of 5000-query Square; on a CPU that is hours
+    per model. Croce & Hein's "standard" version is APGD-CE, APGD-T, FAB-T and Square; the
+    untargeted CE + DLR pair with Square keeps its white-box/black-box mix.
+    """
+    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+
+    from art_study.estimator import CompiledKerasClassifier
+
+    common = {"norm": np.inf, "eps": eps, "eps_step": 0.2 * eps, "max_iter": 100,
+              "nb_random_init": 1, "batch_size": batch_size, "verbose": False}
+    dlr = CompiledKerasClassifier(estimator.model, loss="dlr")
+    return [
+        AutoProjectedGradientDescent(estimator, **common),
+        AutoProjectedGradientDescent(dlr, **common),
+        SquareAttack(estimator, norm=np.inf, eps=eps, max_iter=1000, nb_restarts=1,
+                     batch_size=batch_size, verbose=False),
+    ]
+
+
+def resolve(cfg: AttackConfig, default_eps: list[float]) -> ResolvedAttack:
+    """Look up the class, merge defaults and arguments, refuse unknown names and arguments."""
+    from art.attacks import evasion
+
+    alias = ALIASES.get(cfg.name.lower())
+    class_name = alias.art_class if alias else cfg.name
+    cls = getattr(evasion, class_name, None)
+    if not (inspect.isclass(cls) and hasattr(cls, "generate")):
+        raise ConfigError(
+            f"unknown attack {cfg.name!r}; available: {', '.join(available())}")
+    params = inspect.signature(cls.__init__).parameters
+    accepted = sorted(p for p in params if p not in {"self", *_RESERVED} and
+                      params[p].kind is not inspect.Parameter.VAR_KEYWORD)
+    bad = sorted(set(cfg.args) - set(accepted))
+    if bad:
+        raise ConfigError(
+            f"attack {cfg.name!r} ({class_name}) does not take {', '.join(bad)}; "
+            f"it takes: {', '.join(accepted)} (eps, eps_step, batch_size are set by art-study)")
+    kwargs = {**(alias.defaults if alias else {}), **cfg.args}
+    if kwargs.get("norm") in ("inf", "np.inf"):
+        kwargs["norm"] = np.inf
+    bounded = "eps" in params
+    return ResolvedAttack(
+        cfg=cfg, cls=cls, kwargs=kwargs, bounded=bounded,
+        step=alias.step if alias else None,
+        estimator=cfg.estimator or (alias.estimator if alias else "keras"),
+        eps=tuple(cfg.eps or default_eps),
+    )
+
+
+def validate_attacks(cfg: EvaluationConfig) -> list[ResolvedAttack]:
+    """Resolve every configured attack and let ART check its parameters on a throw-away model.
+
+    Runs before any training, so a typo in the tenth attack of a study costs seconds, not the
+    study. Raises :class:`ConfigError` with the attack's name and ART's message.
+    """
+    if not cfg.attacks:
+        return []
+    resolved = [resolve(a, cfg.eps) for a in cfg.attacks]
+    estimators = Estimators(_throwaway_model())
+    for r in resolved:
+        try:
+            r.build(estimators[r.estimator], max(r.eps), batch_size=cfg.batch_size)
+        except (ValueError, TypeError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"attack {r.cfg.name!r}: {msg}") from None
+    return resolved
+
+
+def _throwaway_model():
+    """A one-layer model of the right shapes, for ART's parameter checks."""
+    import keras
+
+    from art_study.models import INPUT_SHAPE, N_CLASSES
+
+    model = keras.Sequential([keras.Input(INPUT_SHAPE), keras.layers.Flatten(),
+                              keras.layers.Dense(N_CLASSES)])
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    return model
+
+
+class Estimators(dict):
+    """The ART estimators an attack may ask for, all on the very same Keras model, each built
+    the first time it is asked for (and kept: its compiled functions trace once)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, kind: str):
+        from art_study.estimator import CompiledKerasClassifier, to_tensorflow_v2
+
+        makers = {"keras": lambda: CompiledKerasClassifier(self.model),
+                  "keras-dlr": lambda: CompiledKerasClassifier(self.model, loss="dlr"),
+                  "tensorflow": lambda: to_tensorflow_v2(self.model)}
+        self[kind] = makers[kind]()
+        return self[kind]

@@ -1,0 +1,178 @@
+"""Is a model's robustness real, or are its gradients only hidden? Checks after Carlini et al.
+(2019), "On Evaluating Adversarial Robustness", section 5, computed for every evaluated model.
+
+FGSM alone flatters defenses that mask gradients: defensive distillation saturates the softmax so
+cross-entropy gradients vanish (Carlini & Wagner 2016 broke it to 0 %), a noisy gradient layer
+misleads a single step, and FGSM adversarial training can overfit to its own single step
+(Wong et al. 2020's catastrophic overfitting; Tramèr et al. 2018's gradient masking). Each check
+below is a symptom a truly robust model does not show:
+
+1. ``iterative_not_weaker``: an iterative attack (PGD, and any configured PGD/APGD/BIM/
+   AutoAttack) does at least as well as single-step FGSM at the same ε;
+2. ``blackbox_not_stronger``: a black-box attack (Square) or the transfer attack from the
+   undefended model does not beat the white-box attacks;
+3. ``falls_to_chance``: accuracy under PGD at a budget that can grey out any digit
+   (``destroy_eps``, 0.5) is near chance, and the FGSM sweep does not rise with ε;
+4. ``more_iterations_not_weaker``: 5× the PGD iterations do not raise accuracy;
+5. ``gradients_not_vanishing``: the loss gradient is not numerically zero on most test inputs;
+6. ``gradients_deterministic``: the same attack on the same input gives the same image (a
+   randomised gradient needs EOT to evaluate, Athalye et al. 2018).
+
+All comparisons are paired (the same images), with a slack ``tolerance`` for sampling noise.
+A check that lacks its inputs (no black-box attack configured) is *not evaluated*, never passed
+by default. A model failing any check is tagged ``gradient_masking_suspected=true`` with the
+reasons; the test suite shows the checks flag a distilled or noisy-gradient model and pass an
+undefended one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from art_study.config import DiagnosticsConfig
+
+#: Share of test images whose loss gradient is numerically zero above which gradients "vanish".
+VANISHING_SHARE = 0.5
+#: A per-image loss gradient whose largest component is below this is numerically zero.
+ZERO_GRADIENT = 1e-12
+CHANCE = 0.1  # ten classes
+
+ITERATIVE = ("pgd", "apgd", "bim", "autoattack", "iterative", "deepfool", "carlini", "cw")
+BLACKBOX = ("square", "hopskipjump", "boundary", "simba", "zoo", "transfer")
+
+
+@dataclass
+class Check:
+    """One diagnostic: its verdict (``None`` = not evaluated) and why."""
+
+    name: str
+    passed: bool | None
+    detail: str
+
+
+@dataclass
+class Diagnosis:
+    """All checks of one model, and the overall verdict."""
+
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def suspected(self) -> bool:
+        return any(c.passed is False for c in self.checks)
+
+    def reasons(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if c.passed is False]
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"diag/{c.name}": float(c.passed) for c in self.checks if c.passed is not None}
+        out["diag/gradient_masking_suspected"] = float(self.suspected)
+        return out
+
+    def tags(self) -> dict[str, str]:
+        tags = {"gradient_masking_suspected": str(self.suspected).lower()}
+        for c in self.checks:
+            verdict = "not evaluated" if c.passed is None else ("pass" if c.passed else "FAIL")
+            tags[f"diag.{c.name}"] = f"{verdict}: {c.detail}"[:500]
+        if self.suspected:
+            tags["gradient_masking_reasons"] = "; ".join(self.reasons())[:5000]
+        return tags
+
+
+@dataclass
+class Evidence:
+    """Accuracies on the diagnostic images, keyed ``attack → {ε: accuracy}``, and gradients.
+
+    ``fgsm`` is on the same images as the other attacks; ``fgsm_sweep`` is the full sweep.
+    """
+
+    fgsm: dict[float, float]
+    fgsm_sweep: dict[float, float]
+    attacks: dict[str, dict[float, float]]
+    pgd_steps: tuple[str, str]  # keys of (PGD k steps, PGD 5k steps) at the top ε
+    pgd_destroy: str  # key of PGD at destroy_eps
+    grad_zero_share: float
+    repeat_max_abs_diff: float
+
+
+def diagnose(ev: Evidence, cfg: DiagnosticsConfig) -> Diagnosis:
+    """Run the six checks on what the evaluation measured."""
+    tol = cfg.tolerance
+    d = Diagnosis()
+
+    # 1. iterative attacks are not weaker than FGSM at the same ε
+    worse = []
+    for name, accs in ev.attacks.items():
+        if not any(k in name for k in ITERATIVE):
+            continue
+        for eps, acc in accs.items():
+            if eps in ev.fgsm and acc > ev.fgsm[eps] + tol:
+                worse.append(f"{name} {acc:.1%} > FGSM {ev.fgsm[eps]:.1%} at ε {eps:g}")
+    d.checks.append(Check("iterative_not_weaker", not worse,
+                          "; ".join(worse) or "every iterative attack ≤ FGSM + tolerance"))
+
+    # 2. black-box / transfer attacks are not stronger than white-box ones
+    found, stronger = False, []
+    for name, accs in ev.attacks.items():
+        if not any(k in name for k in BLACKBOX):
+            continue
+        for eps, acc in accs.items():
+            white = [a[eps] for n, a in ev.attacks.items()
+                     if eps in a and not any(k in n for k in BLACKBOX)]
+            white += [ev.fgsm[eps]] if eps in ev.fgsm else []
+            if not white:
+                continue
+            found = True
+            if acc < min(white) - tol:
+                stronger.append(f"{name} {acc:.1%} < best white-box {min(white):.1%} "
+                                f"at ε {eps:g}")
+    d.checks.append(Check(
+        "blackbox_not_stronger", None if not found else not stronger,
+        "; ".join(stronger) if stronger else
+        ("black-box and transfer ≥ white-box − tolerance" if found else
+         "no black-box or transfer attack at a white-box ε")))
+
+    # 3. accuracy falls towards chance when the digit can be destroyed; no rise with ε
+    problems = []
+    destroy = ev.attacks.get(ev.pgd_destroy, {})
+    if destroy:
+        acc = next(iter(destroy.values()))
+        if acc > CHANCE + cfg.chance_margin:
+            problems.append(f"PGD at ε {cfg.destroy_eps:g} leaves {acc:.1%} "
+                            f"(> {CHANCE + cfg.chance_margin:.0%})")
+    sweep = sorted(ev.fgsm_sweep.items())
+    for (e0, a0), (e1, a1) in itertools.pairwise(sweep):
+        if a1 > a0 + tol:
+            problems.append(f"FGSM accuracy rises with ε: {a0:.1%} at {e0:g} → {a1:.1%} at {e1:g}")
+    d.checks.append(Check("falls_to_chance", not problems,
+                          "; ".join(problems) or "falls with ε and to chance at destroy_eps"))
+
+    # 4. more iterations do not raise accuracy
+    few, many = (ev.attacks.get(k, {}) for k in ev.pgd_steps)
+    if few and many:
+        eps = max(few)
+        ok = many[eps] <= few[eps] + tol
+        d.checks.append(Check("more_iterations_not_weaker", ok,
+                              f"PGD {ev.pgd_steps[0]} {few[eps]:.1%} vs {ev.pgd_steps[1]} "
+                              f"{many[eps]:.1%} at ε {eps:g}"))
+    else:
+        d.checks.append(Check("more_iterations_not_weaker", None, "PGD not run"))
+
+    # 5. the loss gradient does not vanish
+    d.checks.append(Check("gradients_not_vanishing", ev.grad_zero_share <= VANISHING_SHARE,
+                          f"{ev.grad_zero_share:.1%} of test images have a numerically zero "
+                          "loss gradient"))
+
+    # 6. gradients are deterministic
+    d.checks.append(Check("gradients_deterministic", ev.repeat_max_abs_diff == 0.0,
+                          "the same FGSM twice differs by max |Δ| "
+                          f"{ev.repeat_max_abs_diff:.3g}"))
+    return d
+
+
+def gradient_zero_share(grads: np.ndarray) -> float:
+    """Share of images whose loss gradient's largest component is numerically zero."""
+    per_image = np.abs(grads.reshape(len(grads), -1)).max(axis=1)
+    return float(np.mean(per_image < ZERO_GRADIENT))
