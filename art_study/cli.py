@@ -37,11 +37,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.data_dir:
         overrides.append(f"data.dir={args.data_dir}")
+    ray_only = (args.address, args.cpus_per_task, args.gpus_per_task)
+    if args.backend != "ray" and any(v is not None for v in ray_only):
+        raise ArtStudyError("--address, --cpus-per-task and --gpus-per-task need --backend ray")
     cfg = load_config(args.config, overrides)
 
     from art_study.study import run_study
 
-    result = run_study(cfg, progress=not args.no_progress)
+    ray_options = None
+    if args.backend == "ray":
+        from art_study.study.ray_backend import RayOptions
+
+        ray_options = RayOptions(args.address, args.cpus_per_task, args.gpus_per_task)
+    result = run_study(cfg, progress=not args.no_progress, ray_options=ray_options)
     if result.parent_run_id:
         print(f"study {cfg.name}: parent run {result.parent_run_id}; {len(result.runs)} runs "
               f"({sum(r.skipped for r in result.runs)} already finished), "
@@ -116,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under mlruns/)")
     run.add_argument("--data-dir", help="directory with the MNIST IDX files or mnist.npz")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--backend", choices=["inprocess", "ray"], default="inprocess",
+                     help="where stages train: in this process (default), or as Ray tasks "
+                          "(needs the ray extra)")
+    run.add_argument("--address", help="Ray cluster to use, e.g. auto, HOST:6379 or "
+                     "ray://HOST:10001 (default: $RAY_ADDRESS, else a new local instance)")
+    run.add_argument("--cpus-per-task", type=float, metavar="N",
+                     help="CPUs each Ray task declares, and its TensorFlow threads (default: "
+                          "1 declared, TensorFlow's own default, as in-process)")
+    run.add_argument("--gpus-per-task", type=float, metavar="N",
+                     help="GPUs each Ray task declares (default: 1 where the cluster has GPUs)")
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="data utilities")

@@ -26,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import mlflow
@@ -50,6 +51,9 @@ from art_study.tracking import (
     prepare_store,
     resolve_tracking_uri,
 )
+
+if TYPE_CHECKING:
+    from art_study.study.ray_backend import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +154,26 @@ def load_data(cfg: ExperimentConfig, seeds: list[int]) -> dict[int, MnistData]:
                           download=d.download) for s in seeds}
 
 
-def run_study(cfg: ExperimentConfig, *, progress: bool = True) -> StudyResult:
-    """Run every experiment of ``cfg`` (one, or a whole study) and record them in MLflow."""
+def run_study(cfg: ExperimentConfig, *, progress: bool = True,
+              ray_options: RayOptions | None = None) -> StudyResult:
+    """Run every experiment of ``cfg`` (one, or a whole study) and record them in MLflow.
+
+    With ``ray_options``, stages and evaluations run as tasks on a Ray cluster
+    (``ray_backend.py``); this process still logs every run, so the results are the same.
+    """
+    if ray_options is not None:
+        from art_study.study import ray_backend
+
+        ray_backend.import_ray()  # fail before the store, the data or a run is touched
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     seeds = cfg.study.seeds if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
     runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
     cache = StageCache(cache_dir_for(cfg))
-    executor = _Executor(cfg, data, cache, progress)
-
+    if ray_options is None:
+        executor = _Executor(cfg, data, cache, progress)
+    else:
+        executor = ray_backend.RayExecutor(cfg, data, cache, progress, ray_options)
     try:
         if cfg.study is None:
             result = StudyResult(None)

@@ -1,0 +1,247 @@
+"""Run a study on a Ray cluster: stages and evaluations are Ray tasks, MLflow stays with the driver.
+
+The plan's stage tree becomes a graph of tasks:
+
+- one task per distinct stage not yet in the stage cache, taking the task of the stage it
+  continues from as an argument, so Ray starts it once that one has finished; it reads its
+  parent's ``.h5`` file from the stage cache and writes its own there (atomically);
+- one task per run evaluating the run's final model, after the run's last stage.
+
+Each task declares its resources (``num_cpus``, and ``num_gpus`` where the cluster has GPUs) and
+is retried ``max_retries`` times when its worker dies. Tasks run the same functions as the
+in-process executor (:func:`~art_study.study.execute.train_stage`,
+:func:`~art_study.study.execute.evaluate_run`), so a run gives the same metrics on either.
+
+What must be shared: the stage cache directory, at the same absolute path on the driver and on
+every node (one machine's disk for a local cluster; NFS or similar otherwise). The training and
+test data go to Ray's object store once per seed, so workers need no MNIST files. Workers never
+talk to MLflow: the driver (the process running ``art-study run``) creates each child run, logs
+its stages' recorded epochs, the evaluation and the model, in plan order, exactly as in-process,
+so resuming a study (FINISHED children skipped by ``run_key``, the others replaced) is unchanged.
+
+Ray is an optional extra (``pip install -e '.[ray]'``), imported only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from art_study.config import ExperimentConfig
+from art_study.data import MnistData
+from art_study.errors import ArtStudyError
+from art_study.evaluation import EvaluationResult
+from art_study.models import compile_model
+from art_study.study.cache import StageCache, StageRecord
+from art_study.study.execute import _Executor, evaluate_run, train_stage
+from art_study.study.plan import RunSpec, StageSpec
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how the tasks run."""
+
+    address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray instance
+    # CPUs a task declares, and then TensorFlow's thread count in it. None: 1 CPU declared and
+    # TensorFlow's default threads (the node's cores), as in-process: TF's float reductions
+    # depend on its thread count, so only then are metrics bit-identical to an in-process run
+    # on the same machine. Set it on nodes running many tasks at once.
+    cpus_per_task: float | None = None
+    gpus_per_task: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    max_retries: int = 3  # re-executions of a task whose worker process died
+
+    def __post_init__(self) -> None:
+        cpus, gpus = self.cpus_per_task, self.gpus_per_task
+        if (cpus is not None and cpus <= 0) or (gpus is not None and gpus < 0) or \
+                self.max_retries < 0:
+            raise ArtStudyError("Ray tasks need CPUs > 0, GPUs >= 0 and max_retries >= 0")
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a one-line :class:`ArtStudyError` saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ArtStudyError(
+            "--backend ray needs Ray, an optional extra: pip install -e '.[ray]' "
+            "(or pip install 'ray>=2.60')"
+        ) from None
+    return ray
+
+
+class RayExecutor(_Executor):
+    """The in-process executor, with stages and evaluations computed by Ray tasks.
+
+    :meth:`start` submits every task of the runs still to do at once; logging a run then waits
+    for its own tasks only (``ray.get``), so the driver logs run 1 while workers train run 5.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, data: dict[int, MnistData], cache: StageCache,
+                 progress: bool, options: RayOptions):
+        super().__init__(cfg, data, cache, progress)
+        cpus, gpus = options.cpus_per_task, options.gpus_per_task
+        self.ray = ray = import_ray()
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            _connect(ray, options.address)
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        self._resources = {"num_cpus": 1 if cpus is None else cpus, "num_gpus": gpus,
+                           "max_retries": options.max_retries}
+        self._threads = None if cpus is None else max(1, int(cpus))
+        self._cache_root = str(cache.root.resolve())
+        self._data_refs: dict[int, Any] = {}  # id(MnistData) → its ref in the object store
+        self._stage_refs: dict[str, Any] = {}  # stage key → task ref, or False if it was cached
+        self._eval_refs: dict[str, Any] = {}  # run key → task ref
+        self._counted: set[str] = set()  # stages trained by this invocation, already counted
+
+    def start(self, runs: list[RunSpec]) -> None:
+        ray = self.ray
+        stage_task = ray.remote(_stage_task)
+        eval_task = ray.remote(_evaluate_task)
+        for spec in runs:
+            data = self._data_ref(spec.seed)
+            for stage in spec.stages:
+                if stage.key in self._stage_refs:
+                    continue
+                if self.cache.has(stage.key):
+                    self._stage_refs[stage.key] = False
+                    continue
+                parent = self._stage_refs[stage.parent.key] if stage.parent else False
+                self._stage_refs[stage.key] = stage_task.options(
+                    name=f"stage:{stage.defense}:{stage.key[:12]}", **self._resources,
+                ).remote(stage, spec.config, data, self._cache_root, self._threads, parent)
+            self._eval_refs[spec.key] = eval_task.options(
+                name=f"evaluate:{spec.sequence}:{spec.key[:12]}", **self._resources,
+            ).remote(spec, data, self._cache_root, self._threads,
+                     self._stage_refs[spec.stages[-1].key],
+                     # transfer attacks read the control's model: wait for it too
+                     self._stage_refs.get(spec.reference.key, False) if spec.reference else False)
+
+    def close(self) -> None:
+        if self._owns_ray:
+            self.ray.shutdown()
+
+    def _stage(self, stage: StageSpec, spec: RunSpec, data: MnistData) -> StageRecord:
+        """The stage's record once its task has finished, logged to the run like the
+        in-process executor does: trained by this invocation for the first run that uses it,
+        reused from the cache for every other."""
+        trained = self._get(self._stage_refs[stage.key])
+        _require(self.cache, stage.key, "the driver")
+        if trained and stage.key not in self._counted:
+            self._counted.add(stage.key)
+            self.trained += 1
+            return self._replay(stage, cached=False)
+        self.reused += 1
+        return self._replay(stage, cached=True)
+
+    def _evaluate(self, spec: RunSpec, model: keras.Model,
+                  data: MnistData) -> tuple[EvaluationResult, float]:
+        return self._get(self._eval_refs[spec.key])
+
+    def _data_ref(self, seed: int) -> Any:
+        data = self.data[seed]  # the full set is one object shared by every seed: put once
+        if id(data) not in self._data_refs:
+            self._data_refs[id(data)] = self.ray.put(data)
+        return self._data_refs[id(data)]
+
+    def _get(self, ref: Any) -> Any:
+        """A task's value; a task that raised re-raises its own exception here (a
+        ``TrainingError`` stays one), whichever task of the chain it came from."""
+        if not isinstance(ref, self.ray.ObjectRef):
+            return ref
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from None
+            raise
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """``ray.init``: connect to the cluster at ``address`` (or $RAY_ADDRESS), else start one."""
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": env})
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+        raise ArtStudyError(f"cannot start Ray ({where}): {first}") from None
+
+
+# -- the tasks (run on the workers) -------------------------------------------------------------
+def _stage_task(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache_root: str,
+                threads: int | None, parent_done: bool) -> bool:
+    """Train ``stage`` into the shared stage cache; True if trained, False if already there
+    (a retry after the save, or another study). ``parent_done`` only orders it after its
+    parent's task."""
+    cache = StageCache(cache_root)
+    if cache.has(stage.key):
+        return False
+    if stage.parent is not None:
+        _require(cache, stage.parent.key, f"worker {socket.gethostname()}")
+    _limit_threads(threads)
+    with _without_live_metrics():
+        train_stage(stage, cfg, data, cache)
+    return True
+
+
+def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int | None,
+                   last_stage_done: bool, reference_done: bool = False,
+                   ) -> tuple[EvaluationResult, float]:
+    """Evaluate the run's final model from the shared stage cache, as in-process (the
+    control's model for transfer attacks comes from the same cache)."""
+    cache = StageCache(cache_root)
+    _require(cache, spec.stages[-1].key, f"worker {socket.gethostname()}")
+    _limit_threads(threads)
+    model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
+    return evaluate_run(spec, model, data, cache)
+
+
+def _require(cache: StageCache, key: str, where: str) -> None:
+    if not cache.has(key):
+        raise ArtStudyError(
+            f"stage {key[:12]} is missing from the stage cache {cache.root} on {where}: the "
+            "cache directory (study.cache_dir) must be shared by the driver and every Ray node"
+        )
+
+
+def _limit_threads(n: int | None) -> None:
+    """Give TensorFlow ``n`` threads, not one per core of the node (None: leave its default).
+    Set before its runtime starts; a worker reused for a later task keeps its first count."""
+    if n is None:
+        return
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+
+
+@contextlib.contextmanager
+def _without_live_metrics() -> Iterator[None]:
+    """Drop the per-epoch ``mlflow.log_metric(s)`` calls a stage makes while it trains.
+
+    In-process they go to the child run as they come. A worker has no run: everything they log
+    is also kept in the stage's record, which the driver logs into every run using the stage.
+    """
+    import mlflow
+
+    saved = mlflow.log_metric, mlflow.log_metrics
+    mlflow.log_metric = mlflow.log_metrics = _drop
+    try:
+        yield
+    finally:
+        mlflow.log_metric, mlflow.log_metrics = saved
+
+
+def _drop(*args: Any, **kwargs: Any) -> None:
+    return None
