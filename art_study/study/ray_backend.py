@@ -97,33 +97,36 @@ class RayExecutor(_Executor):
                            "max_retries": options.max_retries}
         self._threads = None if cpus is None else max(1, int(cpus))
         self._cache_root = str(cache.root.resolve())
+        self._stage_task = ray.remote(_stage_task)
+        self._eval_task = ray.remote(_evaluate_task)
         self._data_refs: dict[int, Any] = {}  # id(MnistData) → its ref in the object store
         self._stage_refs: dict[str, Any] = {}  # stage key → task ref, or False if it was cached
         self._eval_refs: dict[str, Any] = {}  # run key → task ref
         self._counted: set[str] = set()  # stages trained by this invocation, already counted
 
     def start(self, runs: list[RunSpec]) -> None:
-        ray = self.ray
-        stage_task = ray.remote(_stage_task)
-        eval_task = ray.remote(_evaluate_task)
         for spec in runs:
             data = self._data_ref(spec.seed)
-            for stage in spec.stages:
-                if stage.key in self._stage_refs:
-                    continue
-                if self.cache.has(stage.key):
-                    self._stage_refs[stage.key] = False
-                    continue
-                parent = self._stage_refs[stage.parent.key] if stage.parent else False
-                self._stage_refs[stage.key] = stage_task.options(
-                    name=f"stage:{stage.defense}:{stage.key[:12]}", **self._resources,
-                ).remote(stage, spec.config, data, self._cache_root, self._threads, parent)
-            self._eval_refs[spec.key] = eval_task.options(
+            # The evaluation reads the run's last stage and, for transfer attacks, the control's
+            # (``spec.reference``, a stage of an earlier run of the plan): it waits for both.
+            needs = [spec.stages[-1], *([spec.reference] if spec.reference else [])]
+            done = [self._submit(stage, spec.config, data) for stage in needs]
+            self._eval_refs[spec.key] = self._eval_task.options(
                 name=f"evaluate:{spec.sequence}:{spec.key[:12]}", **self._resources,
-            ).remote(spec, data, self._cache_root, self._threads,
-                     self._stage_refs[spec.stages[-1].key],
-                     # transfer attacks read the control's model: wait for it too
-                     self._stage_refs.get(spec.reference.key, False) if spec.reference else False)
+            ).remote(spec, data, self._cache_root, self._threads, *done)
+
+    def _submit(self, stage: StageSpec, cfg: ExperimentConfig, data: Any) -> Any:
+        """The task training ``stage``, submitted once, after its parent's; False for a stage
+        already in the cache."""
+        if stage.key not in self._stage_refs:
+            if self.cache.has(stage.key):
+                self._stage_refs[stage.key] = False
+            else:
+                parent = self._submit(stage.parent, cfg, data) if stage.parent else False
+                self._stage_refs[stage.key] = self._stage_task.options(
+                    name=f"stage:{stage.defense}:{stage.key[:12]}", **self._resources,
+                ).remote(stage, cfg, data, self._cache_root, self._threads, parent)
+        return self._stage_refs[stage.key]
 
     def close(self) -> None:
         if self._owns_ray:
@@ -195,15 +198,14 @@ def _stage_task(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache_
 
 
 def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int | None,
-                   last_stage_done: bool, reference_done: bool = False,
-                   ) -> tuple[EvaluationResult, float]:
-    """Evaluate the run's final model from the shared stage cache, as in-process (the
-    control's model for transfer attacks comes from the same cache)."""
+                   *stages_done: bool) -> tuple[EvaluationResult, float]:
+    """Evaluate the run's final model from the shared stage cache, as in-process.
+    ``stages_done`` only orders it after the tasks of the stages it reads."""
     cache = StageCache(cache_root)
     _require(cache, spec.stages[-1].key, f"worker {socket.gethostname()}")
     _limit_threads(threads)
     model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
-    return evaluate_run(spec, model, data, cache)
+    return evaluate_run(spec, model, data)
 
 
 def _require(cache: StageCache, key: str, where: str) -> None:
