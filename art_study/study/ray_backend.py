@@ -107,6 +107,8 @@ class RayExecutor(_Executor):
     def start(self, runs: list[RunSpec]) -> None:
         for spec in runs:
             data = self._data_ref(spec.seed)
+            for stage in spec.stages:  # each is logged to the run from its record in the cache
+                self._submit(stage, spec.config, data)
             # The evaluation reads the run's last stage and, for transfer attacks, the control's
             # (``spec.reference``, a stage of an earlier run of the plan): it waits for both.
             needs = [spec.stages[-1], *([spec.reference] if spec.reference else [])]
