@@ -75,8 +75,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     """Everything :mod:`art_study.evaluation` promises, for one model.
 
     ``reference`` is the undefended control of the same depth and seed (``None`` for the
-    control itself): the transfer attacks are crafted on it. ``transfer_cache`` keeps those
-    examples between the runs that share a reference.
+    control itself): the transfer attacks are crafted on it. ``transfer_cache`` (one dict per
+    reference) keeps those examples for the other runs that share the reference.
     """
     if cfg.n_attack is not None:
         x, y = x[: cfg.n_attack], y[: cfg.n_attack]
@@ -171,7 +171,7 @@ def transfer(model: keras.Model, reference: keras.Model, x: np.ndarray, y: np.nd
         attack = by_key.get(key) or resolve(AttackConfig(name="fgsm", n_images=len(x)), cfg.eps)
         n = min(attack.cfg.n_images, len(x))
         t0 = time.perf_counter()
-        ck = (id(reference), key, n)
+        ck = (key, n)
         if ck not in cache:
             est = Estimators(reference)[attack.estimator]
             cache[ck] = {eps: attack.build(est, eps, cfg.batch_size).generate(

@@ -646,6 +646,7 @@ class StudyData:
     status: pd.DataFrame
     scores: pd.DataFrame
     eps: list[float]
+    finished: pd.DataFrame | None = None  # the finished child runs, every metric and tag
 
 
 def gather(parent: mlflow.entities.Run) -> StudyData:
@@ -658,7 +659,48 @@ def gather(parent: mlflow.entities.Run) -> StudyData:
     scores = (seed_scores(finished, eps) if not finished.empty
               else pd.DataFrame(columns=["run_id", "sequence", "depth", "seed"]))
     name = parent.data.tags.get("study") or parent.info.run_name
-    return StudyData(parent, name, status, scores, eps)
+    return StudyData(parent, name, status, scores, eps, finished)
+
+
+ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/(.+)/accuracy_eps_([0-9.]+)$")
+
+
+def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.DataFrame | None:
+    """Accuracy (mean ± 95 % CI over seeds) under each stronger attack and the transfer attack,
+    and the gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
+    runs = finished[finished["depth"] == depth]
+    cols = sorted((c for c in runs.columns if ATTACK_METRIC.match(c) and runs[c].notna().any()),
+                  key=lambda c: (ATTACK_METRIC.match(c).group(1) == "transfer",
+                                 ATTACK_METRIC.match(c).group(2),
+                                 float(ATTACK_METRIC.match(c).group(3))))
+    verdict_col = "tags.gradient_masking_suspected"
+    if not cols and verdict_col not in runs:
+        return None
+    rows = []
+    for seq in order:
+        group = runs[runs["sequence"] == seq]
+        if group.empty:
+            continue
+        row = {"sequence": seq + (" (control)" if seq == CONTROL else "")}
+        for c in cols:
+            kind, name, eps = ATTACK_METRIC.match(c).groups()
+            label = f"{'transfer ' if kind == 'transfer' else ''}{name} ε {float(eps):g}"
+            row[label] = fmt_ci(_ci_row(group[c].dropna() * 100))
+        if verdict_col in group:
+            flags = group[verdict_col].dropna()
+            failed = sorted({name for reasons in group.get(
+                "tags.gradient_masking_reasons", pd.Series(dtype=str)).dropna()
+                for name in re.findall(r"(?:^|; )([a-z_]+):", reasons)})
+            row["masking suspected"] = (f"{int((flags == 'true').sum())}/{len(flags)}"
+                                        + (f" ({', '.join(failed)})" if failed else ""))
+        rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
+def _ci_row(values: pd.Series) -> pd.Series | None:
+    if values.empty:
+        return None
+    return pd.Series({"mean": values.mean(), "half": ci95_half_width(values), "n": len(values)})
 
 
 def missing_table(status: pd.DataFrame) -> pd.DataFrame:
@@ -692,6 +734,29 @@ def intro(doc: Doc, data: StudyData, uri: str) -> None:
              "`repeat max|Δ|` is ours run twice: non-zero means the model's gradients are "
              "randomised (gradient noise), so the attack itself is noisy — a sign of gradient "
              "masking, not of robustness.")
+
+
+def attacks_section(doc: Doc, data: StudyData) -> None:
+    """Stronger attacks, transfer, and whether each defense's robustness is real."""
+    if data.finished is None or data.finished.empty:
+        return
+    order = sequence_order(data.status)
+    tables = [(d, attack_table(data.finished, int(d), order))
+              for d in sorted(data.status["depth"].unique())]
+    tables = [(d, t) for d, t in tables if t is not None]
+    if not tables:
+        return
+    doc.heading("Beyond FGSM: stronger attacks and the gradient-masking verdict")
+    doc.para("Accuracy in % on the first test images each attack was given (its budget is "
+             "logged with the run: `attack/<name>/n_images`, `max_iter`, ...). `transfer` "
+             "examples are crafted on the undefended control of the same depth and seed. "
+             "`masking suspected` counts the seeds whose model failed at least one of the "
+             "checks of Carlini et al. (2019) (see the README): robustness that FGSM shows but "
+             "PGD, APGD, Square or the transfer attack take away is hidden gradients, not "
+             "robustness.")
+    for depth, table in tables:
+        doc.heading(f"{depth} conv layers", level=3)
+        doc.table(table)
 
 
 def significance_section(doc: Doc, data: StudyData, summary: pd.DataFrame,
@@ -782,6 +847,7 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
                  "adversarial training 88.5 % (2 conv) and 97.9 % (5 conv), distillation "
                  "33.12 %, gradient masking 47.52 %, gradient masking + adversarial training "
                  "85.56 % (order not stated: shown for both orders), clean control 99.5 %.")
+        attacks_section(doc, data)
         significance_section(doc, data, summary, cmp)
     doc.heading("Missing or failed runs")
     missing = missing_table(data.status)

@@ -90,6 +90,18 @@ def test_report_tables_tests_and_comparison_eps(study, written) -> None:
     assert "## Missing or failed runs\n\nNone: all 8 planned runs finished." in md
 
 
+def test_report_shows_transfer_and_masking_verdict(written) -> None:
+    _, md = written
+    rows = {r["sequence"]: r for r in table_after(
+        md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}
+    assert set(rows) == {"none (control)", *SEQUENCES[1:]}
+    assert rows["none (control)"]["transfer fgsm ε 0.3"] == "—"  # crafted on itself: not run
+    assert "±" in rows["adversarial_training"]["transfer fgsm ε 0.3"]
+    # The gradient-noise layer fails the determinism check on both seeds.
+    assert rows["gradient_masking"]["masking suspected"].startswith("2/2")
+    assert "gradients_deterministic" in rows["gradient_masking"]["masking suspected"]
+
+
 def test_runs_log_per_example_correctness(study) -> None:
     uri, parent, _ = study
     mlflow.set_tracking_uri(uri)

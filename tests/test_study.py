@@ -139,11 +139,20 @@ def test_tiny_study_creates_every_child_once(tiny_study) -> None:
                     "fgsm_art/accuracy_eps_0.1", "stage1/time_s", "stage2/time_s",
                     "train/loss"):
             assert key in m, (k.data.tags["sequence"], key)
+        # Every model gets the gradient-masking verdict; defended ones the transfer attack
+        # crafted on the control of their depth and seed (tiny.yaml: transfer [fgsm]).
+        assert k.data.tags["gradient_masking_suspected"] in ("true", "false")
+        assert "diag/gradients_deterministic" in m
+        control = k.data.tags["sequence"] == "none"
+        assert ("transfer/fgsm/accuracy_eps_0.1" in m) is not control
         if has_noise_layer(k.data.tags["stages"].split(">")):
             # The gradient-noise layer randomises every gradient: our FGSM does not even agree
-            # with itself, and the cross-check reports that instead of hiding it.
+            # with itself, and the cross-check reports that instead of hiding it, and the
+            # diagnostics flag it.
             assert m["xcheck/repeat_max_abs_diff"] > 0
             assert m["xcheck/max_abs_diff"] > 0
+            assert k.data.tags["gradient_masking_suspected"] == "true"
+            assert k.data.tags["diag.gradients_deterministic"].startswith("FAIL")
         else:
             assert m["xcheck/max_abs_diff"] <= 1e-6
             assert m["xcheck/repeat_max_abs_diff"] == 0

@@ -136,11 +136,26 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
 
 
 def evaluate_run(spec: RunSpec, model: keras.Model, data: MnistData,
-                 *, progress: bool = False) -> tuple[EvaluationResult, float]:
-    """Evaluate the final model of run ``spec``, seeded by the run's seed; also its wall time."""
+                 cache: StageCache | None = None, *, progress: bool = False,
+                 transfer_cache: dict | None = None) -> tuple[EvaluationResult, float]:
+    """Evaluate the final model of run ``spec``, seeded by the run's seed; also its wall time.
+
+    With ``evaluation.transfer``, the control of the same depth and seed (``spec.reference``)
+    is loaded from ``cache``; ``transfer_cache`` keeps the examples crafted on each control for
+    the other runs that share it.
+    """
     seed_everything(spec.seed)
     t0 = time.perf_counter()
-    result = evaluate(model, data.x_test, data.y_test, spec.config.evaluation, progress=progress)
+    reference, crafted = None, None
+    if spec.reference is not None and spec.config.evaluation.transfer:
+        if cache is None or not cache.has(spec.reference.key):
+            raise ArtStudyError(f"{spec.name}: the control model for the transfer attack is "
+                                "not in the stage cache")
+        reference = compile_model(cache.load_model(spec.reference.key), spec.config.train)
+        crafted = ({} if transfer_cache is None
+                   else transfer_cache.setdefault(spec.reference.key, {}))
+    result = evaluate(model, data.x_test, data.y_test, spec.config.evaluation, progress=progress,
+                      reference=reference, transfer_cache=crafted)
     return result, time.perf_counter() - t0
 
 
@@ -206,6 +221,7 @@ class _Executor:
                  progress: bool):
         self.cfg, self.data, self.cache, self.progress = cfg, data, cache, progress
         self.trained = self.reused = 0
+        self._transfer: dict[str, dict] = {}  # control stage key → examples crafted on it
 
     # -- the backend: where stages and evaluations compute ---------------------------------------
     def start(self, runs: list[RunSpec]) -> None:
@@ -314,6 +330,7 @@ class _Executor:
         metrics.update(result.metrics)
         metrics["eval/time_s"] = eval_time_s
         mlflow.log_metrics(metrics)
+        mlflow.set_tags(result.tags)  # the gradient-masking verdict and its reasons
         log_correctness(result.correct)
         if cfg.tracking.log_model:
             log_keras_model(model, data.x_test[:2])
@@ -341,7 +358,8 @@ class _Executor:
     def _evaluate(self, spec: RunSpec, model: keras.Model,
                   data: MnistData) -> tuple[EvaluationResult, float]:
         """The run's evaluation and its wall time."""
-        return evaluate_run(spec, model, data, progress=self.progress)
+        return evaluate_run(spec, model, data, self.cache, progress=self.progress,
+                            transfer_cache=self._transfer)
 
 
 def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:

@@ -207,7 +207,7 @@ def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int
     _require(cache, spec.stages[-1].key, f"worker {socket.gethostname()}")
     _limit_threads(threads)
     model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
-    return evaluate_run(spec, model, data)
+    return evaluate_run(spec, model, data, cache)
 
 
 def _require(cache: StageCache, key: str, where: str) -> None:
