@@ -108,3 +108,18 @@ def mlflow_ui():
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs on loopback, shared by the Ray tests; shut down after.
+
+    Ray is a test dependency (the ``ray`` extra, which ``make test`` installs): without it these
+    tests fail with ImportError rather than skip.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+    yield ray
+    ray.shutdown()

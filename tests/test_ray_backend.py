@@ -1,0 +1,146 @@
+"""The Ray backend: the same study, seed for seed, on a local Ray cluster; worker deaths retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+
+from art_study import cli
+from art_study.config import load_config
+from art_study.study import run_study
+from art_study.study.ray_backend import RayOptions
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+# A slice of the tiny study: two pairs sharing their gradient-masking stage, so every defense,
+# a hand-off and a shared stage are in it (2 runs, 3 distinct stages); without the control,
+# so without transfer attacks (crafted on it).
+SLICE = ("study.blocks=[{depths: [2], sequences: [[gradient_masking, distillation], "
+         "[gradient_masking, adversarial_training]]}]", "evaluation.transfer=[]")
+
+
+def tiny(tmp: Path, mnist_dir: Path, *overrides: str):
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return uri, load_config(TINY, [f"tracking.uri={uri}", f"data.dir={mnist_dir}", *overrides])
+
+
+def children(uri: str, parent: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("art-study")
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def comparable(metrics: dict[str, float]) -> dict[str, float]:
+    """Every metric but wall times and throughputs."""
+    return {k: v for k, v in metrics.items() if "time" not in k and "per_s" not in k}
+
+
+def test_ray_gives_the_same_runs_and_metrics_as_in_process(tmp_path, mnist_dir, ray_cluster,
+                                                           monkeypatch) -> None:
+    uri_local, cfg_local = tiny(tmp_path / "local", mnist_dir, *SLICE, "tracking.log_model=false")
+    local = run_study(cfg_local, progress=False)
+
+    # On Ray the driver only logs: a stage or an evaluation computed here would fail the study.
+    from art_study.study import execute
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the driver computed what a Ray task should")
+
+    monkeypatch.setattr(execute, "train_stage", not_here)
+    monkeypatch.setattr(execute, "evaluate_run", not_here)
+    uri_ray, cfg_ray = tiny(tmp_path / "ray", mnist_dir, *SLICE, "tracking.log_model=false")
+    on_ray = run_study(cfg_ray, progress=False, ray_options=RayOptions())
+
+    assert (on_ray.stages_trained, on_ray.stages_reused) == (local.stages_trained,
+                                                            local.stages_reused) == (3, 1)
+    runs = {}
+    for name, uri, result in (("local", uri_local, local), ("ray", uri_ray, on_ray)):
+        kids = children(uri, result.parent_run_id)
+        assert all(k.info.status == "FINISHED" for k in kids)
+        runs[name] = {k.data.tags["run_key"]: k for k in kids}
+        assert len(runs[name]) == len(kids) == 2
+    assert runs["ray"].keys() == runs["local"].keys()
+    client_local, client_ray = mlflow.MlflowClient(uri_local), mlflow.MlflowClient(uri_ray)
+    for key, a in runs["local"].items():
+        b = runs["ray"][key]
+        for tag in ("sequence", "stages", "depth", "seed", "data.fingerprint"):
+            assert a.data.tags[tag] == b.data.tags[tag]
+        assert len(comparable(a.data.metrics)) > 15
+        assert comparable(a.data.metrics) == comparable(b.data.metrics), a.data.tags["sequence"]
+        # Per-epoch curves too, at the same steps (the driver replays each stage's record).
+        for metric in ("train/loss", "train/accuracy"):
+            hist = [[(m.step, m.value) for m in c.get_metric_history(r.info.run_id, metric)]
+                    for c, r in ((client_local, a), (client_ray, b))]
+            assert hist[0] == hist[1] and len(hist[0]) == 2
+
+
+def test_killed_worker_is_retried(tmp_path, mnist_dir, ray_cluster) -> None:
+    """SIGKILL the worker process training the first stage: Ray runs the task again and the
+    study ends with its run present once and FINISHED."""
+    uri, cfg = tiny(tmp_path, mnist_dir, "tracking.log_model=false",
+                    "evaluation.diagnostics.enabled=false",
+                    "study.blocks=[{depths: [2], sequences: [control]}]")
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def kill_first_stage_worker() -> None:
+        while not stop.is_set():
+            for pid, title in stage_workers():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(title)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_stage_worker, daemon=True)
+    killer.start()
+    try:
+        result = run_study(cfg, progress=False, ray_options=RayOptions(max_retries=2))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no stage task was seen running"
+    assert result.stages_trained == 2
+    kids = children(uri, result.parent_run_id)
+    assert len(kids) == 1 and kids[0].info.status == "FINISHED"
+    assert kids[0].data.tags["sequence"] == "none"
+
+
+def stage_workers() -> list[tuple[int, str]]:
+    """Ray worker processes executing a stage task: Ray titles them ``ray::<task name>``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::stage:"):
+            found.append((int(entry.name), title))
+    return found
+
+
+def test_missing_ray_is_one_line_error(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    db = tmp_path / "mlflow.db"
+    code = cli.main(["run", str(TINY), "--backend", "ray", "--tracking-uri", f"sqlite:///{db}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("art-study: error: --backend ray needs Ray") and "\n" not in err
+    assert "pip install -e '.[ray]'" in err
+    assert not db.exists()  # failed before touching the store
+
+
+def test_address_without_ray_backend_is_refused(tmp_path, capsys) -> None:
+    db = tmp_path / "mlflow.db"
+    code = cli.main(["run", str(TINY), "--address", "auto", "--tracking-uri", f"sqlite:///{db}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--address, --cpus-per-task and --gpus-per-task need --backend ray" in err
+    assert not db.exists()
