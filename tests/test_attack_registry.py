@@ -56,10 +56,13 @@ def test_budget_and_time_are_logged_with_every_attack(evaluated) -> None:
     assert evaluated.correct["attack/pgd_eps_0.3"].shape == (60,)
 
 
-def test_every_alias_resolves_to_an_art_class() -> None:
+def test_every_alias_resolves_to_an_art_class_and_passes_arts_checks() -> None:
     for name in ALIASES:
         r = resolve(AttackConfig(name=name), [0.3])
         assert r.cls.__module__.startswith("art.attacks.evasion")
+    resolved = validate_attacks(EvaluationConfig(attacks=[{"name": n} for n in ALIASES]))
+    assert [r.key for r in resolved] == list(ALIASES)
+    assert {r.key for r in resolved if not r.bounded} == {"cw-linf", "deepfool", "hopskipjump"}
 
 
 def test_unknown_attack_lists_aliases_and_classes() -> None:
