@@ -1,0 +1,64 @@
+"""What every benchmark shares: quiet TF, the data, and interleaved best-of-N timing.
+
+The machine is shared and loaded, so a benchmark never times one contender after the other: it
+runs them in rounds (A, B, C, A, B, C, ...) and keeps each one's best round, which is the
+figure least disturbed by the neighbours. Absolute figures are printed with the ratios.
+
+Each round records wall time and the process's CPU time (user + system, all threads). On a
+loaded machine the wall time swings with the neighbours (a contender can be descheduled for
+seconds), while the CPU time measures the work done; both are printed, and where they disagree
+the CPU-time ratio is the more trustworthy comparison (it does not credit a contender for a
+quiet moment). On an idle machine they tell the same story.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", message=".*PyTorch not found.*")
+
+FULL_TRAIN = 60_000  # MNIST's training set: the study's epoch
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int,
+                on_round: Callable[[int, dict[str, tuple[float, float]]], None] | None = None
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall seconds, CPU seconds) of each contender in every round, run in turn each round."""
+    wall: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        this_round = {}
+        for name, fn in contenders.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            this_round[name] = (time.perf_counter() - t0, time.process_time() - c0)
+            wall[name].append(this_round[name][0])
+            cpu[name].append(this_round[name][1])
+        if on_round is not None:
+            on_round(r, this_round)
+    return wall, cpu
+
+
+def print_round(r: int, seconds: dict[str, tuple[float, float]]) -> None:
+    """One line per round (wall / CPU seconds), so a reader sees the noise best-of hides."""
+    print(f"  round {r + 1}: " + "  ".join(f"{k} {w:.2f}/{c:.2f}s" for k, (w, c) in
+                                          seconds.items()), flush=True)
+
+
+def load_slice(data_dir: str | None, n_train: int, n_test: int = 100, seed: int = 0):
+    """A class-stratified MNIST slice (the full training set when ``n_train`` is 60 000)."""
+    from art_study.data import load_mnist
+
+    if n_train >= FULL_TRAIN:
+        return load_mnist(data_dir, seed=seed)
+    return load_mnist(data_dir, n_train=n_train, n_test=n_test, seed=seed)
+
+
+def machine_line() -> str:
+    """CPU count and load, printed with every result (the figures depend on both)."""
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
