@@ -28,6 +28,7 @@ Real times measured on a loaded machine (e.g. a study at nice 19 beside other wo
 with a floor measured under other load only loosely; compare like with like.
 
     .venv/bin/python benchmarks/study_floor.py [CONFIG] [--seed 0] [--images 12000]
+        [--epoch-times 2:24,3:27,4:34,5:42]
         [--tracking-uri sqlite:///PATH/mlflow.db] [--cache-dir PATH/stage-cache]
 """
 
@@ -136,6 +137,9 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--images", type=int, default=12_000, help="images per timed plain epoch")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--epoch-times", metavar="D:S,...",
+                   help="plain full-epoch seconds per depth, e.g. 2:24,3:27,4:34,5:42, instead "
+                   "of measuring them (figures from an idle machine, or the study's own)")
     p.add_argument("--tracking-uri", help="an MLflow store holding the study's runs")
     p.add_argument("--study", help="the study's name in that store (default: the most recent)")
     p.add_argument("--cache-dir", type=Path, help="a stage cache holding the study's stages")
@@ -158,7 +162,15 @@ def main() -> None:
     print(f"{args.config}, seed {args.seed}: {len(runs)} runs, {len(stages)} distinct stages "
           f"({sum(len(r.stages) for r in runs)} before prefix sharing), depths {depths}")
 
-    plain = measure_plain_epochs(depths, data, cfg, args.images, args.rounds)
+    if args.epoch_times:
+        plain = {int(d): float(t) for d, t in
+                 (item.split(":") for item in args.epoch_times.split(","))}
+        missing = [d for d in depths if d not in plain]
+        if missing:
+            raise SystemExit(f"--epoch-times lacks depth(s) {missing}")
+        print("plain epochs: given with --epoch-times (not measured)")
+    else:
+        plain = measure_plain_epochs(depths, data, cfg, args.images, args.rounds)
     for d in depths:
         print(f"  plain epoch at depth {d}: {plain[d]:6.1f} s (full training set)")
 
