@@ -27,7 +27,6 @@ undefended one.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,10 +141,13 @@ def diagnose(ev: Evidence, cfg: DiagnosticsConfig) -> Diagnosis:
         if acc > CHANCE + cfg.chance_margin:
             problems.append(f"PGD at ε {cfg.destroy_eps:g} leaves {acc:.1%} "
                             f"(> {CHANCE + cfg.chance_margin:.0%})")
+    # against the lowest accuracy at any smaller ε, so a slow climb over many steps counts too
     sweep = sorted(ev.fgsm_sweep.items())
-    for (e0, a0), (e1, a1) in itertools.pairwise(sweep):
+    for i, (e1, a1) in enumerate(sweep[1:], start=1):
+        e0, a0 = min(sweep[:i], key=lambda item: item[1])
         if a1 > a0 + tol:
             problems.append(f"FGSM accuracy rises with ε: {a0:.1%} at {e0:g} → {a1:.1%} at {e1:g}")
+            break
     d.checks.append(Check("falls_to_chance", not problems,
                           "; ".join(problems) or "falls with ε and to chance at destroy_eps"))
 

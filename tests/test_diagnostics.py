@@ -54,6 +54,12 @@ def test_each_symptom_fails_its_own_check() -> None:
         assert d.suspected and check in d.tags()["gradient_masking_reasons"]
 
 
+def test_a_slow_climb_with_eps_is_a_rise() -> None:
+    """Measured on the paper's FGSM-trained model: no step rises by 2 points, the sweep does."""
+    sweep = {0.05: 0.9702, 0.1: 0.9707, 0.15: 0.9811, 0.2: 0.9886, 0.25: 0.9928, 0.3: 0.9926}
+    assert verdicts(evidence(fgsm_sweep=sweep))["falls_to_chance"] is False
+
+
 def test_destroyed_digits_must_reach_chance() -> None:
     attacks = {**evidence().attacks, "diag-pgd_destroy": {0.5: 0.6}}
     assert verdicts(evidence(attacks=attacks))["falls_to_chance"] is False
