@@ -529,7 +529,7 @@ def test_gradient_masking_modes(mnist, run, mode: str, n_noise: int, n_masks: in
 # --------------------------------------------------------------------------------------------
 
 DIAG_CFG = EvaluationConfig(eps=[0.1, 0.2, 0.3], batch_size=250,
-                            diagnostics={"n_images": 250, "pgd_steps": 10})
+                            diagnostics={"n_images": 150, "pgd_steps": 5})
 
 
 def _diagnosed(model: keras.Model, mnist) -> dict[str, str]:

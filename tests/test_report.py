@@ -107,8 +107,17 @@ def test_runs_log_per_example_correctness(study) -> None:
     mlflow.set_tracking_uri(uri)
     for run_id in report.study_runs(parent)["run_id"]:
         correct = report.load_correctness(run_id)
-        assert sorted(correct) == ["clean", "fgsm_eps_0.1", "fgsm_eps_0.3"]
         run = mlflow.get_run(run_id)
+        control = run.data.tags["sequence"] == "none"
+        expected = {"clean", "fgsm_eps_0.1", "fgsm_eps_0.3", "diag/pgd5_eps_0.3",
+                    "diag/pgd25_eps_0.3", "diag/pgd_destroy_eps_0.5"}
+        if not control:  # tiny.yaml: transfer [fgsm], crafted on the control
+            expected |= {"transfer/fgsm_eps_0.1", "transfer/fgsm_eps_0.3"}
+        assert set(correct) == expected
+        for key in expected - {"clean", "fgsm_eps_0.1", "fgsm_eps_0.3"}:
+            name, _, eps = key.rpartition("_eps_")
+            assert correct[key].mean() == pytest.approx(
+                run.data.metrics[f"{name}/accuracy_eps_{eps}"])
         assert correct["clean"].dtype == bool and correct["clean"].shape == (100,)
         assert correct["clean"].mean() == pytest.approx(run.data.metrics["clean/accuracy"])
         assert correct["fgsm_eps_0.3"].mean() == pytest.approx(
