@@ -47,7 +47,6 @@ class Alias:
     defaults: dict[str, Any] = field(default_factory=dict)
     step: float | None = None
     estimator: str = "keras"
-    targeted_labels: bool = True  # pass the true labels (else ART attacks its own predictions)
 
 
 ALIASES: dict[str, Alias] = {
