@@ -184,17 +184,6 @@ def test_cli_exits_nonzero_in_a_real_process(tmp_path) -> None:
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_ui_serves_the_store_on_loopback(tmp_path, mlflow_ui) -> None:
-    """`art-study ui` prints its address and serves the store's experiments there."""
-    from art_study.tracking import prepare_store
-
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    prepare_store(uri, "art-study")
-    first, base, experiments = mlflow_ui(uri)
-    assert base in first
-    assert "art-study" in experiments
-
-
 def test_ui_without_a_store_says_so(tmp_path, capsys) -> None:
     code = main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"])
     assert_one_line_error(capsys, code, "no MLflow store")

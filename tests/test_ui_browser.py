@@ -80,7 +80,9 @@ def test_mlflow_ui_renders_runs_tags_and_compare_view(tmp_path, mnist_dir, mlflo
     if SHOTS.exists():
         shutil.rmtree(SHOTS)
     SHOTS.mkdir(parents=True)
-    _, base, served = mlflow_ui(uri)
+    # `art-study ui` prints its loopback address and serves the store's experiments there.
+    first, base, served = mlflow_ui(uri)
+    assert base.startswith("http://127.0.0.1:") and base in first
     assert "art-study" in served
     profile = tmp_path / "chromium-profile"  # a fresh user-data-dir for every run
     with sync_playwright() as pw:
