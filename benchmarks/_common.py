@@ -13,6 +13,7 @@ quiet moment). On an idle machine they tell the same story.
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 import warnings
@@ -47,6 +48,18 @@ def print_round(r: int, seconds: dict[str, tuple[float, float]]) -> None:
     """One line per round (wall / CPU seconds), so a reader sees the noise best-of hides."""
     print(f"  round {r + 1}: " + "  ".join(f"{k} {w:.2f}/{c:.2f}s" for k, (w, c) in
                                           seconds.items()), flush=True)
+
+
+def argument_parser(doc: str, *, images: int, batch_size: int | None = 128
+                    ) -> argparse.ArgumentParser:
+    """The options every model benchmark takes: depth, images, batch size and the data."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--n-conv", type=int, default=2)
+    p.add_argument("--images", type=int, default=images)
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--data-dir", default=os.environ.get("ART_STUDY_DATA_DIR"))
+    return p
 
 
 def load_slice(data_dir: str | None, n_train: int, n_test: int = 100, seed: int = 0):

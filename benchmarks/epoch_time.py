@@ -23,13 +23,11 @@ the best round counts.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import os
 from unittest import mock
 
-from _common import FULL_TRAIN, interleaved, load_slice, machine_line, print_round
+from _common import FULL_TRAIN, argument_parser, interleaved, load_slice, machine_line, print_round
 
 
 @contextlib.contextmanager
@@ -45,16 +43,12 @@ def quiet_art():
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-conv", type=int, default=2)
-    p.add_argument("--images", type=int, default=12_000, help="training images per epoch")
-    p.add_argument("--batch-size", type=int, default=128)
+    p = argument_parser(__doc__, images=12_000)
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--with-ours", action="store_true",
                    help="also time ART's trainer on art-study's estimators (to_art, compiled)")
-    p.add_argument("--data-dir", default=os.environ.get("ART_STUDY_DATA_DIR"))
     args = p.parse_args()
 
     import keras

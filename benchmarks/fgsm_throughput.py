@@ -14,20 +14,13 @@ the model in art-study's own faster estimator and would then not measure ART.
 
 from __future__ import annotations
 
-import argparse
-import os
-
-from _common import interleaved, machine_line, print_round
+from _common import argument_parser, interleaved, machine_line, print_round
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-conv", type=int, default=2)
-    p.add_argument("--images", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=500)
+    p = argument_parser(__doc__, images=10_000, batch_size=500)
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--data-dir", default=os.environ.get("ART_STUDY_DATA_DIR"))
     args = p.parse_args()
 
     import keras

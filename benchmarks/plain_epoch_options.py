@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
-from _common import FULL_TRAIN, interleaved, load_slice, machine_line, print_round
+from _common import FULL_TRAIN, argument_parser, interleaved, load_slice, machine_line, print_round
 
 
 def build(n_conv: int, pool_first: bool = False):
@@ -99,14 +98,11 @@ def threading_rounds(args) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-conv", type=int, default=2)
-    p.add_argument("--images", type=int, default=6_000)
+    p = argument_parser(__doc__, images=6_000, batch_size=None)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--spe", type=int, default=16, help="steps_per_execution to try")
     p.add_argument("--batches", type=int, nargs="*", default=[256, 512])
     p.add_argument("--no-threads", action="store_true", help="skip the threading processes")
-    p.add_argument("--data-dir", default=os.environ.get("ART_STUDY_DATA_DIR"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -22,10 +22,7 @@ runs), the reference as ``tf.matmul`` of two ``--matmul-n``² float32 matrices (
 
 from __future__ import annotations
 
-import argparse
-import os
-
-from _common import interleaved, load_slice, machine_line, print_round
+from _common import argument_parser, interleaved, load_slice, machine_line, print_round
 
 
 def forward_flops(model) -> tuple[float, float, float]:
@@ -59,14 +56,10 @@ def forward_flops(model) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-conv", type=int, default=2)
-    p.add_argument("--images", type=int, default=12_000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p = argument_parser(__doc__, images=12_000)
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--matmul-reps", type=int, default=20, help="products per timed matmul round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--data-dir", default=os.environ.get("ART_STUDY_DATA_DIR"))
     args = p.parse_args()
 
     import keras
