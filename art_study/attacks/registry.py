@@ -21,6 +21,7 @@ parameter checks run on a throw-away model.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,8 +224,10 @@ def validate_attacks(cfg: EvaluationConfig) -> list[ResolvedAttack]:
     return resolved
 
 
+@functools.cache
 def _throwaway_model():
-    """A one-layer model of the right shapes, for ART's parameter checks."""
+    """A one-layer model of the right shapes, for ART's parameter checks (built once per
+    process: every plan of a study, and every test that plans one, checks on the same)."""
     import keras
 
     from art_study.models import INPUT_SHAPE, N_CLASSES
