@@ -63,6 +63,7 @@ def compile_model(model: keras.Model, cfg: TrainConfig) -> keras.Model:
         optimizer=make_optimizer(cfg),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        steps_per_execution=cfg.steps_per_execution,
     )
     return model
 

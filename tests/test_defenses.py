@@ -553,3 +553,41 @@ def test_diagnostics_flag_the_gradient_noise_layer(masked, mnist):
     tags = _diagnosed(masked[0], mnist)
     assert tags["gradient_masking_suspected"] == "true"
     assert tags["diag.gradients_deterministic"].startswith("FAIL")
+
+
+# --------------------------------------------------------------------------------------------
+# Speed settings change no weight
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["none", "distillation", "gradient_masking",
+                                  "adversarial_training_fast"])
+def test_steps_per_execution_changes_no_weight(mnist, run, monkeypatch, name: str):
+    """``train.steps_per_execution`` is left out of stage and study keys (``plan.SPEED_ONLY``),
+    so a stage cached with one value serves another: right only if the weights are the same
+    bit for bit. Every defense that trains through ``fit``, 8 steps run as 1 × 8 and as
+    3 + 3 + 2 per call."""
+    x, y = mnist.x_train[:256], mnist.y_train[:256]
+    used: list[int] = []  # steps_per_execution of every fit the stage makes
+    real_fit = keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        used.append(self.steps_per_execution)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    weights = []
+    for spe in (1, 3):
+        train = TrainConfig(batch_size=32, steps_per_execution=spe)
+        keras.utils.set_random_seed(0)
+        model = compile_model(small_cnn(), train)
+        keras.utils.set_random_seed(1)  # as the executor seeds each stage
+        ctx = make_ctx(x, y, train=train, metric_prefix=f"spe{spe}_{name}")
+        trained = DEFENSES[name].train(model, ctx, 1, DEFENSES[name].settings())
+        weights.append(trained.get_weights())
+        assert ctx.history and math.isfinite(ctx.history[-1]["loss"])
+        assert used and set(used) == {spe}
+        used.clear()
+    assert len(weights[0]) == len(weights[1])
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_array_equal(a, b)

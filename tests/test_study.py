@@ -15,6 +15,7 @@ import pytest
 from art_study.config import load_config
 from art_study.errors import ConfigError
 from art_study.study import distinct_stages, plan_runs, run_study
+from art_study.study.plan import study_key
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -67,6 +68,22 @@ def test_prefixes_are_shared_and_keys_are_stable() -> None:
     changed = {r.sequence: r for r in plan_runs(cfg2, fake_fingerprints(cfg2))}
     assert changed["none"].key == runs["none"].key
     assert changed["adversarial_training"].stages[0].key != at.stages[0].key
+
+
+def test_speed_only_settings_keep_every_key() -> None:
+    """steps_per_execution changes no weight (test_defenses checks it bit for bit), so stages
+    cached with one value serve another, and a study resumed with it finds its parent run."""
+    cfg = load_config(TINY)
+    fast = load_config(TINY, ["train.steps_per_execution=16"])
+    assert fast.train.steps_per_execution == 16
+    before = plan_runs(cfg, fake_fingerprints(cfg))
+    after = plan_runs(fast, fake_fingerprints(fast))
+    assert [r.key for r in after] == [r.key for r in before]
+    assert [s.key for r in after for s in r.stages] == [s.key for r in before for s in r.stages]
+    assert study_key(fast, after) == study_key(cfg, before)
+    slower = load_config(TINY, ["train.batch_size=32"])  # a real training change does count
+    assert plan_runs(slower, fake_fingerprints(slower))[0].key != before[0].key
+    assert study_key(slower, before) != study_key(cfg, before)
 
 
 def test_a_new_implementation_of_a_defense_invalidates_only_its_stages(monkeypatch) -> None:

@@ -123,7 +123,8 @@ def train(model: keras.Model, ctx: StageContext, epochs: int, settings: Settings
     seed = int(np.random.randint(2**31 - 1))  # from the caller-seeded global RNG
     trainer = FGSMTrainer(model, settings, seed=seed, name="fgsm_trainer")
     # The incoming model's own compile choices (optimizer, logits cross-entropy, accuracy).
-    trainer.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
+    trainer.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"],
+                    steps_per_execution=ctx.train.steps_per_execution)
     trainer.fit(ctx.x_train, ctx.y_train_onehot, batch_size=ctx.train.batch_size,
                 epochs=epochs, shuffle=True, verbose=0,
                 callbacks=ctx.callbacks(f"{ctx.metric_prefix} (adversarial, compiled)"))

@@ -129,7 +129,7 @@ def train_at_temperature(model: keras.Model, x: np.ndarray, y: np.ndarray, epoch
     hot = keras.Sequential([model, keras.layers.Rescaling(1.0 / temperature)], name="at_T")
     hot.compile(optimizer=make_optimizer(ctx.train),
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
+                metrics=["accuracy"], steps_per_execution=ctx.train.steps_per_execution)
     _fit(hot, x, y, epochs, ctx, sink or ctx.log_epoch,
          f"{ctx.metric_prefix} teacher T={temperature:g}")
     return model
@@ -168,7 +168,8 @@ def train(model: keras.Model, ctx: StageContext, epochs: int, settings: Settings
         _copy_weights_by_name(teacher, student)
     student.compile(optimizer=make_optimizer(ctx.train),
                     loss=distillation_loss(t, settings.alpha),
-                    metrics=[keras.metrics.MeanMetricWrapper(_hard_accuracy, name="accuracy")])
+                    metrics=[keras.metrics.MeanMetricWrapper(_hard_accuracy, name="accuracy")],
+                    steps_per_execution=ctx.train.steps_per_execution)
     _fit(student, ctx.x_train, targets, epochs, ctx, log_student_epoch,
          f"{ctx.metric_prefix} student")
 

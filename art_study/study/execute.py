@@ -40,7 +40,7 @@ from art_study.errors import ArtStudyError
 from art_study.evaluation import EvaluationResult, evaluate
 from art_study.models import build_cnn, compile_model
 from art_study.study.cache import StageCache, StageRecord
-from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, stable_hash
+from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, study_key
 from art_study.tracking import (
     DEFAULT_STORE_DIR,
     environment_tags,
@@ -233,16 +233,15 @@ class _Executor:
 
     # -- a study: parent run, children, resume ------------------------------------------------
     def study(self, runs: list[RunSpec], experiment_id: str) -> StudyResult:
-        study_key = stable_hash({"name": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
-                                 "runs": [r.key for r in runs]})
+        key = study_key(self.cfg, runs)
         client = MlflowClient()
-        parent = _find_parent(client, experiment_id, study_key)
+        parent = _find_parent(client, experiment_id, key)
         result = StudyResult(None)
         with mlflow.start_run(run_id=parent, experiment_id=None if parent else experiment_id,
                               run_name=None if parent else self.cfg.name) as run:
             result.parent_run_id = run.info.run_id
             if parent is None:
-                self._log_study(runs, study_key)
+                self._log_study(runs, key)
             finished = _finished_children(client, experiment_id, run.info.run_id)
             self.start([spec for spec in runs if spec.key not in finished])
             for spec in runs:

@@ -24,6 +24,9 @@ from art_study.config import ExperimentConfig
 from art_study.errors import ConfigError
 
 PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cached stages
+# Settings that change how fast a stage trains, never its weights (tested bit for bit): left
+# out of stage and study keys, so a cached stage or a resumed study serves any value of them.
+SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}
 
 
 def stable_hash(obj: Any) -> str:
@@ -125,7 +128,7 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
     root = {
         "version": PLAN_VERSION,
         "model": cfg.model.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude=SPEED_ONLY["train"]),
         "data": {**cfg.data.model_dump(mode="json", exclude={"dir", "download"}),
                  "fingerprint": fingerprint},
         "seed": cfg.seed,
@@ -177,6 +180,13 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
 
         validate_attacks(cfg.evaluation)  # a bad attack fails here, before any training
     return _with_references(runs) if cfg.evaluation.transfer else runs
+
+
+def study_key(cfg: ExperimentConfig, runs: list[RunSpec]) -> str:
+    """The identity of a study's parent run: its name, config and runs (a rerun of the same
+    command finds the parent by it and resumes); speed-only settings left out."""
+    config = cfg.model_dump(mode="json", exclude=SPEED_ONLY)
+    return stable_hash({"name": cfg.name, "config": config, "runs": [r.key for r in runs]})
 
 
 def _with_references(runs: list[RunSpec]) -> list[RunSpec]:
