@@ -697,6 +697,43 @@ def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.Dat
     return pd.DataFrame(rows) if rows else None
 
 
+ATTACK_TIME = re.compile(r"^metrics\.(attack|transfer|diag)/([^/]+)/time_s$")
+
+
+def attack_cost_table(finished: pd.DataFrame) -> pd.DataFrame | None:
+    """Each attack's budget (images, iterations, restarts, queries: the metrics logged beside
+    its accuracies) and its wall time per model, median and range over the finished runs."""
+    rows = []
+    for col in sorted(c for c in finished.columns if ATTACK_TIME.match(c)):
+        kind, name = ATTACK_TIME.match(col).groups()
+        seconds = finished[col].dropna()
+        if seconds.empty:
+            continue
+        prefix = f"metrics.{kind}/{name}/"
+        budget = {c[len(prefix):]: finished[c].dropna() for c in finished.columns
+                  if c.startswith(prefix) and c != col and "/" not in c[len(prefix):]
+                  and not c[len(prefix):].startswith("accuracy")}
+        images = budget.pop("n_images", pd.Series(dtype=float))
+        rows.append({
+            "attack": f"{kind} {name}",
+            "images": _range_text(images, "{:.0f}"),
+            "budget": ", ".join(f"{k} {_range_text(v, '{:g}')}" for k, v in sorted(budget.items())
+                                if not v.empty) or "—",
+            "wall s per model: median (min–max)":
+                f"{seconds.median():.1f} ({seconds.min():.1f}–{seconds.max():.1f})",
+            "models": len(seconds),
+        })
+    return pd.DataFrame(rows) if rows else None
+
+
+def _range_text(values: pd.Series, fmt: str) -> str:
+    """One value, or ``low–high`` where the runs differ; ``—`` when there is none."""
+    if values.empty:
+        return "—"
+    low, high = values.min(), values.max()
+    return fmt.format(low) if low == high else f"{fmt.format(low)}–{fmt.format(high)}"
+
+
 def _ci_row(values: pd.Series) -> pd.Series | None:
     if values.empty:
         return None
@@ -757,6 +794,14 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)
+    cost = attack_cost_table(data.finished)
+    if cost is not None:
+        doc.heading("Evaluation budget and wall time", level=3)
+        doc.para("What each attack was given and what it cost, per evaluated model (`diag` are "
+                 "the extra attacks of the gradient-masking checks; a transfer attack's time "
+                 "includes crafting its examples on the control only for the first defended "
+                 "model of a depth and seed that uses them).")
+        doc.table(cost)
 
 
 def significance_section(doc: Doc, data: StudyData, summary: pd.DataFrame,

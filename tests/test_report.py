@@ -106,6 +106,17 @@ def test_report_shows_transfer_and_masking_verdict(written) -> None:
     assert rows["gradient_masking"]["masking suspected"].startswith("2/2")
     assert "gradients_deterministic" in rows["gradient_masking"]["masking suspected"]
 
+    # Each attack's budget and wall time per model (tiny.yaml: 100 test images, diagnostics on
+    # 50 with 5 and 25 PGD steps, the transfer FGSM on the 6 defended runs).
+    cost = {r["attack"]: r for r in table_after(md, "### Evaluation budget and wall time")}
+    assert set(cost) == {"diag pgd5", "diag pgd25", "diag pgd_destroy", "transfer fgsm"}
+    assert cost["transfer fgsm"]["images"] == "100" and cost["transfer fgsm"]["models"] == "6"
+    assert cost["diag pgd25"]["images"] == "50" and cost["diag pgd25"]["models"] == "8"
+    assert "max_iter 25" in cost["diag pgd25"]["budget"]
+    for row in cost.values():
+        assert re.fullmatch(r"\d+\.\d \(\d+\.\d–\d+\.\d\)",
+                            row["wall s per model: median (min–max)"]), row
+
 
 def test_runs_log_per_example_correctness(study) -> None:
     uri, parent, _ = study
