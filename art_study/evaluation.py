@@ -69,14 +69,46 @@ class EvaluationResult:
         return self.metrics[f"fgsm_{impl}/accuracy_{eps_key(eps)}"]
 
 
+@dataclass
+class TransferSet:
+    """The transfer attacks' examples, crafted once on a control and shared by every defended
+    model of its depth and seed: ``examples[key][ε]`` are the first ``n_images[key]`` test
+    images attacked by ``key``; ``seconds[key]`` what crafting them took."""
+
+    examples: dict[str, dict[float, np.ndarray]] = field(default_factory=dict)
+    n_images: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def craft_transfer(reference: keras.Model, x: np.ndarray, y: np.ndarray,
+                   cfg: EvaluationConfig) -> TransferSet:
+    """Craft every ``cfg.transfer`` attack on the undefended ``reference``.
+
+    The caller seeds the RNGs first (``evaluate_run``: the run's seed), so the examples are the
+    same whichever defended model, process or Ray task crafts them first.
+    """
+    if cfg.n_attack is not None:
+        x, y = x[: cfg.n_attack], y[: cfg.n_attack]
+    by_key = {a.key: a for a in (resolve(a, cfg.eps) for a in cfg.attacks)}
+    estimators = Estimators(reference)
+    out = TransferSet()
+    for key in cfg.transfer:
+        attack = by_key.get(key) or resolve(AttackConfig(name="fgsm", n_images=len(x)), cfg.eps)
+        n = min(attack.cfg.n_images, len(x))
+        t0 = time.perf_counter()
+        est = estimators[attack.estimator]
+        out.examples[key] = {eps: attack.build(est, eps, cfg.batch_size).generate(
+            x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
+        out.n_images[key], out.seconds[key] = n, time.perf_counter() - t0
+    return out
+
+
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationConfig,
-             progress: bool = True, reference: keras.Model | None = None,
-             transfer_cache: dict | None = None) -> EvaluationResult:
+             progress: bool = True, transfer_set: TransferSet | None = None) -> EvaluationResult:
     """Everything :mod:`art_study.evaluation` promises, for one model.
 
-    ``reference`` is the undefended control of the same depth and seed (``None`` for the
-    control itself): the transfer attacks are crafted on it. ``transfer_cache`` (one dict per
-    reference) keeps those examples for the other runs that share the reference.
+    ``transfer_set`` holds the transfer attacks' examples, crafted on the undefended control
+    of the same depth and seed (:func:`craft_transfer`; ``None`` for the control itself).
     """
     if cfg.n_attack is not None:
         x, y = x[: cfg.n_attack], y[: cfg.n_attack]
@@ -86,8 +118,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     estimators = Estimators(model)
     for attack in tqdm(attacks, desc="attacks", disable=not progress, leave=False):
         run_attack(attack, estimators, x, y, cfg, result, prefix="attack")
-    if reference is not None and cfg.transfer:
-        transfer(model, reference, x, y, cfg, attacks, result, transfer_cache)
+    if transfer_set is not None:
+        transfer(model, transfer_set, y, result)
     if cfg.diagnostics.enabled:
         diagnostics(model, estimators, x, y, cfg, result)
     return result
@@ -161,24 +193,16 @@ def record(result: EvaluationResult, name: str, correct: dict[float, np.ndarray]
     m.update({f"{name}/{k}": v for k, v in budget.items()})
 
 
-def transfer(model: keras.Model, reference: keras.Model, x: np.ndarray, y: np.ndarray,
-             cfg: EvaluationConfig, attacks: list[ResolvedAttack], result: EvaluationResult,
-             cache: dict | None) -> None:
-    """Examples crafted on the undefended ``reference``, evaluated on ``model`` (black box)."""
-    by_key = {a.key: a for a in attacks}
-    cache = {} if cache is None else cache
-    for key in cfg.transfer:
-        attack = by_key.get(key) or resolve(AttackConfig(name="fgsm", n_images=len(x)), cfg.eps)
-        n = min(attack.cfg.n_images, len(x))
+def transfer(model: keras.Model, crafted: TransferSet, y: np.ndarray,
+             result: EvaluationResult) -> None:
+    """The examples crafted on the control, evaluated on ``model`` (black box). ``time_s`` is
+    this model's share; ``craft_time_s`` the one-off crafting on the control."""
+    for key, by_eps in crafted.examples.items():
+        n = crafted.n_images[key]
         t0 = time.perf_counter()
-        ck = (key, n)
-        if ck not in cache:
-            est = Estimators(reference)[attack.estimator]
-            cache[ck] = {eps: attack.build(est, eps, cfg.batch_size).generate(
-                x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
-        correct = {eps: predict_labels(model, xa) == y[:n] for eps, xa in cache[ck].items()}
+        correct = {eps: predict_labels(model, xa) == y[:n] for eps, xa in by_eps.items()}
         record(result, f"transfer/{key}", correct, time.perf_counter() - t0,
-               {"n_images": float(n)})
+               {"n_images": float(n), "craft_time_s": crafted.seconds[key]})
 
 
 def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarray,

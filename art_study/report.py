@@ -712,7 +712,8 @@ def attack_cost_table(finished: pd.DataFrame) -> pd.DataFrame | None:
         prefix = f"metrics.{kind}/{name}/"
         budget = {c[len(prefix):]: finished[c].dropna() for c in finished.columns
                   if c.startswith(prefix) and c != col and "/" not in c[len(prefix):]
-                  and not c[len(prefix):].startswith("accuracy")}
+                  and not c[len(prefix):].startswith("accuracy")
+                  and not c.endswith("time_s")}
         images = budget.pop("n_images", pd.Series(dtype=float))
         rows.append({
             "attack": f"{kind} {name}",

@@ -201,6 +201,41 @@ def test_rerun_skips_finished_children(tiny_study) -> None:
     assert len(children(uri, first.parent_run_id)) == SINGLE_PAIRS
 
 
+def test_transfer_examples_do_not_depend_on_which_run_crafts_them(tiny_study, mnist_dir) -> None:
+    """A defended run's transfer attack is crafted on its control, once per control: the first
+    defended run to need it crafts it, the others (and a resumed study, or a Ray task) reuse or
+    recraft it. Its examples, and the run's own metrics, must not depend on which run that was.
+    Random-start PGD for the transfer, and Square, whose use of the RNG depends on the model
+    it attacks, make the examples depend on the RNG state."""
+    from art_study.models import compile_model
+    from art_study.study.cache import StageCache
+    from art_study.study.execute import cache_dir_for, evaluate_run, load_data
+
+    _, uri, _ = tiny_study
+    cfg = load_config(TINY, [
+        f"tracking.uri={uri}", f"data.dir={mnist_dir}", "evaluation.transfer=[pgd]",
+        "evaluation.attacks=[{name: pgd, eps: [0.1], n_images: 50}, "
+        "{name: square, eps: [0.1], n_images: 20, args: {max_iter: 30}}]"])
+    data = load_data(cfg, [0])[0]
+    runs = {r.sequence: r for r in plan_runs(cfg, {0: data.fingerprint})}
+    cache = StageCache(cache_dir_for(cfg))  # the tiny study's: evaluation is not in stage keys
+
+    def metrics(sequence: str, sets: dict) -> dict[str, float]:
+        spec = runs[sequence]
+        model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
+        m = evaluate_run(spec, model, data, cache, transfer_sets=sets)[0].metrics
+        return {k: v for k, v in m.items() if "time" not in k and "per_s" not in k}
+
+    alone = metrics("distillation", {})
+    shared: dict = {}
+    metrics("adversarial_training", shared)  # crafts the control's examples first
+    assert len(shared) == 1
+    after = metrics("distillation", shared)
+    assert "transfer/pgd/accuracy_eps_0.1" in alone, sorted(alone)
+    assert any(k.startswith("diag/pgd") and "/accuracy_eps_" in k for k in alone)
+    assert after == alone
+
+
 def test_failed_run_is_retried_once_on_rerun(tmp_path, mnist_dir, monkeypatch) -> None:
     """Inject a failure in one stage; the study records the rest; a rerun completes it."""
     from art_study import defenses

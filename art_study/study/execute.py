@@ -37,7 +37,7 @@ from art_study.config import ExperimentConfig, flatten, to_yaml
 from art_study.data import MnistData, load_mnist
 from art_study.defenses import DEFENSES, StageContext
 from art_study.errors import ArtStudyError
-from art_study.evaluation import EvaluationResult, evaluate
+from art_study.evaluation import EvaluationResult, TransferSet, craft_transfer, evaluate
 from art_study.models import build_cnn, compile_model
 from art_study.study.cache import StageCache, StageRecord
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, study_key
@@ -135,27 +135,38 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
     return record
 
 
+def transfer_examples(spec: RunSpec, data: MnistData, cache: StageCache | None) -> TransferSet:
+    """The transfer attacks' examples for run ``spec``: crafted on its control
+    (``spec.reference``, loaded from ``cache``) after seeding with the run's seed, so every run
+    of that depth and seed, in any process, gets the same examples."""
+    if cache is None or spec.reference is None or not cache.has(spec.reference.key):
+        raise ArtStudyError(f"{spec.name}: the control model for the transfer attack is not in "
+                            "the stage cache")
+    seed_everything(spec.seed)
+    reference = compile_model(cache.load_model(spec.reference.key), spec.config.train)
+    return craft_transfer(reference, data.x_test, data.y_test, spec.config.evaluation)
+
+
 def evaluate_run(spec: RunSpec, model: keras.Model, data: MnistData,
                  cache: StageCache | None = None, *, progress: bool = False,
-                 transfer_cache: dict | None = None) -> tuple[EvaluationResult, float]:
+                 transfer_sets: dict[str, TransferSet] | None = None,
+                 ) -> tuple[EvaluationResult, float]:
     """Evaluate the final model of run ``spec``, seeded by the run's seed; also its wall time.
 
-    With ``evaluation.transfer``, the control of the same depth and seed (``spec.reference``)
-    is loaded from ``cache``; ``transfer_cache`` keeps the examples crafted on each control for
-    the other runs that share it.
+    With ``evaluation.transfer``, the examples crafted on the control of the same depth and seed
+    come from ``transfer_sets`` (by the control's stage key), else are crafted now (and kept
+    there for the next run that shares the control).
     """
-    seed_everything(spec.seed)
     t0 = time.perf_counter()
-    reference, crafted = None, None
+    crafted = None
     if spec.reference is not None and spec.config.evaluation.transfer:
-        if cache is None or not cache.has(spec.reference.key):
-            raise ArtStudyError(f"{spec.name}: the control model for the transfer attack is "
-                                "not in the stage cache")
-        reference = compile_model(cache.load_model(spec.reference.key), spec.config.train)
-        crafted = ({} if transfer_cache is None
-                   else transfer_cache.setdefault(spec.reference.key, {}))
+        sets = {} if transfer_sets is None else transfer_sets
+        if spec.reference.key not in sets:
+            sets[spec.reference.key] = transfer_examples(spec, data, cache)
+        crafted = sets[spec.reference.key]
+    seed_everything(spec.seed)  # the evaluation's own randomness, whether or not it crafted
     result = evaluate(model, data.x_test, data.y_test, spec.config.evaluation, progress=progress,
-                      reference=reference, transfer_cache=crafted)
+                      transfer_set=crafted)
     return result, time.perf_counter() - t0
 
 
@@ -221,7 +232,7 @@ class _Executor:
                  progress: bool):
         self.cfg, self.data, self.cache, self.progress = cfg, data, cache, progress
         self.trained = self.reused = 0
-        self._transfer: dict[str, dict] = {}  # control stage key → examples crafted on it
+        self._transfer: dict[str, TransferSet] = {}  # control stage key → examples crafted on it
 
     # -- the backend: where stages and evaluations compute ---------------------------------------
     def start(self, runs: list[RunSpec]) -> None:
@@ -358,7 +369,7 @@ class _Executor:
                   data: MnistData) -> tuple[EvaluationResult, float]:
         """The run's evaluation and its wall time."""
         return evaluate_run(spec, model, data, self.cache, progress=self.progress,
-                            transfer_cache=self._transfer)
+                            transfer_sets=self._transfer)
 
 
 def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:

@@ -37,10 +37,10 @@ import keras
 from art_study.config import ExperimentConfig
 from art_study.data import MnistData
 from art_study.errors import ArtStudyError
-from art_study.evaluation import EvaluationResult
+from art_study.evaluation import EvaluationResult, TransferSet
 from art_study.models import compile_model
 from art_study.study.cache import StageCache, StageRecord
-from art_study.study.execute import _Executor, evaluate_run, train_stage
+from art_study.study.execute import _Executor, evaluate_run, train_stage, transfer_examples
 from art_study.study.plan import RunSpec, StageSpec
 
 
@@ -99,9 +99,11 @@ class RayExecutor(_Executor):
         self._cache_root = str(cache.root.resolve())
         self._stage_task = ray.remote(_stage_task)
         self._eval_task = ray.remote(_evaluate_task)
+        self._craft_task = ray.remote(_craft_task)
         self._data_refs: dict[int, Any] = {}  # id(MnistData) → its ref in the object store
         self._stage_refs: dict[str, Any] = {}  # stage key → task ref, or False if it was cached
         self._eval_refs: dict[str, Any] = {}  # run key → task ref
+        self._craft_refs: dict[str, Any] = {}  # control stage key → transfer examples task ref
         self._counted: set[str] = set()  # stages trained by this invocation, already counted
 
     def start(self, runs: list[RunSpec]) -> None:
@@ -109,13 +111,27 @@ class RayExecutor(_Executor):
             data = self._data_ref(spec.seed)
             for stage in spec.stages:  # each is logged to the run from its record in the cache
                 self._submit(stage, spec.config, data)
-            # The evaluation reads the run's last stage and, for transfer attacks, the control's
-            # (``spec.reference``, a stage of an earlier run of the plan): it waits for both.
-            needs = [spec.stages[-1], *([spec.reference] if spec.reference else [])]
-            done = [self._submit(stage, spec.config, data) for stage in needs]
+            # The evaluation waits for the run's last stage and, for transfer attacks, for the
+            # examples crafted once on the control of its depth and seed (``spec.reference``,
+            # a stage of an earlier run of the plan) by a task of their own.
+            done = self._submit(spec.stages[-1], spec.config, data)
+            crafted = None
+            if spec.reference is not None and spec.config.evaluation.transfer:
+                crafted = self._craft(spec, data)
             self._eval_refs[spec.key] = self._eval_task.options(
                 name=f"evaluate:{spec.sequence}:{spec.key[:12]}", **self._resources,
-            ).remote(spec, data, self._cache_root, self._threads, *done)
+            ).remote(spec, data, self._cache_root, self._threads, crafted, done)
+
+    def _craft(self, spec: RunSpec, data: Any) -> Any:
+        """The task crafting the transfer examples on ``spec``'s control, submitted once per
+        control, after the control's last stage."""
+        key = spec.reference.key
+        if key not in self._craft_refs:
+            done = self._submit(spec.reference, spec.config, data)
+            self._craft_refs[key] = self._craft_task.options(
+                name=f"transfer:{key[:12]}", **self._resources,
+            ).remote(spec, data, self._cache_root, self._threads, done)
+        return self._craft_refs[key]
 
     def _submit(self, stage: StageSpec, cfg: ExperimentConfig, data: Any) -> Any:
         """The task training ``stage``, submitted once, after its parent's; False for a stage
@@ -199,15 +215,27 @@ def _stage_task(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache_
     return True
 
 
+def _craft_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int | None,
+                stage_done: bool) -> TransferSet:
+    """The transfer examples crafted on ``spec``'s control, as in-process (same seeding, so
+    the same examples). ``stage_done`` only orders it after the control's last stage."""
+    cache = StageCache(cache_root)
+    _require(cache, spec.reference.key, f"worker {socket.gethostname()}")
+    _limit_threads(threads)
+    return transfer_examples(spec, data, cache)
+
+
 def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int | None,
-                   *stages_done: bool) -> tuple[EvaluationResult, float]:
-    """Evaluate the run's final model from the shared stage cache, as in-process.
-    ``stages_done`` only orders it after the tasks of the stages it reads."""
+                   crafted: TransferSet | None, stage_done: bool) -> tuple[EvaluationResult, float]:
+    """Evaluate the run's final model from the shared stage cache, as in-process, with the
+    transfer examples of its control (Ray hands the craft task's result in).
+    ``stage_done`` only orders it after the task of the stage it reads."""
     cache = StageCache(cache_root)
     _require(cache, spec.stages[-1].key, f"worker {socket.gethostname()}")
     _limit_threads(threads)
     model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
-    return evaluate_run(spec, model, data, cache)
+    sets = {} if crafted is None else {spec.reference.key: crafted}
+    return evaluate_run(spec, model, data, cache, transfer_sets=sets)
 
 
 def _require(cache: StageCache, key: str, where: str) -> None:
