@@ -799,9 +799,10 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
     if cost is not None:
         doc.heading("Evaluation budget and wall time", level=3)
         doc.para("What each attack was given and what it cost, per evaluated model (`diag` are "
-                 "the extra attacks of the gradient-masking checks; a transfer attack's time "
-                 "includes crafting its examples on the control only for the first defended "
-                 "model of a depth and seed that uses them).")
+                 "the extra attacks of the gradient-masking checks). A transfer attack's time is "
+                 "that of classifying the control's examples; crafting them, once per control, "
+                 "is logged as `transfer/<name>/craft_time_s` (in runs recorded before that "
+                 "metric existed it is part of the first defended model's time).")
         doc.table(cost)
 
 
