@@ -54,6 +54,17 @@ def test_each_symptom_fails_its_own_check() -> None:
         assert d.suspected and check in d.tags()["gradient_masking_reasons"]
 
 
+def test_a_transfer_pgd_weaker_than_white_box_fgsm_is_no_symptom() -> None:
+    """Measured on the paper study's AT → DD model (2 conv, seed 0): PGD crafted on the control
+    left 91.5 % at ε 0.1 where white-box FGSM left 77.5 %; transfer attacks are black-box and
+    are expected to be weaker, so only white-box iterative attacks are held to FGSM."""
+    ev = evidence(attacks={**evidence().attacks, "transfer-pgd": {0.1: 0.915, 0.3: 0.12}},
+                  fgsm={0.1: 0.775, 0.3: 0.25})
+    assert verdicts(ev)["iterative_not_weaker"] is True
+    assert verdicts(evidence(attacks={**evidence().attacks, "pgd": {0.1: 0.915, 0.3: 0.0}},
+                             fgsm={0.1: 0.775, 0.3: 0.25}))["iterative_not_weaker"] is False
+
+
 def test_a_slow_climb_with_eps_is_a_rise() -> None:
     """Measured on the paper's FGSM-trained model: no step rises by 2 points, the sweep does."""
     sweep = {0.05: 0.9702, 0.1: 0.9707, 0.15: 0.9811, 0.2: 0.9886, 0.25: 0.9928, 0.3: 0.9926}
