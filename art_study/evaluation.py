@@ -72,11 +72,10 @@ class EvaluationResult:
 @dataclass
 class TransferSet:
     """The transfer attacks' examples, crafted once on a control and shared by every defended
-    model of its depth and seed: ``examples[key][ε]`` are the first ``n_images[key]`` test
-    images attacked by ``key``; ``seconds[key]`` what crafting them took."""
+    model of its depth and seed: ``examples[key][ε]`` are the first test images (as many as the
+    attack's ``n_images``) attacked by ``key``; ``seconds[key]`` what crafting them took."""
 
     examples: dict[str, dict[float, np.ndarray]] = field(default_factory=dict)
-    n_images: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -99,7 +98,7 @@ def craft_transfer(reference: keras.Model, x: np.ndarray, y: np.ndarray,
         est = estimators[attack.estimator]
         out.examples[key] = {eps: attack.build(est, eps, cfg.batch_size).generate(
             x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
-        out.n_images[key], out.seconds[key] = n, time.perf_counter() - t0
+        out.seconds[key] = time.perf_counter() - t0
     return out
 
 
@@ -198,7 +197,7 @@ def transfer(model: keras.Model, crafted: TransferSet, y: np.ndarray,
     """The examples crafted on the control, evaluated on ``model`` (black box). ``time_s`` is
     this model's share; ``craft_time_s`` the one-off crafting on the control."""
     for key, by_eps in crafted.examples.items():
-        n = crafted.n_images[key]
+        n = len(next(iter(by_eps.values())))
         t0 = time.perf_counter()
         correct = {eps: predict_labels(model, xa) == y[:n] for eps, xa in by_eps.items()}
         record(result, f"transfer/{key}", correct, time.perf_counter() - t0,
