@@ -162,6 +162,8 @@ def test_tiny_study_creates_every_child_once(tiny_study) -> None:
         assert "diag/gradients_deterministic" in m
         control = k.data.tags["sequence"] == "none"
         assert ("transfer/fgsm/accuracy_eps_0.1" in m) is not control
+        # Crafting on the control is timed once and logged with every run that uses it.
+        assert control or m["transfer/fgsm/craft_time_s"] > 0
         if has_noise_layer(k.data.tags["stages"].split(">")):
             # The gradient-noise layer randomises every gradient: our FGSM does not even agree
             # with itself, and the cross-check reports that instead of hiding it, and the
