@@ -36,9 +36,10 @@ INPUT_SHAPE = (28, 28, 1)
 N_CLASSES = 10
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-#: Below this clean accuracy on [0, 1] inputs the model is not an MNIST classifier of our
-#: input format (a model trained on [0, 255] or standardised pixels scores near chance).
-MIN_CLEAN_ACCURACY = 0.5
+#: At or below this clean accuracy on [0, 1] inputs (chance is 0.1) the model does not
+#: classify MNIST in our input format: a model trained on [0, 255] pixels sees near-black
+#: images and answers one class. Kept low so that a weak but working model is never refused.
+MIN_CLEAN_ACCURACY = 0.25
 #: Largest |Δ| between the source's probabilities and softmax(logits) of the converted model.
 CONVERSION_TOLERANCE = 1e-4
 
@@ -310,13 +311,13 @@ def check_input_scale(model, spec: str, x: np.ndarray, y: np.ndarray) -> None:
         return float(np.mean(np.argmax(model.predict(inputs, verbose=0), axis=1) == y))
 
     clean = acc(x)
-    if clean >= MIN_CLEAN_ACCURACY:
+    if clean > MIN_CLEAN_ACCURACY:
         return
     scales = {"[0, 255]": x * 255.0, "standardised (x - 0.1307) / 0.3081": (x - 0.1307) / 0.3081}
     better = {name: acc(v) for name, v in scales.items()}
     name, best = max(better.items(), key=lambda kv: kv[1])
     hint = (f"; it scores {best:.0%} on pixels {name}: rescale inside the model"
-            if best >= MIN_CLEAN_ACCURACY else "")
+            if best > MIN_CLEAN_ACCURACY and best > clean + 0.2 else "")
     raise ModelError(f"{spec} classifies only {clean:.0%} of {len(x)} MNIST test images with "
                      f"pixels in [0, 1] (the input art-study attacks){hint}")
 
