@@ -11,13 +11,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+# ART's import runs logging.config.dictConfig, which closes every existing handler; absl's
+# handler then closes its stream unless it is the *current* sys.stderr. Imported here, at
+# collection, that stream is still pytest's own; first imported inside a test with capsys, it
+# would close pytest's capture file and crash the session.
+import art  # noqa: F401
 import keras
 import mlflow
 import numpy as np
 import pytest
 import yaml
 
-import art_study.evaluation  # noqa: F401  (ART configures logging at import: not inside a test)
 from art_study.cli import main
 from art_study.evaluate_model import PAPER_EVALUATION, evaluation_config
 
