@@ -102,10 +102,11 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
 
     uri = resolve_tracking_uri(cfg.tracking.uri)
     local = local_store_path(uri)
-    reads_store = not Path(spec).expanduser().exists() or transfer_from is not None
-    if reads_store and local is not None and not local.exists():
-        raise TrackingError(f"no MLflow store at {local}: {spec} names a run or model of a "
-                            "store that does not exist")
+    for named in (spec, transfer_from):  # a run or model of the store is read, not created
+        if (named is not None and not Path(named).expanduser().exists() and local is not None
+                and not local.exists()):
+            raise TrackingError(f"no MLflow store at {local}: {named} names a run or model of "
+                                "a store that does not exist")
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     validate_attacks(cfg.evaluation)
     evaluation = cfg.evaluation

@@ -172,13 +172,20 @@ def test_file_then_runs_uri_then_registered_version(tmp_path, tracking_uri, mnis
     assert second.data.tags["source_model_kind"] == "mlflow"
     mlflow.set_tracking_uri(tracking_uri)
     version = mlflow.register_model(f"runs:/{first.info.run_id}/model", "digits").version
-    assert evaluate(f"models:/digits/{version}", config, tracking_uri, mnist_dir) == 0
+    # The registered version, with FGSM transfer examples crafted on the file's model.
+    assert evaluate(f"models:/digits/{version}", config, tracking_uri, mnist_dir,
+                    "--transfer-from", str(model_file), "--set", "evaluation.transfer=[fgsm]") == 0
     third = latest_run(tracking_uri)
     assert third.data.tags["source_model"] == f"models:/digits/{version}"
+    assert third.data.tags["transfer"].startswith(f"crafted on {model_file}")
     reference = evaluation_metrics(first.data.metrics)
-    for run in (second, third):
-        assert run.info.status == "FINISHED"
-        assert evaluation_metrics(run.data.metrics) == pytest.approx(reference, abs=1e-6)
+    assert second.info.status == third.info.status == "FINISHED"
+    assert evaluation_metrics(second.data.metrics) == pytest.approx(reference, abs=1e-6)
+    m = third.data.metrics
+    for key in ("clean/accuracy", "fgsm_custom/accuracy_eps_0.3", "attack/pgd/accuracy_eps_0.3"):
+        assert m[key] == pytest.approx(reference[key], abs=1e-6), key
+    # Crafted by ART's FGSM on the same weights: the white-box examples of fgsm_art.
+    assert m["transfer/fgsm/accuracy_eps_0.3"] == pytest.approx(m["fgsm_art/accuracy_eps_0.3"])
 
 
 def softmax_variants(model: keras.Model) -> dict[str, keras.Model]:
@@ -204,20 +211,18 @@ def test_separable_softmax_is_evaluated_on_the_logits(trained_model, small_mnist
     assert to_logits(trained_model, src, x).output == "logits"
 
 
-def test_inseparable_softmax_is_evaluated_with_a_warning(tmp_path, tracking_uri, mnist_dir,
-                                                         trained_model, capsys, caplog) -> None:
-    """A softmax that is not the last layer cannot be taken off: evaluated as is, the
-    weakened gradient attacks are said, and tagged."""
+def test_inseparable_softmax_is_evaluated_with_a_warning(trained_model, small_mnist) -> None:
+    """A softmax that is not the last layer cannot be taken off: the model is evaluated as
+    is, with a warning and the tag that gradient attacks are weakened."""
+    from art_study.model_source import ModelSource, to_logits
+
     wrapped = keras.Model(trained_model.inputs, keras.layers.Rescaling(1.0)(
         keras.layers.Softmax()(trained_model.outputs[0])))
-    path = tmp_path / "probs.keras"
-    wrapped.save(path)
-    assert evaluate(str(path), write_config(tmp_path), tracking_uri, mnist_dir) == 0
-    run = latest_run(tracking_uri)
-    assert run.data.tags["source_model_output"] == "probabilities"
-    assert run.data.tags["gradient_attacks_weakened"] == "true"
-    assert "gradient-based attacks are weakened" in capsys.readouterr().out
-    assert "not a separable last layer" in caplog.text
+    src = ModelSource("probs.keras", "file", "/m/probs.keras", Path("probs.keras"), "0" * 64)
+    prepared = to_logits(wrapped, src, small_mnist.x_test[:64])
+    assert prepared.model is wrapped and prepared.output == "probabilities"
+    assert prepared.tags()["gradient_attacks_weakened"] == "true"
+    assert "gradient-based attacks are weakened" in prepared.warnings[0]
 
 
 def small_model(input_shape: tuple, *first: keras.layers.Layer) -> keras.Model:
