@@ -251,6 +251,9 @@ def check_shapes(model, spec: str) -> None:
     A 28×28 input without the channel axis is refused too rather than wrapped in a Reshape:
     the evaluated model would then not be the file's, and its sha256 would not describe it.
     """
+    if getattr(model, "inputs", None) is None or getattr(model, "outputs", None) is None:
+        raise ModelError(f"{spec} is a subclassed model without a graph of layers; save it as "
+                         "a Sequential or functional Keras model")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ModelError(f"{spec} has {len(model.inputs)} inputs and {len(model.outputs)} "
                          "outputs; art-study evaluates one image input and one output")
