@@ -6,7 +6,13 @@ SHARED_MNIST := $(abspath ../shared/data/mnist)
 DATA_ENV := $(if $(wildcard $(SHARED_MNIST)/*.gz),ART_STUDY_DATA_DIR=$(SHARED_MNIST),)
 CONFIG ?= configs/paper.yaml
 
-.PHONY: install study test lint
+# What the tests need from the system, from Debian: chromium (the browser test drives it through
+# Playwright; browsers are never downloaded) and PostgreSQL's server programs (the MLflow-server
+# test starts a throw-away cluster with initdb). Installed with apt-get only when missing, as
+# root (sudo when not root), so `make test` passes on a fresh Debian machine by itself.
+TEST_DEB_PACKAGES := chromium postgresql
+
+.PHONY: install study test test-deps lint
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,5 +27,21 @@ study: install
 lint: install
 	$(VENV)/bin/ruff check art_study tests benchmarks
 
-test: lint
+test-deps:
+	@missing=""; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		if ! command -v apt-get >/dev/null; then \
+			echo "make test-deps: the tests need$$missing; install them (Debian: $(TEST_DEB_PACKAGES))" >&2; \
+			exit 1; \
+		fi; \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		echo "make test-deps: installing$$missing with apt-get"; \
+		$$sudo apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+test: test-deps lint
 	$(DATA_ENV) $(VENV)/bin/pytest

@@ -1,4 +1,4 @@
-"""``art-study``: run a study, fetch MNIST, open the MLflow UI.
+"""``art-study``: run a study, evaluate a model, list a store, fetch MNIST, open the MLflow UI.
 
 Any :class:`~art_study.errors.ArtStudyError` is printed as one line and exits with status 1;
 usage errors exit with 2 (argparse). Heavy imports (TensorFlow, ART, MLflow) happen inside the
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from art_study import __version__
 from art_study.errors import ArtStudyError
+from art_study.tf_startup import import_tensorflow
 
 
 def _quiet_libraries() -> None:
@@ -41,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.backend != "ray" and any(v is not None for v in ray_only):
         raise ArtStudyError("--address, --cpus-per-task and --gpus-per-task need --backend ray")
     cfg = load_config(args.config, overrides)
+    import_tensorflow()
 
     from art_study.study import run_study
 
@@ -83,6 +85,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    import_tensorflow()  # art_study.tracking imports Keras
     from art_study.tracking import ARTIFACTS_DIR, local_store_path, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -102,6 +105,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import_tensorflow()
     from art_study.report import write_report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -109,6 +113,34 @@ def cmd_report(args: argparse.Namespace) -> int:
                          data_dir=args.data_dir)
     print(f"report of study {files.study} (parent run {files.parent_run_id}): {files.markdown} "
           f"and {files.html}; logged to the parent run under report/")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from art_study.evaluate_model import evaluation_config
+
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    if args.data_dir:
+        overrides.append(f"data.dir={args.data_dir}")
+    cfg = evaluation_config(args.config, overrides)
+    import_tensorflow()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    from art_study.evaluate_model import evaluate_model, summary
+
+    done = evaluate_model(args.model, cfg, unsafe_load=args.unsafe_load,
+                          transfer_from=args.transfer_from, progress=not args.no_progress)
+    print(summary(done))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import_tensorflow()  # art_study.tracking imports Keras
+    from art_study.inventory import inventory, render
+
+    print(render(inventory(args.tracking_uri, args.study)))
     return 0
 
 
@@ -157,6 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output directory (default: mlruns/reports/<study name>)")
     report.add_argument("--data-dir", help="MNIST for the example images (default: the runs' own)")
     report.set_defaults(func=cmd_report)
+
+    ev = sub.add_parser(
+        "evaluate", help="evaluate one trained model (clean, FGSM, attacks, masking checks)",
+        description="Evaluate one trained Keras MNIST classifier with the evaluation section of "
+                    "a config (default: the paper study's) and log one MLflow run "
+                    "(evaluation_only=true) beside the studies' runs.")
+    ev.add_argument("model", help="a .keras or .h5 file, an MLflow model URI (runs:/<id>/model, "
+                    "models:/<name>/<version or @alias>), or a run id of the store")
+    ev.add_argument("--config", type=Path,
+                    help="YAML config whose evaluation (and data, seed, tracking) sections to "
+                         "use (default: the evaluation of configs/paper.yaml)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set evaluation.n_attack=1000")
+    ev.add_argument("--tracking-uri", help="MLflow store to read runs from and log to "
+                    "(default: sqlite under mlruns/)")
+    ev.add_argument("--data-dir", help="directory with the MNIST IDX files or mnist.npz")
+    ev.add_argument("--transfer-from", metavar="MODEL",
+                    help="model (any MODEL form) to craft the config's transfer attacks on, "
+                         "e.g. an undefended one; without it they are skipped")
+    ev.add_argument("--unsafe-load", action="store_true",
+                    help="load with Keras safe_mode off: runs code stored in the file (Lambda "
+                         "layers); only for files you trust")
+    ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    runs = sub.add_parser("runs", help="list a store's studies, their runs and verdicts, and "
+                                       "evaluation-only runs")
+    runs.add_argument("--tracking-uri", help="store to read (default: sqlite under mlruns/)")
+    runs.add_argument("--study", metavar="NAME_OR_ID",
+                      help="only this study (its name or parent run id)")
+    runs.set_defaults(func=cmd_runs)
     return p
 
 

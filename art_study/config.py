@@ -340,21 +340,37 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<mapping>") -> Exper
         raise ConfigError(_format_error(err, source)) from None
 
 
+#: Keys that name or place an experiment without saying anything about it: a file with only
+#: these (or nothing) is refused rather than run as the default 7-epoch full-MNIST experiment.
+NOTHING_TO_RUN = frozenset({"name", "tracking"})
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML study file, apply ``--set`` overrides and validate."""
+    """Read a YAML study file, apply ``--set`` overrides and validate.
+
+    An empty file (or one that only names the experiment or its store) is an error: it is
+    far more often a wrong path or an unsaved editor buffer than a wish for every default.
+    """
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config {path} is not valid YAML{where}") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"config {path} is empty: nothing to run (see configs/smoke.yaml "
+                          "for a small one)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
+    if set(raw) <= NOTHING_TO_RUN:
+        raise ConfigError(f"config {path} has nothing to run: it sets only "
+                          f"{', '.join(sorted(raw))} (add a model, train, evaluation or study "
+                          "section)")
     raw.setdefault("name", path.stem)
     return config_from_mapping(apply_overrides(raw, overrides or []), str(path))
 

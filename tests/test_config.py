@@ -87,3 +87,12 @@ def test_flatten_and_yaml_round_trip() -> None:
     import yaml
 
     assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n", "{}\n", "null\n",
+                                  "name: x\n", "name: x\ntracking: {experiment: e}\n"])
+def test_empty_config_or_nothing_to_run_is_refused(tmp_path: Path, text: str) -> None:
+    """An empty file used to run the default experiment (7 epochs on full MNIST)."""
+    with pytest.raises(ConfigError, match=r"is empty|nothing to run") as err:
+        load_config(write(tmp_path, text), ["model.n_conv=3"])
+    assert "\n" not in str(err.value)
