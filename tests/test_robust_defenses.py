@@ -306,3 +306,24 @@ def test_two_stage_sequence_through_the_h5_hand_off(mnist_dir, tmp_path, mlflow_
         before.get_weights(), after.get_weights(), strict=False)]
     assert any(changed)
     assert after.predict(data.x_test, verbose=0).shape == (50, 10)
+
+
+def test_robust_config_plans_one_stage_per_robust_defense():
+    """configs/robust.yaml: the robust defenses are single stages (their schedules span the
+    stage), beside the usual two-stage control, at depth 2 and (PGD-AT) at depths 3-5; the
+    settings validate."""
+    from pathlib import Path
+
+    from art_study.config import load_config
+    from art_study.study.plan import expand_sequences
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "robust.yaml")
+    assert cfg.study is not None and cfg.study.seeds == [0, 1, 2]
+    depth2, deeper = (expand_sequences(cfg, b.sequences) for b in cfg.study.blocks)
+    assert depth2 == [("none", "none"), ("pgd_adversarial_training",), ("trades",)]
+    assert deeper == [("none", "none"), ("pgd_adversarial_training",)]
+    assert cfg.study.blocks[1].depths == [3, 4, 5]
+    for name in ("pgd_adversarial_training", "trades"):
+        settings = resolve_settings(cfg, name)
+        assert settings["eps"] == 0.3 and settings["lr_schedule"] == "onecycle"
+    assert {a.name for a in cfg.evaluation.attacks} >= {"pgd", "autoattack-standard"}
