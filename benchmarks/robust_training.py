@@ -24,7 +24,7 @@ import argparse
 import json
 import time
 
-from _common import FULL_TRAIN, interleaved, print_round
+from _common import FULL_TRAIN, interleaved, machine_line, print_round
 
 
 def _settings(pairs: list[str]) -> dict:
@@ -81,6 +81,7 @@ def step(args: argparse.Namespace) -> None:
             epoch(b)
         wall, cpu = interleaved({b: (lambda b=b: epoch(b)) for b in models}, args.rounds,
                                 print_round)
+    print(machine_line())
     w = {b: min(v) for b, v in wall.items()}
     c = {b: min(v) for b, v in cpu.items()}
     print(f"PGD-AT epoch on {args.images} images, {args.steps} steps, batch {args.batch_size}: "
@@ -146,7 +147,8 @@ def recipe(args: argparse.Namespace) -> None:
         defense.train(model, ctx, args.epochs, settings)
         w1, c1 = _times()
         pw1, pc1 = plain_epoch(data, model_cfg, train_cfg)
-    print(f"plain epoch (after): {pw1:.1f} s wall / {pc1:.1f} s CPU", flush=True)
+    print(f"plain epoch (after): {pw1:.1f} s wall / {pc1:.1f} s CPU; {machine_line()}",
+          flush=True)
     for h in ctx.history:
         print("  epoch", {k: round(v, 4) for k, v in h.items()}, flush=True)
     pw, pc = (pw0 + pw1) / 2, (pc0 + pc1) / 2
