@@ -109,7 +109,7 @@ def pgd_accuracy(model, x, y, eps: float, steps: int, step_size: float) -> float
     from art.attacks.evasion import ProjectedGradientDescent
 
     from art_study.estimator import CompiledKerasClassifier
-    from art_study.models import accuracy, compile_model  # noqa: F401
+    from art_study.models import accuracy
 
     clf = CompiledKerasClassifier(model)
     attack = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=step_size,
