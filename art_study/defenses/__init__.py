@@ -9,7 +9,9 @@ from art_study.defenses import (
     adversarial_training_fast,
     distillation,
     gradient_masking,
+    pgd_adversarial_training,
     plain,
+    trades,
 )
 from art_study.defenses.base import Defense, DefenseSettings, StageContext
 
@@ -20,6 +22,9 @@ DEFENSES: dict[str, Defense] = {
                                          adversarial_training_fast.train),
     "distillation": Defense(distillation.Settings, distillation.train),
     "gradient_masking": Defense(gradient_masking.Settings, gradient_masking.train),
+    "pgd_adversarial_training": Defense(pgd_adversarial_training.Settings,
+                                        pgd_adversarial_training.train),
+    "trades": Defense(trades.Settings, trades.train),
 }
 
 __all__ = ["DEFENSES", "Defense", "DefenseSettings", "StageContext"]
