@@ -83,20 +83,23 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from art_study.tracking import ARTIFACTS_DIR, local_store_path, resolve_tracking_uri
+    from art_study.tracking import ARTIFACTS_DIR, local_store_path, redact, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+    # The store URI goes to the server in its environment, not its command line, which any
+    # user of the machine can read (ps); it is printed with credentials redacted.
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    cmd = [sys.executable, "-m", "mlflow", "server",
            "--host", "127.0.0.1", "--port", str(args.port)]
     local = local_store_path(uri)
     if local is not None:
         if not local.exists():
             raise ArtStudyError(f"no MLflow store at {local}: run a study first")
         cmd += ["--default-artifact-root", str(local.parent / ARTIFACTS_DIR)]
-    print(f"MLflow UI at http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it",
+    print(f"MLflow UI at http://127.0.0.1:{args.port} (store {redact(uri)}); Ctrl-C stops it",
           flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0
 
