@@ -8,14 +8,20 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
 import keras
+import mlflow
 import numpy as np
 import pytest
+from mlflow.entities import ViewType
 
-from art_study.config import ModelConfig, TrainConfig
+from art_study.config import ModelConfig, TrainConfig, load_config
+from art_study.study import lease, run_study
 from art_study.study.cache import CorruptStage, StageCache, StageRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,3 +183,113 @@ def test_entry_without_checksum_is_checked_once_then_kept(tmp_path, fitted) -> N
     (path.parent / "stage.json").write_text(json.dumps(rec))
     assert cache.has(key)
     assert cache.record(key).model_sha256 == digest
+
+
+# -- a study is owned: a lease with a heartbeat on the parent run --------------------------------
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One MLflow store and stage cache for the study tests here (creating one costs seconds)."""
+    return tmp_path_factory.mktemp("store")
+
+
+def one_run_study(store: Path, mnist_dir: Path, sequences: str = "[control]"):
+    """The tiny config cut to a few runs and a quick evaluation."""
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return load_config(TINY, [
+        f"tracking.uri={uri}", f"data.dir={mnist_dir}", "data.n_train=100", "data.n_test=50",
+        f"study.blocks=[{{depths: [2], sequences: {sequences}}}]", "evaluation.transfer=[]",
+        "evaluation.diagnostics.enabled=false", "tracking.log_model=false"]), uri
+
+
+def runs_of(parent: str, deleted: bool = False) -> list:
+    client = mlflow.MlflowClient()
+    exp = client.get_run(parent).info.experiment_id
+    view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'", run_view_type=view)
+
+
+def pretend_another_process_runs(parent: str, heartbeat_age_s: float) -> str:
+    """Make ``parent`` look held by another process (on another host) that is training a
+    child now; return that live child's id."""
+    client = mlflow.MlflowClient()
+    client.update_run(parent, status="RUNNING")
+    for k, v in {lease.OWNER: "other-owner", lease.HOST: "elsewhere", lease.PID: "4242",
+                 lease.HEARTBEAT: f"{time.time() - heartbeat_age_s:.3f}"}.items():
+        client.set_tag(parent, k, v)
+    exp = client.get_run(parent).info.experiment_id
+    return client.create_run(exp, tags={"mlflow.parentRunId": parent, "run_key": "live",
+                                        "art_study.role": "run"}).info.run_id
+
+
+def test_a_live_study_is_refused_and_a_stale_one_taken_over(store, mnist_dir) -> None:
+    """Before: a second `run` of the same study resumed the parent another process was running,
+    deleted its live child, and both then logged the same runs. Now it refuses in one line
+    while the holder's heartbeat is fresh; once it is older than the limit (SIGKILL, machine
+    down) the runs show as stale and the next `run` takes the study over."""
+    cfg, _ = one_run_study(store, mnist_dir)
+    first = run_study(cfg, progress=False)
+    client = mlflow.MlflowClient()
+    assert client.get_run(first.parent_run_id).data.tags[lease.OWNER]  # the lease is recorded
+
+    live_child = pretend_another_process_runs(first.parent_run_id, heartbeat_age_s=5)
+    with pytest.raises(lease.StudyBusy) as exc:
+        run_study(cfg, progress=False)
+    msg = str(exc.value)
+    assert "\n" not in msg and "pid 4242 on host elsewhere" in msg and "120 s" in msg
+    assert client.get_run(live_child).info.lifecycle_stage == "active"
+    assert client.get_run(live_child).info.status == "RUNNING"
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "RUNNING" and parent.data.tags[lease.OWNER] == "other-owner"
+    assert lease.liveness(parent.data.tags) == "live"
+
+    client.set_tag(first.parent_run_id, lease.HEARTBEAT, f"{time.time() - 1000:.3f}")
+    assert lease.liveness(client.get_run(first.parent_run_id).data.tags) == "stale"
+    again = run_study(cfg, progress=False)
+    assert again.parent_run_id == first.parent_run_id and all(r.skipped for r in again.runs)
+    assert client.get_run(live_child).info.lifecycle_stage == "deleted"  # dead by now
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[lease.OWNER] not in ("other-owner", None)
+
+
+def test_a_killed_holder_on_this_machine_is_stale_at_once() -> None:
+    """Same host and pid namespace, pid gone: no need to wait for the heartbeat to age."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    tags = lease.Lease(mlflow.MlflowClient()).tags()
+    assert lease.liveness(tags) == "live"
+    assert lease.liveness({**tags, lease.PID: proc.stdout.strip()}) == "stale"
+    assert lease.liveness({**tags, lease.HOST: "elsewhere",
+                           lease.PID: proc.stdout.strip()}) == "live"
+    assert lease.liveness({"mlflow.runName": "x"}) == "unleased"
+
+
+def test_a_process_that_lost_its_lease_stops_and_leaves_the_parent(store, mnist_dir,
+                                                                    monkeypatch) -> None:
+    """A process frozen past the limit and taken over notices at its next heartbeat: it
+    deletes the run it was logging (the new owner reruns it), starts no other, and does not
+    end the parent run (which is the new owner's)."""
+    from art_study.study.execute import _Executor
+
+    monkeypatch.setenv(lease.STALE_ENV, "0.4")  # heartbeat every 0.1 s
+    cfg, _ = one_run_study(store, mnist_dir, "[control, [distillation]]")
+    real = _Executor._in_run
+
+    def taken_over(self, spec):
+        out = real(self, spec)
+        client = mlflow.MlflowClient()
+        client.set_tag(self._parent, lease.OWNER, "new-owner")
+        client.set_tag(self._parent, lease.STALE_AFTER, "120")
+        time.sleep(0.5)
+        return out
+
+    monkeypatch.setattr(_Executor, "_in_run", taken_over)
+    with pytest.raises(lease.LeaseLost):
+        run_study(cfg, progress=False)
+    parent = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.`art_study.role` = 'study' and "
+                                "attributes.status = 'RUNNING'")[0]
+    assert parent.info.status == "RUNNING"  # as the new owner has it
+    kids = runs_of(parent.info.run_id, deleted=True)
+    assert [k.info.lifecycle_stage for k in kids] == ["deleted"]

@@ -5,8 +5,9 @@ delete the first's live child runs as "left over from a kill", and both would th
 runs. The process running a study therefore holds a lease, written as tags on the parent run
 (owner id, host, pid, heartbeat time) and refreshed by a background thread. Another process
 finds a fresh heartbeat and refuses in one line; it takes the study over only once the heartbeat
-is older than the staleness limit (``$ART_STUDY_LEASE_STALE_S``, default 120 s), which is how a
-SIGKILLed study is told from a live one (:func:`liveness`).
+is older than the staleness limit (``$ART_STUDY_LEASE_STALE_S``, default 120 s), or at once if
+the holder ran on this machine (same host name and pid namespace) and its pid is gone. That is
+how a SIGKILLed study is told from a live one (:func:`liveness`).
 
 MLflow tags have no compare-and-set, so taking a lease is *write, wait, read back*: of two
 processes that claim at once, the last write wins and the other, reading it back after
@@ -35,7 +36,8 @@ from art_study.errors import ArtStudyError
 log = logging.getLogger(__name__)
 
 PREFIX = "art_study.lease"
-OWNER, HOST, PID, HEARTBEAT = (f"{PREFIX}.{k}" for k in ("owner", "host", "pid", "heartbeat"))
+OWNER, HOST, PID, PIDNS, HEARTBEAT = (
+    f"{PREFIX}.{k}" for k in ("owner", "host", "pid", "pidns", "heartbeat"))
 STALE_AFTER = f"{PREFIX}.stale_after_s"  # the holder's limit, so readers judge it the same way
 STALE_ENV = "ART_STUDY_LEASE_STALE_S"
 DEFAULT_STALE_S = 120.0
@@ -90,12 +92,35 @@ def liveness(tags: Mapping[str, str], now: float | None = None,
     beat = tags.get(HEARTBEAT)
     if beat is None:
         return "unleased"
+    if _died_here(tags):
+        return "stale"
     try:
         age = (time.time() if now is None else now) - float(beat)
         limit = float(tags.get(STALE_AFTER, default_stale_s))
     except ValueError:
         return "stale"
     return "live" if age <= limit else "stale"
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _died_here(tags: Mapping[str, str]) -> bool:
+    """The holder ran on this machine, in this pid namespace, and its process is gone."""
+    if tags.get(HOST) != socket.gethostname() or not tags.get(PIDNS) or \
+            tags.get(PIDNS) != _pid_namespace():
+        return False
+    try:
+        os.kill(int(tags.get(PID, "")), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def describe(tags: Mapping[str, str], now: float | None = None) -> str:
@@ -123,7 +148,8 @@ class Lease:
     def tags(self) -> dict[str, str]:
         """The lease as tags, with a heartbeat of now."""
         return {OWNER: self.owner, HOST: socket.gethostname(), PID: str(os.getpid()),
-                HEARTBEAT: f"{time.time():.3f}", STALE_AFTER: f"{self.policy.stale_after_s:g}"}
+                PIDNS: _pid_namespace(), HEARTBEAT: f"{time.time():.3f}",
+                STALE_AFTER: f"{self.policy.stale_after_s:g}"}
 
     def held_by_other(self, tags: Mapping[str, str], status: str) -> bool:
         """A RUNNING run whose lease is live and not ours."""
