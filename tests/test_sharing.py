@@ -21,6 +21,7 @@ import pytest
 from mlflow.entities import ViewType
 
 from art_study.config import ModelConfig, TrainConfig, load_config
+from art_study.errors import ArtStudyError
 from art_study.study import lease, run_study
 from art_study.study.cache import CorruptStage, StageCache, StageRecord
 
@@ -293,3 +294,49 @@ def test_a_process_that_lost_its_lease_stops_and_leaves_the_parent(store, mnist_
     assert parent.info.status == "RUNNING"  # as the new owner has it
     kids = runs_of(parent.info.run_id, deleted=True)
     assert [k.info.lifecycle_stage for k in kids] == ["deleted"]
+
+
+# -- no credentials in what is recorded or shown --------------------------------------------------
+SECRET_URI = "https://alice:s3cret@mlflow.example.org:8443/base?token=abc123&x=1"
+
+
+def test_redact_removes_userinfo_and_secret_query_values() -> None:
+    from art_study.tracking import redact
+
+    assert redact(SECRET_URI) == "https://***@mlflow.example.org:8443/base?token=***&x=1"
+    assert redact("postgresql://u:p@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
+    assert redact("failed: API request to http://u:p@h/api?sig=zz&api_key=k failed") == \
+        "failed: API request to http://***@h/api?sig=***&api_key=*** failed"
+    plain = "sqlite:////tmp/x@y/mlflow.db"  # an @ in a path is not a credential
+    assert redact(plain) == plain and redact("http://h:5000/") == "http://h:5000/"
+
+
+def test_runs_record_no_credentials(store, mnist_dir, monkeypatch) -> None:
+    """Before: the tracking URI, password included, was a param and in config.yaml of every
+    run. The study is recorded in a local store standing in for the remote one."""
+    from art_study.study import execute
+
+    cfg, uri = one_run_study(store, mnist_dir)
+    cfg.tracking.uri = SECRET_URI
+    real = execute.prepare_store
+    monkeypatch.setattr(execute, "prepare_store", lambda _uri, exp: real(uri, exp))
+    cfg.name = "secret-study"
+    result = run_study(cfg, progress=False)
+    client = mlflow.MlflowClient()
+    for run_id in (result.parent_run_id, result.runs[0].run_id):
+        run = client.get_run(run_id)
+        recorded = json.dumps([run.data.params, run.data.tags])
+        recorded += mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+        assert "s3cret" not in recorded and "abc123" not in recorded
+        assert run.data.params["tracking.uri"].startswith("https://***@mlflow.example.org")
+
+
+def test_store_errors_show_no_credentials(monkeypatch) -> None:
+    from art_study.tracking import prepare_store
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(ArtStudyError) as exc:
+        prepare_store("http://alice:s3cret@127.0.0.1:9/?token=abc123", "art-study")
+    assert "s3cret" not in str(exc.value) and "abc123" not in str(exc.value)
+    assert "http://***@127.0.0.1:9/" in str(exc.value)
