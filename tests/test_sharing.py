@@ -340,3 +340,48 @@ def test_store_errors_show_no_credentials(monkeypatch) -> None:
         prepare_store("http://alice:s3cret@127.0.0.1:9/?token=abc123", "art-study")
     assert "s3cret" not in str(exc.value) and "abc123" not in str(exc.value)
     assert "http://***@127.0.0.1:9/" in str(exc.value)
+
+
+# -- Ray: a local instance listens on loopback only -----------------------------------------------
+RAY_LISTENERS = r"""
+import os, re, subprocess
+import ray
+from art_study.study.ray_backend import _connect
+
+_connect(ray, None)
+assert ray.get(ray.remote(lambda: 6 * 7).remote()) == 42
+ppid = {}
+for stat in os.listdir("/proc"):
+    if stat.isdigit():
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ppid[int(stat)] = int(fields[1])
+ours = {os.getpid()}
+while True:
+    more = {p for p, q in ppid.items() if q in ours} - ours
+    if not more:
+        break
+    ours |= more
+for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
+    pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+    if pids & ours:
+        print("LISTEN", line.split()[3])
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_instance_listens_on_loopback_only(tmp_path) -> None:
+    """Before: `--backend ray` started Ray with the machine's address, its GCS, raylet and
+    workers listening on every interface (ss showed *:port): anyone on the network could
+    submit tasks."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", RAY_LISTENERS], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listening = [line.split()[1] for line in proc.stdout.splitlines()
+                 if line.startswith("LISTEN")]
+    assert len(listening) >= 3, proc.stdout  # the GCS, the raylet, a worker at least
+    loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+    assert all(addr.startswith(loopback) for addr in listening), listening
