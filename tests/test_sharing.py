@@ -21,7 +21,7 @@ import pytest
 from mlflow.entities import ViewType
 
 from art_study.config import ModelConfig, TrainConfig, load_config
-from art_study.errors import ArtStudyError
+from art_study.errors import ArtStudyError, ConfigError
 from art_study.study import lease, run_study
 from art_study.study.cache import CorruptStage, StageCache, StageRecord
 
@@ -385,3 +385,41 @@ def test_a_local_ray_instance_listens_on_loopback_only(tmp_path) -> None:
     assert len(listening) >= 3, proc.stdout  # the GCS, the raylet, a worker at least
     loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
     assert all(addr.startswith(loopback) for addr in listening), listening
+
+
+# -- config: what would silently do something else is refused or read as meant ------------------
+def test_misspelled_defense_section_is_refused() -> None:
+    """Before: `--set defenses.adversarial_trainin.eps=0.05` was ignored; AT trained at ε 0.3."""
+    from art_study.study import plan_runs
+
+    cfg = load_config(TINY, ["defenses.adversarial_trainin.eps=0.05"])
+    with pytest.raises(ConfigError, match=r"defenses\.adversarial_trainin: unknown defense; "
+                                          r"did you mean 'adversarial_training'\?"):
+        plan_runs(cfg, {0: "data"})
+    single = load_config(REPO / "configs" / "smoke.yaml", ["defenses.qqq={}"])
+    with pytest.raises(ConfigError, match=r"defenses\.qqq: unknown defense; available: none"):
+        plan_runs(single, {0: "data"})
+
+
+@pytest.mark.parametrize("field", ["evaluation.eps", "evaluation.attacks"])
+def test_eps_sharing_a_metric_name_is_refused(field) -> None:
+    """Before: 0.1 and 0.1000001 both logged as accuracy_eps_0.1, one overwriting the other."""
+    from art_study.evaluation import eps_key
+
+    assert eps_key(0.1) == eps_key(0.1000001)  # what the check guards against
+    value = ("[0.1, 0.1000001]" if field == "evaluation.eps"
+             else "[{name: pgd, eps: [0.3, 0.30000004]}]")
+    with pytest.raises(ConfigError, match="differ below the 6 significant digits"):
+        load_config(TINY, [f"{field}={value}"])
+    assert load_config(TINY, ["evaluation.eps=[0.1, 0.10001]"]).evaluation.eps == [0.1, 0.10001]
+
+
+def test_leading_zero_numbers_are_decimal(tmp_path) -> None:
+    """Before: `--set seed=010` was YAML 1.1 octal: seed 8. Now 010 is ten, in --set values
+    and in config files; explicit 0x/0o prefixes keep their bases."""
+    assert load_config(TINY, ["seed=010"]).seed == 10
+    assert load_config(TINY, ["study.seeds=[007, 010]"]).study.seeds == [7, 10]
+    assert load_config(TINY, ["seed=0x10"]).seed == 16
+    path = tmp_path / "c.yaml"
+    path.write_text((TINY.read_text()).replace("seeds: [0]", "seeds: [010]"))
+    assert load_config(path).study.seeds == [10]
