@@ -210,15 +210,12 @@ class RaiseOnNaN(keras.callbacks.Callback):
 
 
 def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model") -> None:
-    """Log the model twice: the plain ``.keras`` file, and an MLflow Keras model that loads back.
+    """Log the model as an MLflow Keras model that loads back (``mlflow.keras.load_model``); its
+    ``data/model.keras`` is the plain Keras file, so it is not logged a second time.
 
     Pip requirements are given explicitly: MLflow's inference imports the model in a subprocess,
     which costs tens of seconds per run for nothing we do not already know.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.keras"
-        model.save(path)
-        mlflow.log_artifact(str(path), artifact_path="keras")
     reqs = [f"{p}=={importlib.metadata.version(p)}" for p in ("tensorflow", "keras")]
     signature = infer_signature(x_example, model.predict(x_example, verbose=0))
     mlflow.keras.log_model(model, name=name, pip_requirements=reqs, signature=signature)

@@ -423,3 +423,47 @@ def test_leading_zero_numbers_are_decimal(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text((TINY.read_text()).replace("seeds: [0]", "seeds: [010]"))
     assert load_config(path).study.seeds == [10]
+
+
+# -- resources: `art-study cache` ---------------------------------------------------------------
+def test_cache_command_shows_and_prunes(tmp_path, mnist_dir, capsys) -> None:
+    """Entries no finished run names, and leftovers of killed writers, are pruned; an entry a
+    finished run names is kept; nothing is pruned while a study runs on the store."""
+    import shutil
+
+    from art_study.cli import main
+    from art_study.study import run_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"tracking.uri={uri}", f"data.dir={mnist_dir}", "data.n_train=100", "data.n_test=50",
+        "evaluation.diagnostics.enabled=false", "tracking.log_model=false"])
+    run = run_experiment(cfg, progress=False)
+    used = mlflow.MlflowClient().get_run(run.run_id).data.tags["stage1.key"]
+    cache = StageCache(tmp_path / "stage-cache")
+    unused = "ff" + used[2:]
+    (cache.root / "ff").mkdir()
+    shutil.copytree(cache.model_path(used).parent, cache.model_path(unused).parent)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    leftover = cache.root / f".tmp-{os.uname().nodename}-{dead}-0badc0de"
+    leftover.mkdir()
+    (leftover / "model.h5").write_bytes(b"half")
+
+    assert main(["cache", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries" in out and "1 named by finished runs" in out and "1 leftovers" in out
+    assert f"{used[:16]}  none" in out and f"{unused[:16]}  none" in out
+
+    # A study running on the store (a live lease) may need any entry: no pruning.
+    client = mlflow.MlflowClient()
+    holder = client.create_run(client.get_run(run.run_id).info.experiment_id,
+                               tags=lease.Lease(client).tags())
+    assert main(["cache", "--tracking-uri", uri, "--prune"]) == 1
+    assert "not pruning: studies are running" in capsys.readouterr().err
+    client.set_terminated(holder.info.run_id)
+
+    assert main(["cache", "--tracking-uri", uri, "--prune"]) == 0
+    assert "pruned 1 entries and 1 leftovers" in capsys.readouterr().out
+    assert cache.has(used) and not cache.model_path(unused).parent.exists()
+    assert not leftover.exists()

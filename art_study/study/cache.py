@@ -229,6 +229,24 @@ class StageCache:
         return out
 
 
+    def prune(self, keep: set[str]) -> tuple[list[str], int]:
+        """Remove every entry whose key is not in ``keep``, and the leftovers of killed
+        writers; return the removed keys and the bytes freed."""
+        removed, freed = [], 0
+        for key, path in list(self.entries()):
+            if key not in keep:
+                freed += dir_size(path)
+                trash = self.root / f"{TRASH_PREFIX}{uuid.uuid4().hex[:12]}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                    removed.append(key)
+        for path in self.leftovers():
+            freed += dir_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+        return removed, freed
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

@@ -103,8 +103,40 @@ def cache_dir_for(cfg: ExperimentConfig) -> Path:
     """``study.cache_dir``, else ``stage-cache/`` beside a local sqlite store, else ./mlruns."""
     if cfg.study is not None and cfg.study.cache_dir:
         return Path(cfg.study.cache_dir)
-    local = local_store_path(resolve_tracking_uri(cfg.tracking.uri))
+    return default_cache_dir(cfg.tracking.uri)
+
+
+def default_cache_dir(tracking_uri: str | None) -> Path:
+    """``stage-cache/`` beside a local sqlite store, else under ./mlruns."""
+    local = local_store_path(resolve_tracking_uri(tracking_uri))
     return (local.parent if local is not None else DEFAULT_STORE_DIR) / "stage-cache"
+
+
+@dataclass
+class StagesInUse:
+    """What the runs of a store need from the stage cache."""
+
+    keys: set[str] = field(default_factory=set)  # stages named by FINISHED runs
+    unnamed: int = 0  # FINISHED runs from before runs named their stages
+    live: list[str] = field(default_factory=list)  # studies being run now (live lease)
+
+
+def stages_in_use(client: MlflowClient) -> StagesInUse:
+    """The stage keys every FINISHED art-study run of the store names, and the live studies."""
+    from art_study.study.lease import liveness
+
+    out = StagesInUse()
+    for exp in client.search_experiments():
+        for r in _search_all(client, exp.experiment_id, "attributes.status = 'RUNNING'"):
+            if liveness(r.data.tags) == "live":
+                out.live.append(r.data.tags.get("study", r.info.run_name or r.info.run_id))
+        for r in _search_all(client, exp.experiment_id, "attributes.status = 'FINISHED' and "
+                             "tags.run_key != ''"):
+            keys = {v for k, v in r.data.tags.items() if k.startswith("stage") and
+                    k.endswith(".key")}
+            out.keys |= keys
+            out.unnamed += not keys
+    return out
 
 
 def step_offset(stage: StageSpec) -> int:
@@ -137,7 +169,7 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
     record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
                          time.perf_counter() - t0, {})
     cache.save(model, record)
-    return record
+    return cache.record(stage.key)  # as saved: with its checksum (or a concurrent writer's)
 
 
 def transfer_examples(spec: RunSpec, data: MnistData, cache: StageCache | None) -> TransferSet:
@@ -404,9 +436,12 @@ class _Executor:
             n = stage.index + 1
             metrics[f"stage{n}/time_s"] = record.train_time_s
             metrics[f"stage{n}/epochs"] = stage.epochs
-            if len(spec.stages) > 1:  # the .h5 hand-off file of every stage
-                mlflow.log_artifact(str(self.cache.model_path(stage.key)),
-                                    artifact_path=f"stages/stage{n}_{stage.defense}")
+        # Each stage's .h5 hand-off file stays in the stage cache, once for every run that
+        # shares it; the run names the entries (what `art-study cache --prune` keeps) and the
+        # final model is logged below.
+        mlflow.set_tags({f"stage{s.index + 1}.key": s.key for s in spec.stages})
+        mlflow.set_tags({f"stage{s.index + 1}.sha256": r.model_sha256
+                         for s, r in zip(spec.stages, records, strict=True) if r.model_sha256})
         times = [h["epoch_time_s"] for r in records for h in r.history if "epoch_time_s" in h]
         metrics["train/total_time_s"] = sum(r.train_time_s for r in records)
         metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
