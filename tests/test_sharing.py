@@ -467,3 +467,37 @@ def test_cache_command_shows_and_prunes(tmp_path, mnist_dir, capsys) -> None:
     assert "pruned 1 entries and 1 leftovers" in capsys.readouterr().out
     assert cache.has(used) and not cache.model_path(unused).parent.exists()
     assert not leftover.exists()
+
+
+# -- the store deleted under a running study ------------------------------------------------------
+def test_store_deleted_during_a_study_is_one_line(tmp_path, mnist_dir, monkeypatch,
+                                                  capfd) -> None:
+    """Before: every remaining run failed with its own chain of tracebacks (24 for the tiny
+    study), then the parent's end raised one more. Now the study stops with one line."""
+    import shutil
+
+    from art_study.cli import main
+    from art_study.study.execute import _Executor
+
+    db = tmp_path / "store"
+    real = _Executor._in_run
+
+    def in_run(self, spec):
+        out = real(self, spec)
+        shutil.rmtree(db, ignore_errors=True)  # someone deletes the store
+        return out
+
+    monkeypatch.setattr(_Executor, "_in_run", in_run)
+    code = main(["run", str(TINY), "--no-progress", "--tracking-uri",
+                 f"sqlite:///{db / 'mlflow.db'}", "--data-dir", str(mnist_dir),
+                 "--set", "study.blocks=[{depths: [2], sequences: [control, singles]}]",
+                 "--set", "data.n_train=100", "--set", "data.n_test=50",
+                 "--set", "evaluation.transfer=[]", "--set", "tracking.log_model=false",
+                 "--set", "evaluation.diagnostics.enabled=false",
+                 "--set", f"study.cache_dir={tmp_path / 'cache'}"])
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err, err
+    ours = [line for line in err.splitlines() if line.startswith("art-study: error:")]
+    assert len(ours) == 1 and "failed during the study" in ours[0], err
+    assert "attempt to write a readonly database" in ours[0]

@@ -298,8 +298,9 @@ class _Executor:
         self._parent, self._experiment_id = parent, experiment_id
         lease.start()
         try:
-            result = self._study_children(client, runs, parent)
-        except LeaseLost:
+            with _sql_errors_not_logged():
+                result = self._study_children(client, runs, parent)
+        except (LeaseLost, TrackingError):  # the parent is another's, or the store is gone
             lease.release()
             raise
         except BaseException:
@@ -344,8 +345,7 @@ class _Executor:
     def _check_lease(self, client: MlflowClient) -> None:
         """Stop at a run boundary if the lease was taken over or the store went away."""
         self._lease.check()
-        if self._lease.error is not None:
-            _raise_if_store_gone(client, self._parent, self._lease.error)
+        _raise_if_store_gone(client, self._parent, self._lease.error)
 
     def _create_parent(self, client: MlflowClient, experiment_id: str, runs: list[RunSpec],
                        key: str, lease: Lease) -> str:
@@ -504,17 +504,40 @@ def _rival_parent(client: MlflowClient, experiment_id: str, study_key: str,
     return None
 
 
-def _raise_if_store_gone(client: MlflowClient, parent: str, exc: BaseException) -> None:
-    """One line instead of a traceback per remaining run when the store itself has failed
-    (deleted, unreachable): a run that failed for its own reason leaves the parent readable."""
+@contextlib.contextmanager
+def _sql_errors_not_logged():
+    """MLflow's SQL store logs every failed statement with its traceback before raising it; the
+    exception itself reaches the run's ``failure_reason`` or, for a failed store, one line."""
+    quiet = logging.getLogger("mlflow.store.db.utils")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
-        client.get_run(parent)
-    except Exception:
-        text = str(exc).strip().splitlines()
-        raise TrackingError(
-            f"the tracking store {redact(mlflow.get_tracking_uri())} failed during the study "
-            f"({redact(text[0] if text else type(exc).__name__)[:300]}); the finished runs are "
-            "kept: rerun once the store is back") from None
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+def _raise_if_store_gone(client: MlflowClient, parent: str, exc: BaseException | None) -> None:
+    """One line instead of a traceback per remaining run when the store itself has failed
+    (deleted, read-only, unreachable): a run that failed for its own reason leaves the store
+    writable, which a tag on the parent run proves."""
+    uri = mlflow.get_tracking_uri()
+    local = local_store_path(uri)
+    usable = local is None or local.exists()
+    if usable and exc is not None:
+        try:
+            client.set_tag(parent, "art_study.store_check", f"{time.time():.3f}")
+        except Exception:
+            usable = False
+    if usable:
+        return
+    while exc is not None and exc.__cause__ is not None:  # the database's own words
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines() if exc is not None else []
+    why = f" ({redact(text[0])[:200]})" if text else " (it is gone)"
+    raise TrackingError(
+        f"the tracking store {redact(uri)} failed during the study{why}; the runs finished "
+        "before are kept in it if it comes back: rerun then") from None
 
 
 def _finished_children(client: MlflowClient, experiment_id: str, parent_id: str) -> dict:
