@@ -141,6 +141,8 @@ class StageCache:
     def load_model(self, key: str) -> keras.Model:
         """The stage's model, loaded back from its ``.h5`` file (uncompiled), after checking its
         checksum; a damaged or unsafe entry is evicted and raises :class:`CorruptStage`."""
+        if not (self._dir(key) / self.RECORD).is_file():
+            raise ArtStudyError(f"stage {key[:12]} is not in the stage cache {self.root}")
         problem = self.check(key)
         if problem is None:
             try:
