@@ -328,6 +328,8 @@ class _Executor:
             self._check_lease(client)
             try:
                 result.runs.append(self._child(spec))
+            except LeaseLost:
+                raise
             except ArtStudyError as exc:
                 result.failed.append((spec, str(exc)))
             except Exception as exc:  # a bug in one run must not lose the others
