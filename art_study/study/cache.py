@@ -132,7 +132,8 @@ class StageCache:
             self._load(key)
         except Exception as exc:
             return f"model.h5 does not load: {_first_line(exc)}"
-        self._write_record(self._dir(key), dataclasses.replace(record, model_sha256=digest))
+        with contextlib.suppress(OSError):  # another user's entry: checked by loading each time
+            self._write_record(self._dir(key), dataclasses.replace(record, model_sha256=digest))
         return None
 
     def record(self, key: str) -> StageRecord:
