@@ -8,6 +8,7 @@ commands so ``--help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -86,20 +87,23 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     import_tensorflow()  # art_study.tracking imports Keras
-    from art_study.tracking import ARTIFACTS_DIR, local_store_path, resolve_tracking_uri
+    from art_study.tracking import ARTIFACTS_DIR, local_store_path, redact, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+    # The store URI goes to the server in its environment, not its command line, which any
+    # user of the machine can read (ps); it is printed with credentials redacted.
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    cmd = [sys.executable, "-m", "mlflow", "server",
            "--host", "127.0.0.1", "--port", str(args.port)]
     local = local_store_path(uri)
     if local is not None:
         if not local.exists():
             raise ArtStudyError(f"no MLflow store at {local}: run a study first")
         cmd += ["--default-artifact-root", str(local.parent / ARTIFACTS_DIR)]
-    print(f"MLflow UI at http://127.0.0.1:{args.port} (store {uri}); Ctrl-C stops it",
+    print(f"MLflow UI at http://127.0.0.1:{args.port} (store {redact(uri)}); Ctrl-C stops it",
           flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0
 
@@ -144,6 +148,61 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Show the stage cache (size, entries, leftovers of killed writers); with ``--prune``,
+    remove the entries no FINISHED run of the store names, and the leftovers."""
+    from mlflow import MlflowClient
+
+    from art_study.study.cache import StageCache, dir_size
+    from art_study.study.execute import default_cache_dir, stages_in_use
+    from art_study.tracking import local_store_path, redact, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir(uri)
+    if not root.is_dir():
+        raise ArtStudyError(f"no stage cache at {root}")
+    local = local_store_path(uri)
+    if local is not None and not local.exists():
+        raise ArtStudyError(f"no MLflow store at {local}: give the store the cache serves "
+                            "(--tracking-uri)")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    cache = StageCache(root)
+    try:
+        used = stages_in_use(MlflowClient())
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise ArtStudyError(f"tracking store {redact(uri)} cannot be read: "
+                            f"{redact(text[0] if text else type(exc).__name__)}") from None
+    entries = [(key, path, dir_size(path)) for key, path in cache.entries()]
+    leftovers = cache.leftovers()
+    mb = 1e6
+    print(f"stage cache {root}: {len(entries)} entries, "
+          f"{sum(size for *_, size in entries) / mb:.1f} MB; "
+          f"{sum(k in used.keys for k, *_ in entries)} named by finished runs of {redact(uri)}; "
+          f"{len(leftovers)} leftovers of killed writers "
+          f"({sum(dir_size(p) for p in leftovers) / mb:.1f} MB)")
+    for key, _path, size in entries:
+        defense = "?"
+        with contextlib.suppress(Exception):
+            defense = cache.record(key).defense
+        state = "used" if key in used.keys else "unused"
+        print(f"  {key[:16]}  {defense:<26} {size / mb:6.1f} MB  {state}")
+    if not args.prune:
+        return 0
+    if used.live:
+        raise ArtStudyError(f"not pruning: studies are running on this store "
+                            f"({', '.join(sorted(set(used.live)))}); prune once they end")
+    if used.unnamed:
+        raise ArtStudyError(f"not pruning: {used.unnamed} finished runs predate runs naming "
+                            "their stages, so their entries cannot be told from unused ones")
+    removed, freed = cache.prune(used.keys)
+    print(f"pruned {len(removed)} entries and {len(leftovers)} leftovers ({freed / mb:.1f} MB); "
+          f"kept {len(entries) - len(removed)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="art-study", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"art-study {__version__}")
@@ -180,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", help="store to serve (default: sqlite under mlruns/)")
     ui.set_defaults(func=cmd_ui)
+
+    cache = sub.add_parser("cache", help="show the stage cache; --prune removes what no "
+                           "finished run needs")
+    cache.add_argument("--cache-dir", help="the stage cache (default: stage-cache/ beside a "
+                       "local store, else ./mlruns/stage-cache)")
+    cache.add_argument("--tracking-uri", help="the store whose finished runs the cache serves "
+                       "(default: sqlite under mlruns/)")
+    cache.add_argument("--prune", action="store_true",
+                       help="remove entries no finished run names, and killed writers' leftovers")
+    cache.set_defaults(func=cmd_cache)
 
     report = sub.add_parser("report", help="write a study's results report (Markdown + HTML)")
     report.add_argument("study", nargs="?",

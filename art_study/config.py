@@ -84,10 +84,22 @@ class TrainConfig(_Strict):
 
 
 def _check_eps(v: list[float]) -> list[float]:
+    """In [0, 1], sorted, without duplicates, and distinct in metric names.
+
+    Metric names carry ε as ``%g`` (``accuracy_eps_0.1``): two values equal to six significant
+    digits would share a name and overwrite each other's results, so they are refused.
+    """
     for e in v:
         if not math.isfinite(e) or e < 0.0 or e > 1.0:
             raise ValueError(f"each ε must be in [0, 1] (pixel scale), got {e}")
-    return sorted(set(v))
+    out = sorted(set(v))
+    names: dict[str, float] = {}
+    for e in out:
+        if f"{e:g}" in names:
+            raise ValueError(f"ε {names[f'{e:g}']!r} and {e!r} differ below the 6 significant "
+                             f"digits of metric names (both eps_{e:g}); keep one")
+        names[f"{e:g}"] = e
+    return out
 
 
 class AttackConfig(_Strict):
@@ -303,6 +315,30 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(parts)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as a person means it: ``010`` is ten, not YAML 1.1's octal eight.
+
+    A seed or a count written with a leading zero is read as a decimal number (``0o10`` and
+    ``0x10`` keep their explicit bases), in config files and ``--set`` values alike.
+    """
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    digits = text.lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+        return int(text, 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML with :class:`_Loader` (safe; leading zeros are decimal)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: builds plain data only
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse ``a.b.c=value``; the value is read as YAML so numbers and lists keep their type."""
     if "=" not in item:
@@ -312,7 +348,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"--set has an empty key in {item!r}")
     try:
-        value = yaml.safe_load(raw)
+        value = read_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value is not valid YAML") from exc
     return path, value
@@ -357,7 +393,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -16,6 +16,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -28,6 +29,7 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from pydantic import BaseModel
 
 from art_study.errors import TrackingError, TrainingError
 
@@ -37,6 +39,34 @@ ARTIFACTS_DIR = "artifacts"
 CORRECT_ARTIFACT = "eval/correct.npz"  # per-image correctness, for McNemar's test
 _PACKAGES = ("art-study", "tensorflow", "keras", "adversarial-robustness-toolbox", "mlflow",
              "numpy", "pandas")
+
+
+# ``scheme://user:password@host``: everything between ``//`` and ``@`` is a credential.
+_USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
+# ``?token=...``-style query parameters (signed URLs, API keys).
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;](?:[\w.-]*(?:token|password|passwd|pwd|secret|key|auth|signature|sig|"
+    r"credential)[\w.-]*)=)[^&;#\s]*")
+
+
+def redact(text: str) -> str:
+    """``text`` (a URI, or a message quoting one) without credentials: the user-info part of
+    any ``scheme://user:password@host`` and secret-looking query values become ``***``.
+
+    The one place credentials are removed from anything art-study records or shows: params and
+    ``config.yaml`` of runs, the report, ``ui``'s output and error messages.
+    """
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub("***@", text))
+
+
+def redact_config(cfg: BaseModel) -> BaseModel:
+    """A copy of an experiment config with its tracking URI redacted, for recording."""
+    uri = getattr(getattr(cfg, "tracking", None), "uri", None)
+    if not uri or redact(uri) == uri:
+        return cfg
+    shown = cfg.model_copy(deep=True)
+    shown.tracking.uri = redact(uri)
+    return shown
 
 
 def default_tracking_uri(store_dir: Path = DEFAULT_STORE_DIR) -> str:
@@ -94,7 +124,7 @@ def prepare_store(uri: str | None, experiment: str) -> str:
             _check_writable_dir(local.parent / ARTIFACTS_DIR, "artifact directory")
         else:
             raise TrackingError(
-                f"tracking URI {uri} is a plain file store, which MLflow 3 refuses; "
+                f"tracking URI {redact(uri)} is a plain file store, which MLflow 3 refuses; "
                 f"use sqlite:///PATH/mlflow.db or an http(s) tracking server"
             )
     mlflow.set_tracking_uri(uri)
@@ -103,11 +133,13 @@ def prepare_store(uri: str | None, experiment: str) -> str:
         if exp is None:
             return mlflow.create_experiment(experiment, artifact_location=artifact_root_for(uri))
         if exp.lifecycle_stage == "deleted":
-            raise TrackingError(f"experiment {experiment!r} is deleted in {uri}; restore or rename")
+            raise TrackingError(
+                f"experiment {experiment!r} is deleted in {redact(uri)}; restore or rename")
         return exp.experiment_id
     except MlflowException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(f"tracking store {uri} cannot be used: {first}") from None
+        raise TrackingError(
+            f"tracking store {redact(uri)} cannot be used: {redact(first)}") from None
 
 
 def environment_tags() -> dict[str, str]:
@@ -178,15 +210,12 @@ class RaiseOnNaN(keras.callbacks.Callback):
 
 
 def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "model") -> None:
-    """Log the model twice: the plain ``.keras`` file, and an MLflow Keras model that loads back.
+    """Log the model as an MLflow Keras model that loads back (``mlflow.keras.load_model``); its
+    ``data/model.keras`` is the plain Keras file, so it is not logged a second time.
 
     Pip requirements are given explicitly: MLflow's inference imports the model in a subprocess,
     which costs tens of seconds per run for nothing we do not already know.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.keras"
-        model.save(path)
-        mlflow.log_artifact(str(path), artifact_path="keras")
     reqs = [f"{p}=={importlib.metadata.version(p)}" for p in ("tensorflow", "keras")]
     signature = infer_signature(x_example, model.predict(x_example, verbose=0))
     mlflow.keras.log_model(model, name=name, pip_requirements=reqs, signature=signature)
@@ -195,7 +224,7 @@ def log_keras_model(model: keras.Model, x_example: np.ndarray, name: str = "mode
 def failure_reason(exc: BaseException) -> str:
     """One line describing why a run failed, for the ``failure_reason`` tag."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:4000]
+    return redact(f"{type(exc).__name__}: {text[0] if text else ''}")[:4000]
 
 
 def log_correctness(correct: dict[str, np.ndarray]) -> None:

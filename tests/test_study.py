@@ -183,15 +183,23 @@ def test_tiny_study_creates_every_child_once(tiny_study) -> None:
     assert parent.data.metrics["study/runs"] == SINGLE_PAIRS
 
 
-def test_stage_handoff_files_are_logged(tiny_study) -> None:
-    _, uri, result = tiny_study
+def test_stage_handoff_files_are_named_not_copied(tiny_study) -> None:
+    """Each stage's .h5 file is stored once, in the stage cache; a run names its entries (key
+    and checksum) instead of copying them (before: 20 MB per two-stage run, shared stages
+    duplicated)."""
+    from art_study.study.cache import StageCache, sha256_file
+    from art_study.study.execute import cache_dir_for
+
+    cfg, uri, result = tiny_study
     kid = next(k for k in children(uri, result.parent_run_id)
                if k.data.tags["sequence"] == "adversarial_training>gradient_masking")
     client = mlflow.MlflowClient()
-    stage_dirs = [a.path for a in client.list_artifacts(kid.info.run_id, "stages")]
-    assert stage_dirs == ["stages/stage1_adversarial_training", "stages/stage2_gradient_masking"]
-    files = [a.path for a in client.list_artifacts(kid.info.run_id, stage_dirs[0])]
-    assert files[0].endswith(".h5")
+    assert client.list_artifacts(kid.info.run_id, "stages") == []
+    cache = StageCache(cache_dir_for(cfg))
+    for n in (1, 2):
+        key = kid.data.tags[f"stage{n}.key"]
+        assert cache.has(key)
+        assert sha256_file(cache.model_path(key)) == kid.data.tags[f"stage{n}.sha256"]
 
 
 def test_rerun_skips_finished_children(tiny_study) -> None:

@@ -22,6 +22,7 @@ reuses every cached stage. An exception inside a run ends it FAILED with a ``fai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,14 +33,16 @@ import keras
 import mlflow
 import tensorflow as tf
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 
 from art_study.config import ExperimentConfig, flatten, to_yaml
 from art_study.data import MnistData, load_mnist
 from art_study.defenses import DEFENSES, StageContext
-from art_study.errors import ArtStudyError
+from art_study.errors import ArtStudyError, TrackingError
 from art_study.evaluation import EvaluationResult, TransferSet, craft_transfer, evaluate
 from art_study.models import build_cnn, compile_model
 from art_study.study.cache import StageCache, StageRecord
+from art_study.study.lease import OWNER, Lease, LeaseLost, busy
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, study_key
 from art_study.tracking import (
     DEFAULT_STORE_DIR,
@@ -49,6 +52,8 @@ from art_study.tracking import (
     log_correctness,
     log_keras_model,
     prepare_store,
+    redact,
+    redact_config,
     resolve_tracking_uri,
 )
 
@@ -98,8 +103,40 @@ def cache_dir_for(cfg: ExperimentConfig) -> Path:
     """``study.cache_dir``, else ``stage-cache/`` beside a local sqlite store, else ./mlruns."""
     if cfg.study is not None and cfg.study.cache_dir:
         return Path(cfg.study.cache_dir)
-    local = local_store_path(resolve_tracking_uri(cfg.tracking.uri))
+    return default_cache_dir(cfg.tracking.uri)
+
+
+def default_cache_dir(tracking_uri: str | None) -> Path:
+    """``stage-cache/`` beside a local sqlite store, else under ./mlruns."""
+    local = local_store_path(resolve_tracking_uri(tracking_uri))
     return (local.parent if local is not None else DEFAULT_STORE_DIR) / "stage-cache"
+
+
+@dataclass
+class StagesInUse:
+    """What the runs of a store need from the stage cache."""
+
+    keys: set[str] = field(default_factory=set)  # stages named by FINISHED runs
+    unnamed: int = 0  # FINISHED runs from before runs named their stages
+    live: list[str] = field(default_factory=list)  # studies being run now (live lease)
+
+
+def stages_in_use(client: MlflowClient) -> StagesInUse:
+    """The stage keys every FINISHED art-study run of the store names, and the live studies."""
+    from art_study.study.lease import liveness
+
+    out = StagesInUse()
+    for exp in client.search_experiments():
+        for r in _search_all(client, exp.experiment_id, "attributes.status = 'RUNNING'"):
+            if liveness(r.data.tags) == "live":
+                out.live.append(r.data.tags.get("study", r.info.run_name or r.info.run_id))
+        for r in _search_all(client, exp.experiment_id, "attributes.status = 'FINISHED' and "
+                             "tags.run_key != ''"):
+            keys = {v for k, v in r.data.tags.items() if k.startswith("stage") and
+                    k.endswith(".key")}
+            out.keys |= keys
+            out.unnamed += not keys
+    return out
 
 
 def step_offset(stage: StageSpec) -> int:
@@ -132,7 +169,7 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
     record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
                          time.perf_counter() - t0, {})
     cache.save(model, record)
-    return record
+    return cache.record(stage.key)  # as saved: with its checksum (or a concurrent writer's)
 
 
 def transfer_examples(spec: RunSpec, data: MnistData, cache: StageCache | None) -> TransferSet:
@@ -244,64 +281,136 @@ class _Executor:
 
     # -- a study: parent run, children, resume ------------------------------------------------
     def study(self, runs: list[RunSpec], experiment_id: str) -> StudyResult:
+        """Run the children of the study's parent run, holding its lease (``lease.py``).
+
+        The parent is created (or resumed) and ended through the client, not as MLflow's active
+        run: a process that has lost its lease must leave the parent's status to its new owner.
+        """
         key = study_key(self.cfg, runs)
         client = MlflowClient()
+        lease = self._lease = Lease(client)
         parent = _find_parent(client, experiment_id, key)
-        result = StudyResult(None)
-        with mlflow.start_run(run_id=parent, experiment_id=None if parent else experiment_id,
-                              run_name=None if parent else self.cfg.name) as run:
-            result.parent_run_id = run.info.run_id
-            if parent is None:
-                self._log_study(runs, key)
-            finished = _finished_children(client, experiment_id, run.info.run_id)
-            self.start([spec for spec in runs if spec.key not in finished])
-            for spec in runs:
-                if spec.key in finished:
-                    done = finished[spec.key]
-                    result.runs.append(RunResult(done.info.run_id, spec, done.data.metrics,
-                                                 skipped=True))
-                    continue
-                try:
-                    result.runs.append(self._child(spec))
-                except ArtStudyError as exc:
-                    result.failed.append((spec, str(exc)))
-                except Exception as exc:  # a bug in one run must not lose the others
-                    log.exception("run %s failed", spec.name)
-                    result.failed.append((spec, failure_reason(exc)))
-            mlflow.log_metrics({"study/runs": len(runs), "study/failed": len(result.failed),
-                                "study/stages_trained": self.trained,
-                                "study/stages_reused": self.reused})
-            if result.failed:
-                mlflow.set_tag("failure_reason", f"{len(result.failed)} runs failed")
-                mlflow.end_run("FAILED")
+        if parent is None:
+            parent = self._create_parent(client, experiment_id, runs, key, lease)
+        else:
+            lease.claim(parent, self.cfg.name)
+            client.update_run(parent, status="RUNNING")
+        self._parent, self._experiment_id = parent, experiment_id
+        lease.start()
+        try:
+            with _sql_errors_not_logged():
+                result = self._study_children(client, runs, parent)
+        except (LeaseLost, TrackingError):  # the parent is another's, or the store is gone
+            lease.release()
+            raise
+        except BaseException:
+            lease.release()
+            with contextlib.suppress(Exception):
+                client.set_terminated(parent, "FAILED")
+            raise
+        lease.release()
+        if result.failed:
+            client.set_tag(parent, "failure_reason", f"{len(result.failed)} runs failed")
+        client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
         return result
 
-    def _log_study(self, runs: list[RunSpec], study_key: str) -> None:
+    def _study_children(self, client: MlflowClient, runs: list[RunSpec],
+                        parent: str) -> StudyResult:
+        result = StudyResult(parent)
+        finished = _finished_children(client, self._experiment_id, parent)
+        self.start([spec for spec in runs if spec.key not in finished])
+        for spec in runs:
+            if spec.key in finished:
+                done = finished[spec.key]
+                result.runs.append(RunResult(done.info.run_id, spec, done.data.metrics,
+                                             skipped=True))
+                continue
+            self._check_lease(client)
+            try:
+                result.runs.append(self._child(spec))
+            except LeaseLost:
+                raise
+            except ArtStudyError as exc:
+                result.failed.append((spec, str(exc)))
+            except Exception as exc:  # a bug in one run must not lose the others
+                _raise_if_store_gone(client, parent, exc)
+                log.exception("run %s failed", spec.name)
+                result.failed.append((spec, failure_reason(exc)))
+        self._check_lease(client)
+        client.log_batch(parent, metrics=[
+            Metric(k, float(v), int(time.time() * 1000), 0) for k, v in {
+                "study/runs": len(runs), "study/failed": len(result.failed),
+                "study/stages_trained": self.trained, "study/stages_reused": self.reused,
+            }.items()])
+        return result
+
+    def _check_lease(self, client: MlflowClient) -> None:
+        """Stop at a run boundary if the lease was taken over or the store went away."""
+        self._lease.check()
+        _raise_if_store_gone(client, self._parent, self._lease.error)
+
+    def _create_parent(self, client: MlflowClient, experiment_id: str, runs: list[RunSpec],
+                       key: str, lease: Lease) -> str:
+        """A new parent run holding the lease from its creation; it backs off (deleted, and
+        :class:`StudyBusy`) if another process created one for the same study meanwhile."""
+        from mlflow.tracking.context import registry
+
+        tags = {**environment_tags(), "art_study.role": "study", "study_key": key,
+                "study": self.cfg.name, **lease.tags()}
+        run = client.create_run(experiment_id, run_name=self.cfg.name,
+                                tags=registry.resolve_tags(tags))
+        parent = run.info.run_id
+        try:
+            lease.confirm(parent, self.cfg.name)
+            rival = _rival_parent(client, experiment_id, key, lease)
+            if rival is not None:
+                raise busy(self.cfg.name, rival.info.run_id, rival.data.tags, lease.policy)
+            self._log_study(client, parent, runs)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.delete_run(parent)
+            raise
+        return parent
+
+    def _log_study(self, client: MlflowClient, parent: str, runs: list[RunSpec]) -> None:
         import pandas as pd
 
-        mlflow.log_params(flatten(self.cfg))
-        mlflow.log_text(to_yaml(self.cfg), "config.yaml")
-        mlflow.set_tags({**environment_tags(), "art_study.role": "study",
-                         "study_key": study_key, "study": self.cfg.name})
+        shown = redact_config(self.cfg)
+        client.log_batch(parent, params=[Param(k, v) for k, v in flatten(shown).items()])
+        client.log_text(parent, to_yaml(shown), "config.yaml")
         plan = pd.DataFrame([{"sequence": r.sequence, "depth": r.depth, "seed": r.seed,
                               "stages": ">".join(s.defense for s in r.stages),
                               "run_key": r.key} for r in runs])
-        mlflow.log_table(plan, "plan.json")
-        mlflow.log_metric("study/distinct_stages", len(distinct_stages(runs)))
+        client.log_table(parent, plan, "plan.json")
+        client.log_metric(parent, "study/distinct_stages", len(distinct_stages(runs)))
 
     def _child(self, spec: RunSpec) -> RunResult:
-        # The key is a creation tag, so even a run killed in its first instant is recognisable.
-        tags = {"art_study.role": "run", "study": self.cfg.name, "run_key": spec.key}
-        parent = mlflow.active_run()
-        with mlflow.start_run(run_name=spec.name, nested=True, tags=tags,
-                              experiment_id=parent.info.experiment_id) as run:
-            return RunResult(run.info.run_id, spec, self._in_run(spec))
+        # The key is a creation tag, so even a run killed in its first instant is recognisable;
+        # the lease owner tells whose it is (its liveness is the parent's).
+        tags = {"art_study.role": "run", "study": self.cfg.name, "run_key": spec.key,
+                OWNER: self._lease.owner}
+        with mlflow.start_run(run_name=spec.name, parent_run_id=self._parent, tags=tags,
+                              experiment_id=self._experiment_id) as run:
+            metrics = self._in_run(spec)
+        if self._lease.lost:  # taken over while this run trained: the new owner reruns it
+            with contextlib.suppress(Exception):
+                MlflowClient().delete_run(run.info.run_id)
+            self._lease.check()
+        return RunResult(run.info.run_id, spec, metrics)
 
     # -- a single experiment --------------------------------------------------------------------
     def top_level_run(self, spec: RunSpec, experiment_id: str) -> RunResult:
+        """One run, with a lease heartbeat so that a killed one shows as stale."""
         self.start([spec])
-        with mlflow.start_run(experiment_id=experiment_id, run_name=self.cfg.name) as run:
-            return RunResult(run.info.run_id, spec, self._in_run(spec))
+        lease = Lease(MlflowClient())
+        with mlflow.start_run(experiment_id=experiment_id, run_name=self.cfg.name,
+                              tags=lease.tags()) as run:
+            lease.adopt(run.info.run_id)
+            lease.start()
+            try:
+                return RunResult(run.info.run_id, spec, self._in_run(spec))
+            finally:
+                lease.release()
 
     # -- one run: stages → evaluation → model ---------------------------------------------------
     def _in_run(self, spec: RunSpec) -> dict[str, float]:
@@ -313,8 +422,9 @@ class _Executor:
 
     def _execute(self, spec: RunSpec) -> dict[str, float]:
         cfg, data = spec.config, self.data[spec.seed]
-        mlflow.log_params(flatten(cfg))
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        shown = redact_config(cfg)  # no credentials of the tracking URI in the run
+        mlflow.log_params(flatten(shown))
+        mlflow.log_text(to_yaml(shown), "config.yaml")
         mlflow.set_tags({
             **environment_tags(), "run_key": spec.key, "sequence": spec.sequence,
             "stages": ">".join(s.defense for s in spec.stages), "n_conv": str(spec.depth),
@@ -328,9 +438,12 @@ class _Executor:
             n = stage.index + 1
             metrics[f"stage{n}/time_s"] = record.train_time_s
             metrics[f"stage{n}/epochs"] = stage.epochs
-            if len(spec.stages) > 1:  # the .h5 hand-off file of every stage
-                mlflow.log_artifact(str(self.cache.model_path(stage.key)),
-                                    artifact_path=f"stages/stage{n}_{stage.defense}")
+        # Each stage's .h5 hand-off file stays in the stage cache, once for every run that
+        # shares it; the run names the entries (what `art-study cache --prune` keeps) and the
+        # final model is logged below.
+        mlflow.set_tags({f"stage{s.index + 1}.key": s.key for s in spec.stages})
+        mlflow.set_tags({f"stage{s.index + 1}.sha256": r.model_sha256
+                         for s, r in zip(spec.stages, records, strict=True) if r.model_sha256})
         times = [h["epoch_time_s"] for r in records for h in r.history if "epoch_time_s" in h]
         metrics["train/total_time_s"] = sum(r.train_time_s for r in records)
         metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
@@ -381,11 +494,59 @@ def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> st
     return found[0].info.run_id if found else None
 
 
+def _rival_parent(client: MlflowClient, experiment_id: str, study_key: str,
+                  lease: Lease):
+    """Another RUNNING parent of the same study whose lease is live (two processes started
+    the study at once and both created one): the later claimant backs off."""
+    for r in _search_all(client, experiment_id,
+                         f"tags.study_key = '{study_key}' and tags.`art_study.role` = 'study' "
+                         "and attributes.status = 'RUNNING'"):
+        if r.info.run_id != lease.run_id and lease.held_by_other(r.data.tags, r.info.status):
+            return r
+    return None
+
+
+@contextlib.contextmanager
+def _sql_errors_not_logged():
+    """MLflow's SQL store logs every failed statement with its traceback before raising it; the
+    exception itself reaches the run's ``failure_reason`` or, for a failed store, one line."""
+    quiet = logging.getLogger("mlflow.store.db.utils")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        quiet.setLevel(level)
+
+
+def _raise_if_store_gone(client: MlflowClient, parent: str, exc: BaseException | None) -> None:
+    """One line instead of a traceback per remaining run when the store itself has failed
+    (deleted, read-only, unreachable): a run that failed for its own reason leaves the store
+    writable, which a tag on the parent run proves."""
+    uri = mlflow.get_tracking_uri()
+    local = local_store_path(uri)
+    usable = local is None or local.exists()
+    if usable and exc is not None:
+        try:
+            client.set_tag(parent, "art_study.store_check", f"{time.time():.3f}")
+        except Exception:
+            usable = False
+    if usable:
+        return
+    while exc is not None and exc.__cause__ is not None:  # the database's own words
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines() if exc is not None else []
+    why = f" ({redact(text[0])[:200]})" if text else " (it is gone)"
+    raise TrackingError(
+        f"the tracking store {redact(uri)} failed during the study{why}; the runs finished "
+        "before are kept in it if it comes back: rerun then") from None
+
+
 def _finished_children(client: MlflowClient, experiment_id: str, parent_id: str) -> dict:
     """FINISHED child runs of the parent by ``run_key``; every other child is deleted.
 
-    Runs of one study are never executed by two processes at once, so a child that is not
-    FINISHED when the study (re)starts is left over from a failure or a kill: it is replaced.
+    The caller holds the study's lease, so no other live process is running these children: a
+    child that is not FINISHED is left over from a failure or a kill, and is replaced.
     """
     finished: dict[str, object] = {}
     for r in _search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'"):

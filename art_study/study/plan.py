@@ -84,6 +84,20 @@ def resolve_settings(cfg: ExperimentConfig, defense: str) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
 
+def check_defense_sections(cfg: ExperimentConfig) -> None:
+    """Every key of the ``defenses:`` map names a defense: a misspelt one
+    (``adversarial_trainin``) would otherwise be ignored, and the defense trained with its
+    defaults."""
+    import difflib
+
+    from art_study.defenses import DEFENSES
+
+    for name in sorted(set(cfg.defenses) - set(DEFENSES)):
+        close = difflib.get_close_matches(name, DEFENSES, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"available: {', '.join(DEFENSES)}"
+        raise ConfigError(f"invalid config: defenses.{name}: unknown defense; {hint}")
+
+
 def expand_sequences(cfg: ExperimentConfig, items: list[str | list[str]]) -> list[tuple[str, ...]]:
     """Keywords → explicit defense chains, in a stable order without duplicates.
 
@@ -154,6 +168,7 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
     ``fingerprints`` maps each seed to the fingerprint of the data that seed's runs use (subsets
     are seeded), so a stage trained on other data never matches.
     """
+    check_defense_sections(cfg)
     if cfg.study is None:  # a single experiment: one stage of plain training
         chain, epochs = ("none",), [cfg.train.epochs]
         blocks = [([cfg.model.n_conv], [chain])]

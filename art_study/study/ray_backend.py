@@ -187,15 +187,48 @@ class RayExecutor(_Executor):
 
 
 def _connect(ray: Any, address: str | None) -> None:
-    """``ray.init``: connect to the cluster at ``address`` (or $RAY_ADDRESS), else start one."""
+    """``ray.init``: connect to the cluster at ``address`` (or $RAY_ADDRESS), else start one
+    that listens on loopback only (:func:`_loopback_only`)."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
+    local = address is None and not os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": env})
+        with _loopback_only(ray) if local else contextlib.nullcontext():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         raise ArtStudyError(f"cannot start Ray ({where}): {first}") from None
+
+
+#: Ray's switch for a single-machine instance (its default on macOS and Windows): the node's
+#: address is loopback, so the GCS, raylets and workers listen on 127.0.0.1 only.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only(ray: Any) -> Iterator[None]:
+    """Start a local Ray instance reachable from this machine only.
+
+    On Linux Ray gives a new local instance the machine's network address, and its servers
+    listen on every interface: anyone who can reach the machine could submit tasks, i.e. run
+    code as this user. A local instance needs no network, so it gets Ray's own loopback mode
+    (set for this process and inherited by the Ray processes it starts). A cluster given by
+    ``--address``/``$RAY_ADDRESS`` is left as its operator set it up.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node address
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved_env
 
 
 # -- the tasks (run on the workers) -------------------------------------------------------------
