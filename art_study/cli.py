@@ -151,6 +151,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     """Show the stage cache (size, entries, leftovers of killed writers); with ``--prune``,
     remove the entries no FINISHED run of the store names, and the leftovers."""
+    import_tensorflow()  # art_study.study imports Keras
     from mlflow import MlflowClient
 
     from art_study.study.cache import StageCache, dir_size
