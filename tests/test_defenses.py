@@ -163,6 +163,11 @@ def test_settings_refuse_unknown_choices():
         dd.Settings(student_init="random")
     with pytest.raises(ValidationError, match="eps"):
         at.Settings(eps=0.0)  # gt 0: a zero budget is plain training at twice the cost
+    with pytest.raises(ValidationError, match="labels"):
+        at.Settings(labels="soft")
+    with pytest.raises(ValidationError, match="labels"):
+        at.Settings(labels=False)
+    assert at.Settings(labels=True).labels == "true"  # YAML's reading of `labels: true`
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +202,53 @@ def test_adversarial_training_beats_plain_under_fgsm(mnist, run):
     loss = [v for _, v in metric_history(run_id, "stage2/loss")]
     assert loss[1] < loss[0]
     assert len(ctx.epoch_times) == 2 and all(t > 0 for t in ctx.epoch_times)
+
+
+def _spy_fgsm_labels(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray | None]:
+    """Record the labels every ART ``FastGradientMethod.generate`` call receives."""
+    from art.attacks.evasion import FastGradientMethod
+
+    seen: list[np.ndarray | None] = []
+    original = FastGradientMethod.generate
+
+    def generate(self, x, y=None, **kwargs):
+        seen.append(None if y is None else np.array(y))
+        return original(self, x, y=y, **kwargs)
+
+    monkeypatch.setattr(FastGradientMethod, "generate", generate)
+    return seen
+
+
+@pytest.mark.parametrize("labels", ["true", "predicted"])
+def test_adversarial_training_crafts_with_the_configured_labels(mnist, run, monkeypatch,
+                                                                labels: str):
+    """``true`` hands ART's FGSM the training labels (ART's trainer, the paper's setting);
+    ``predicted`` hands it none, so it crafts with the model's own predictions (ART's FGSM
+    without labels, recommended against label leaking)."""
+    seen = _spy_fgsm_labels(monkeypatch)
+    x, y = mnist.x_train[:256], mnist.y_train[:256]
+    at.train(fresh_model(0), make_ctx(x, y), 1, at.Settings(labels=labels))
+    assert len(seen) == 256 // TRAIN_CFG.batch_size  # one crafting call per batch
+    if labels == "true":
+        assert all(s is not None and s.shape == (16, 10) for s in seen)
+    else:
+        assert all(s is None for s in seen)
+
+
+def test_fgsm_on_predictions_ignores_the_labels_it_is_given(trained_model, small_mnist):
+    """Given the true labels, it makes exactly ART's label-free FGSM images; those differ from
+    the true-label images on the images the model gets wrong."""
+    from art.attacks.evasion import FastGradientMethod
+
+    x, y = small_mnist.x_test[:200], small_mnist.y_test[:200]
+    classifier = to_art(trained_model)
+    kwargs = {"norm": np.inf, "eps": 0.2, "eps_step": 0.2, "batch_size": 100}
+    ours = at._fgsm_on_predictions()(classifier, **kwargs).generate(x, y=one_hot(y))
+    np.testing.assert_array_equal(ours, FastGradientMethod(classifier, **kwargs).generate(x))
+    wrong = trained_model.predict(x, verbose=0).argmax(axis=1) != y
+    assert wrong.any()  # the slice's model misclassifies some test images
+    with_true = FastGradientMethod(classifier, **kwargs).generate(x, y=one_hot(y))
+    assert all((ours[i] != with_true[i]).any() for i in np.flatnonzero(wrong))
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,34 @@ def test_a_new_implementation_of_a_defense_invalidates_only_its_stages(monkeypat
     assert after[seq].stages[1].key != before[seq].stages[1].key
 
 
+@pytest.mark.parametrize("defense", ["adversarial_training", "adversarial_training_fast"])
+def test_an_added_option_at_its_old_behaviour_keeps_stage_keys(monkeypatch, defense) -> None:
+    """``labels`` came after stages were cached: at ``true`` (how those stages were trained) a
+    stage keeps the key its settings had without the option; ``predicted`` is new work."""
+    from art_study.study import plan
+
+    overrides = [f"study.defenses=[{defense}]"]
+    cfg = load_config(TINY, overrides)
+    now = [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
+    resolve = plan.resolve_settings
+
+    def without_labels(cfg, name):  # the settings as they were dumped before the option
+        return {k: v for k, v in resolve(cfg, name).items() if k != "labels"}
+
+    monkeypatch.setattr(plan, "resolve_settings", without_labels)
+    before = [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
+    monkeypatch.undo()
+    assert now == before
+    explicit = load_config(TINY, [*overrides, f"defenses.{defense}.labels=true"])
+    assert [s.key for r in plan_runs(explicit, fake_fingerprints(cfg))
+            for s in r.stages] == now
+    predicted = load_config(TINY, [*overrides, f"defenses.{defense}.labels=predicted"])
+    runs = {r.sequence: r for r in plan_runs(predicted, fake_fingerprints(cfg))}
+    assert runs[defense].stages[0].key not in now
+    assert runs[defense].stages[0].settings["labels"] == "predicted"
+    assert runs["none"].stages[0].key in now
+
+
 @pytest.mark.parametrize(
     ("override", "needle"),
     [("study.defenses=[adversarial_training,typo]", "unknown defense 'typo'"),

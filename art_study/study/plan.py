@@ -16,12 +16,15 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from art_study.config import ExperimentConfig
 from art_study.errors import ConfigError
+
+if TYPE_CHECKING:
+    from art_study.defenses import DefenseSettings
 
 PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cached stages
 # Settings that change how fast a stage trains, never its weights (tested bit for bit): left
@@ -121,6 +124,13 @@ def _run_config(cfg: ExperimentConfig, depth: int, seed: int) -> ExperimentConfi
     return run_cfg
 
 
+def _key_settings(model: type[DefenseSettings], settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that enter a stage key: those added later are left out at the value that
+    trains as before they existed (``key_defaults``), so older cached stages keep their keys."""
+    omit = model.key_defaults
+    return {k: v for k, v in settings.items() if not (k in omit and omit[k] == v)}
+
+
 def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int],
                  fingerprint: str) -> tuple[StageSpec, ...]:
     from art_study.defenses import DEFENSES
@@ -137,9 +147,10 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
     parent_key = stable_hash(root)
     for i, (defense, n) in enumerate(zip(chain, epochs, strict=True)):
         settings = resolve_settings(cfg, defense)
+        settings_model = DEFENSES[defense].settings
         material = {"parent": parent_key, "index": i, "defense": defense,
-                    "settings": settings, "epochs": n}
-        implementation = DEFENSES[defense].settings.implementation
+                    "settings": _key_settings(settings_model, settings), "epochs": n}
+        implementation = settings_model.implementation
         if implementation > 1:  # absent at 1, so keys made before versions existed stay valid
             material["implementation"] = implementation
         key = stable_hash(material)
