@@ -345,47 +345,104 @@ def mcnemar(a_only: int, b_only: int) -> tuple[float, str]:
     return float(stats.chi2.sf(chi2, 1)), "χ²"
 
 
-def discordant_counts(pairs: list[tuple[pd.Series, pd.Series]], correct: dict[str, dict | None],
-                      key: str) -> tuple[int, int, int, int] | None:
-    """Images A got right and B wrong, and the reverse, summed over the seed-matched runs; also
-    the seeds and images used. None when no pair has per-example data on the same images."""
-    a_only = b_only = seeds = images = 0
+@dataclass(frozen=True)
+class SeedDiscordance:
+    """One seed's discordant images at one metric: A right and B wrong, and the reverse."""
+
+    seed: int
+    a_only: np.ndarray  # bool per test image
+    b_only: np.ndarray
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return int(self.a_only.sum()), int(self.b_only.sum())
+
+
+def seed_discordance(pairs: list[tuple[pd.Series, pd.Series]], correct: dict[str, dict | None],
+                     key: str) -> list[SeedDiscordance]:
+    """Per seed-matched pair of runs with per-example data on the same images: which images
+    only A gets right and which only B does."""
+    out = []
     for ra, rb in pairs:
         ca, cb = correct.get(ra["run_id"]) or {}, correct.get(rb["run_id"]) or {}
         if key not in ca or key not in cb or ca[key].shape != cb[key].shape:
             continue
         if isinstance(ra["fingerprint"], str) and ra["fingerprint"] != rb["fingerprint"]:
             continue  # not the same test images
-        a_only += int(np.sum(ca[key] & ~cb[key]))
-        b_only += int(np.sum(~ca[key] & cb[key]))
-        seeds, images = seeds + 1, images + len(ca[key])
-    return (a_only, b_only, seeds, images) if seeds else None
+        out.append(SeedDiscordance(int(ra.name), ca[key] & ~cb[key], ~ca[key] & cb[key]))
+    return out
+
+
+def clustered_mcnemar(per_seed: list[SeedDiscordance]) -> tuple[float, str] | None:
+    """McNemar's test over seeds with each test image as a cluster of its seeds' outcomes.
+
+    The seeds of a study are evaluated on the same test images (the full test set, or subsets
+    aligned by position), so an image that is hard for B is hard for B in every seed: summing
+    the seeds' discordant counts, as if every (seed, image) were an independent pair, overstates
+    the evidence. Here the unit is the image: its net discordance d = Σ_seeds (A✓B✗ − A✗B✓).
+    Under H0 (A and B exchangeable) d is symmetric about 0, and the test is on Σ d:
+    Durkalski et al. (2003)'s clustered McNemar χ² = (Σ d)² / Σ d² with 1 df from
+    ``EXACT_MCNEMAR_BELOW`` images with d ≠ 0, and below that the sign-flip permutation test
+    of Σ d (scipy's ``permutation_test``; exact up to 2^16 sign patterns, seeded Monte Carlo
+    above). With one seed this is McNemar's test (exact binomial; χ² without continuity
+    correction). Where the seeds hold different images, aligning them by position keeps the
+    test valid (a sum of independent symmetric terms is symmetric), only less powerful.
+    None when the seeds' image counts differ (no alignment).
+    """
+    if not per_seed or len({len(s.a_only) for s in per_seed}) != 1:
+        return None
+    net = sum(s.a_only.astype(int) - s.b_only.astype(int) for s in per_seed)
+    d = net[net != 0].astype(float)
+    if d.size == 0:
+        return 1.0, "exact"
+    if d.size >= EXACT_MCNEMAR_BELOW:
+        return float(stats.chi2.sf(d.sum() ** 2 / np.sum(d * d), 1)), "clustered χ²"
+    result = stats.permutation_test((d,), lambda x, axis: np.sum(x, axis=axis),
+                                    permutation_type="samples", vectorized=True,
+                                    n_resamples=2**16, alternative="two-sided", random_state=0)
+    how = "exact" if 2**d.size <= 2**16 else "sign-flip, 2^16 draws"
+    return float(min(result.pvalue, 1.0)), how
 
 
 def significance_table(scores: pd.DataFrame, summary: pd.DataFrame,
                        correct: dict[str, dict | None], pairs: list[tuple[int, str, str]],
                        eps_star: float) -> pd.DataFrame:
-    """Both tests for each (depth, A, B) at the comparison ε, one row per pair."""
+    """Both tests for each (depth, A, B) at the comparison ε, one row per pair: McNemar per
+    seed, and over seeds with images as the unit (:func:`clustered_mcnemar`), never pooled."""
     metric, key = eps_key(eps_star), f"fgsm_{eps_key(eps_star)}"
     rows = []
     for depth, a, b in pairs:
         ma, mb = lookup(summary, depth, a, metric), lookup(summary, depth, b, metric)
         pairs_ab = seed_matched(scores, depth, a, b)
-        counts = discordant_counts(pairs_ab, correct, key)
+        per_seed = seed_discordance(pairs_ab, correct, key)
         row = {"depth": depth, "A": a, "B": b,
                "A %": fmt_ci(ma), "B %": fmt_ci(mb),
                "Δ (A−B) pp": "—" if ma is None or mb is None else f"{ma['mean'] - mb['mean']:+.2f}",
                "paired t p": paired_t(pairs_ab, metric)}
-        if counts is None:
-            row |= {"A✓B✗ / A✗B✓": "—", "McNemar p": "n/a (no per-example data)",
-                    "seeds · images": "—"}
-        else:
-            p, how = mcnemar(counts[0], counts[1])
-            row |= {"A✓B✗ / A✗B✓": f"{counts[0]} / {counts[1]}",
-                    "McNemar p": f"{fmt_p(p)} ({how})",
-                    "seeds · images": f"{counts[2]} · {counts[3]}"}
+        row |= mcnemar_cells(per_seed)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mcnemar_cells(per_seed: list[SeedDiscordance]) -> dict[str, str]:
+    """The McNemar columns of a significance row: counts and p per seed, p over seeds."""
+    if not per_seed:
+        return {"A✓B✗ / A✗B✓ per seed": "—", "McNemar p per seed": "—",
+                "McNemar p over seeds": "n/a (no per-example data)", "seeds · images": "—"}
+    counts = [s.counts for s in per_seed]
+    per_seed_p = [mcnemar(*c) for c in counts]
+    combined = clustered_mcnemar(per_seed)
+    sizes = sorted({len(s.a_only) for s in per_seed})
+    return {
+        "A✓B✗ / A✗B✓ per seed": " · ".join(f"s{s.seed}: {a} / {b}"
+                                           for s, (a, b) in zip(per_seed, counts, strict=True)),
+        "McNemar p per seed": " · ".join(f"s{s.seed}: {fmt_p(p)} ({how})"
+                                         for s, (p, how) in zip(per_seed, per_seed_p,
+                                                                strict=True)),
+        "McNemar p over seeds": ("n/a (image counts differ between seeds)" if combined is None
+                                 else f"{fmt_p(combined[0])} ({combined[1]})"),
+        "seeds · images": f"{len(per_seed)} · {'/'.join(str(n) for n in sizes)}",
+    }
 
 
 def comparison_pairs(scores: pd.DataFrame, status: pd.DataFrame) -> tuple[list, list]:
@@ -816,12 +873,15 @@ def significance_section(doc: Doc, data: StudyData, summary: pd.DataFrame,
     doc.para("Paired t-test: the FGSM accuracies of A and B paired by seed (same seed, same data "
              "order and test images), two-sided; it needs at least 2 seeds. McNemar's test: on "
              "the same test images, the images only A classifies correctly (A✓B✗) against those "
-             f"only B does (A✗B✓); exact binomial below {EXACT_MCNEMAR_BELOW} discordant images, "
-             "χ² with continuity correction above. With several seeds the discordant counts of "
-             "seed-matched runs are summed across seeds before testing; when every seed uses "
-             "the same test images (the full test set) these pairs are not independent and the "
-             "combined p-value is optimistic. p-values are not corrected for the number of "
-             "comparisons.")
+             f"only B does (A✗B✓), per seed: exact binomial below {EXACT_MCNEMAR_BELOW} "
+             "discordant images, χ² with continuity correction above. Over seeds the counts are "
+             "not summed: the seeds are evaluated on the same test images, so their discordant "
+             "pairs are not independent. `McNemar p over seeds` takes each test image as the "
+             "unit, with its net discordance over the seeds (Σ A✓B✗ − A✗B✓), and tests that it "
+             "is symmetric about 0: Durkalski et al. (2003)'s clustered McNemar χ² from "
+             f"{EXACT_MCNEMAR_BELOW} images with a non-zero net, a sign-flip permutation test "
+             "below. With one seed it is McNemar's test. p-values are not corrected for the "
+             "number of comparisons.")
     for title, pairs in (("Each defense vs the control", vs_control),
                          ("Between defenses", between)):
         doc.heading(title, 3)

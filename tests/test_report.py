@@ -22,7 +22,8 @@ from art_study.study import run_study
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 SEQUENCES = ["none", "adversarial_training", "distillation", "gradient_masking"]
-P_VALUE = re.compile(r"^(<0\.0001|\d(\.\d+)?(e-\d+)?)( \((exact|χ²)\))?$")
+P_VALUE = re.compile(r"^(<0\.0001|\d(\.\d+)?(e-\d+)?)"
+                     r"( \((exact|χ²|clustered χ²|sign-flip, 2\^16 draws)\))?$")
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,9 @@ def test_report_tables_tests_and_comparison_eps(study, written) -> None:
         # images) leave the paired t-test undefined: the report says so instead of a p-value.
         assert P_VALUE.match(row["paired t p"]) or \
             row["paired t p"] == "n/a (same difference every seed)", row
-        assert P_VALUE.match(row["McNemar p"]), row
-        assert row["seeds · images"] == "2 · 200"
+        assert P_VALUE.match(row["McNemar p over seeds"]), row
+        assert re.fullmatch(r"s0: \d+ / \d+ · s1: \d+ / \d+", row["A✓B✗ / A✗B✓ per seed"]), row
+        assert row["seeds · images"] == "2 · 100"
     assert any(P_VALUE.match(row["paired t p"]) for row in pairs)
     assert "## Missing or failed runs\n\nNone: all 8 planned runs finished." in md
 
@@ -186,7 +188,8 @@ def test_failed_and_missing_runs_are_listed(study, tmp_path) -> None:
     assert "(n=1)" in rows["distillation"]["clean %"]
     vs_control = {r["A"]: r for r in table_after(md, "### Each defense vs the control")}
     assert vs_control["distillation"]["paired t p"] == "n/a (1 seed)"
-    assert P_VALUE.match(vs_control["distillation"]["McNemar p"])
+    assert P_VALUE.match(vs_control["distillation"]["McNemar p over seeds"])
+    assert vs_control["distillation"]["A✓B✗ / A✗B✓ per seed"].startswith("s0: ")
 
 
 def test_cli_report(study, tmp_path, monkeypatch, capsys) -> None:
@@ -216,6 +219,79 @@ def test_mcnemar_exact_and_chi2() -> None:
     assert report.mcnemar(0, 0) == (1.0, "exact")
     p, how = report.mcnemar(40, 20)
     assert how == "χ²" and p == pytest.approx(stats.chi2.sf((20 - 1) ** 2 / 60, 1))
+
+
+def _seed(seed: int, a_only: list[int], b_only: list[int], n: int = 200):
+    """A seed's discordance: the images (by position) only A, and only B, gets right."""
+    a, b = np.zeros(n, bool), np.zeros(n, bool)
+    a[a_only], b[b_only] = True, True
+    return report.SeedDiscordance(seed, a, b)
+
+
+def test_mcnemar_over_seeds_counts_images_not_seed_image_pairs() -> None:
+    """Seeds on the same test images are not independent evidence: the same discordant images
+    in two seeds give the p of one seed, where summing the counts (the old pooled test)
+    claimed far more. One seed: McNemar's exact and (uncorrected) χ² tests."""
+    one = _seed(0, list(range(20)), list(range(20, 28)))
+    p_one, how = report.clustered_mcnemar([one])
+    assert how == "clustered χ²"
+    assert p_one == pytest.approx(stats.chi2.sf((20 - 8) ** 2 / 28, 1))
+    twice = [one, _seed(1, list(range(20)), list(range(20, 28)))]
+    p_twice, _ = report.clustered_mcnemar(twice)
+    assert p_twice == pytest.approx(p_one)
+    p_pooled, _ = report.mcnemar(40, 16)  # what summing the seeds' counts gave
+    assert p_pooled < 0.01 < 0.02 < p_twice
+    # Seeds that disagree cancel image by image.
+    assert report.clustered_mcnemar([one, _seed(1, list(range(20, 28)), list(range(20)))]) == \
+        (1.0, "exact")
+
+    small = _seed(0, [0, 1, 2, 3, 4, 5, 6, 7, 8], [9])
+    p, how = report.clustered_mcnemar([small])
+    assert how == "exact" and p == pytest.approx(stats.binomtest(9, 10, 0.5).pvalue)
+    assert report.clustered_mcnemar([small, _seed(1, [0], [], n=100)]) is None
+
+
+def test_mcnemar_over_seeds_is_the_sign_flip_test_of_net_discordance() -> None:
+    """The χ² is the normal approximation of the exact sign-flip test of Σ d over images (the
+    permutation variance of Σ d is Σ d²): on 3 seeds with mixed nets, the two agree."""
+    rng = np.random.default_rng(0)
+    seeds = []
+    for s in range(3):
+        a = rng.random(400) < 0.12
+        b = ~a & (rng.random(400) < 0.115)
+        seeds.append(report.SeedDiscordance(s, a, b))
+    p, how = report.clustered_mcnemar(seeds)
+    net = sum(s.a_only.astype(int) - s.b_only.astype(int) for s in seeds)
+    d = net[net != 0].astype(float)
+    assert how == "clustered χ²" and len(set(np.abs(d))) > 1
+    flips = stats.permutation_test((d,), lambda x, axis: np.sum(x, axis=axis),
+                                   permutation_type="samples", vectorized=True,
+                                   n_resamples=20_000, random_state=1)
+    assert p == pytest.approx(flips.pvalue, abs=0.004)  # χ² p 0.0103; MC s.e. ~0.0007
+    assert 0.001 < p < 0.5  # a case where the approximation matters, not a foregone result
+
+
+def test_significance_rows_report_each_seed() -> None:
+    """Per-seed counts and p-values, the p over seeds, and the images per seed."""
+    scores = pd.DataFrame([
+        {"run_id": f"{seq}{seed}", "sequence": seq, "depth": 2, "seed": seed, "eps_0.3": acc,
+         "fingerprint": "same"}
+        for seq, accs in (("none", (10.0, 12.0)), ("adversarial_training", (60.0, 55.0)))
+        for seed, acc in zip((0, 1), accs, strict=True)])
+    summary = report.summarise(scores.assign(clean=99.0), [0.3])
+    rng = np.random.default_rng(0)
+    correct = {rid: {"fgsm_eps_0.3": rng.random(100) < (0.6 if rid[0] == "a" else 0.1)}
+               for rid in scores["run_id"]}
+    [row] = report.significance_table(scores, summary, correct,
+                                      [(2, "adversarial_training", "none")], 0.3).to_dict("records")
+    for seed in (0, 1):
+        a, b = correct[f"adversarial_training{seed}"]["fgsm_eps_0.3"], \
+            correct[f"none{seed}"]["fgsm_eps_0.3"]
+        counts = f"s{seed}: {int(np.sum(a & ~b))} / {int(np.sum(~a & b))}"
+        assert counts in row["A✓B✗ / A✗B✓ per seed"]
+        p, how = report.mcnemar(int(np.sum(a & ~b)), int(np.sum(~a & b)))
+        assert f"s{seed}: {report.fmt_p(p)} ({how})" in row["McNemar p per seed"]
+    assert P_VALUE.match(row["McNemar p over seeds"]) and row["seeds · images"] == "2 · 100"
 
 
 def test_confidence_interval_and_formatting() -> None:
