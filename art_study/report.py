@@ -719,17 +719,36 @@ def gather(parent: mlflow.entities.Run) -> StudyData:
     return StudyData(parent, name, status, scores, eps, finished)
 
 
-ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/(.+)/accuracy_eps_([0-9.]+)$")
+ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/([^/]+)/accuracy_eps_([^/]+)$")
+# A component of an ensemble attack (AutoAttack): the robust accuracy left after it and every
+# component before it, e.g. ``attack/autoattack-standard/apgd-t/accuracy_eps_0.3``.
+COMPONENT_METRIC = re.compile(r"^metrics\.attack/([^/]+)/([^/]+)/accuracy_eps_([^/]+)$")
+# AutoAttack's standard order; components not listed follow alphabetically.
+COMPONENT_ORDER = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")
+
+
+def _component_columns(runs: pd.DataFrame) -> dict[tuple[str, float], list[tuple[str, str]]]:
+    """(ensemble attack, ε) → its components' (name, column), in the order they run."""
+    found: dict[tuple[str, float], list[tuple[str, str]]] = {}
+    for c in runs.columns:
+        m = COMPONENT_METRIC.match(c)
+        if m and runs[c].notna().any():
+            found.setdefault((m.group(1), float(m.group(3))), []).append((m.group(2), c))
+    rank = {name: i for i, name in enumerate(COMPONENT_ORDER)}
+    return {k: sorted(v, key=lambda nc: (rank.get(nc[0], len(rank)), nc[0]))
+            for k, v in found.items()}
 
 
 def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.DataFrame | None:
     """Accuracy (mean ± 95 % CI over seeds) under each stronger attack and the transfer attack,
-    and the gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
+    an ensemble attack's (AutoAttack's) robust accuracy after each of its components, and the
+    gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
     runs = finished[finished["depth"] == depth]
     cols = sorted((c for c in runs.columns if ATTACK_METRIC.match(c) and runs[c].notna().any()),
                   key=lambda c: (ATTACK_METRIC.match(c).group(1) == "transfer",
                                  ATTACK_METRIC.match(c).group(2),
                                  float(ATTACK_METRIC.match(c).group(3))))
+    components = _component_columns(runs)
     verdict_col = "tags.gradient_masking_suspected"
     if not cols and verdict_col not in runs:
         return None
@@ -743,6 +762,12 @@ def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.Dat
             kind, name, eps = ATTACK_METRIC.match(c).groups()
             label = f"{'transfer ' if kind == 'transfer' else ''}{name} ε {float(eps):g}"
             row[label] = fmt_ci(_ci_row(group[c].dropna() * 100))
+            parts = components.get((name, float(eps))) if kind == "attack" else None
+            if parts:
+                steps = " → ".join(part for part, _ in parts)
+                row[f"{name} ε {float(eps):g} after {steps}"] = " → ".join(
+                    "—" if group[col].dropna().empty else f"{group[col].dropna().mean() * 100:.2f}"
+                    for _, col in parts)
         if verdict_col in group:
             flags = group[verdict_col].dropna()
             failed = sorted({name for reasons in group.get(
@@ -809,6 +834,73 @@ def missing_table(status: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+# -- the headline: robust accuracy, the per-image worst case over attacks --------------------
+ROBUST_METRIC = re.compile(r"^metrics\.robust/accuracy_eps_([^/]+)$")
+
+
+def robust_columns(finished: pd.DataFrame) -> dict[str, str]:
+    """ε as written in the metric name → its worst-case column, for the ε any run logged."""
+    found = {m.group(1): c for c in finished.columns
+             if (m := ROBUST_METRIC.match(c)) and finished[c].notna().any()}
+    return dict(sorted(found.items(), key=lambda kv: float(kv[0])))
+
+
+def _pct(group: pd.DataFrame, column: str) -> pd.Series:
+    return (group[column] if column in group else pd.Series(dtype=float)).dropna() * 100
+
+
+def headline_table(data: StudyData, eps_star: float) -> tuple[pd.DataFrame, bool]:
+    """Clean and robust accuracy per depth and sequence (mean ± 95 % CI over seeds), and
+    whether robust means the worst case over attacks (else: FGSM at ``eps_star``)."""
+    finished = data.finished if data.finished is not None else pd.DataFrame()
+    robust = robust_columns(finished) if not finished.empty else {}
+    rows = []
+    for depth in sorted(data.status["depth"].unique()):
+        for seq in sequence_order(data.status[data.status["depth"] == depth]):
+            group = finished[(finished["depth"] == depth) & (finished["sequence"] == seq)]
+            if group.empty:
+                continue
+            row = {"depth": int(depth), "sequence": seq + (" (control)" if seq == CONTROL else ""),
+                   "seeds": str(len(group)),
+                   "clean %": fmt_ci(_ci_row(_pct(group, "metrics.clean/accuracy")))}
+            for eps, column in robust.items():
+                values = _pct(group, column)
+                if values.empty:  # runs evaluated before the worst case was logged
+                    fgsm = _pct(group, f"metrics.fgsm_custom/accuracy_eps_{eps}")
+                    cell = "—" if fgsm.empty else f"{fmt_ci(_ci_row(fgsm))} (FGSM only)"
+                else:
+                    cell = fmt_ci(_ci_row(values))
+                row[f"worst case ε={float(eps):g} %"] = cell
+            fgsm_eps = list(robust)[-1] if robust else eps_key(eps_star).removeprefix("eps_")
+            row[f"FGSM ε={float(fgsm_eps):g} %"] = fmt_ci(_ci_row(
+                _pct(group, f"metrics.fgsm_custom/accuracy_eps_{fgsm_eps}")))
+            rows.append(row)
+    return pd.DataFrame(rows), bool(robust)
+
+
+def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
+    """The number to compare defenses by: the worst case over attacks when the runs logged it,
+    else FGSM, saying which."""
+    table, worst_case = headline_table(data, cmp.eps)
+    if table.empty:
+        return
+    doc.heading("Headline: robust accuracy")
+    if worst_case:
+        doc.para("Robust accuracy is the **per-image worst case over every attack** a run "
+                 "evaluated at that ε (metric `robust/accuracy_eps_<ε>`): an image counts only "
+                 "if the model classifies it correctly, clean and under each attack. This is "
+                 "the number a leaderboard reports and the one to compare defenses by. FGSM at "
+                 "the largest of these ε is shown beside it: the gap is what FGSM alone "
+                 "overstates. A cell marked `(FGSM only)` comes from runs evaluated before the "
+                 "worst case was logged.")
+    else:
+        doc.para("No run logged a worst case over attacks (`robust/accuracy_eps_<ε>`), so the "
+                 f"headline falls back to **FGSM at ε = {cmp.eps:g}** (the comparison ε), "
+                 "which overstates the robustness of a defense that hides its gradients: see "
+                 "the stronger attacks and the gradient-masking verdict below.")
+    doc.table(table)
+
+
 def intro(doc: Doc, data: StudyData, uri: str) -> None:
     """What was studied, where it is recorded, and how to read the numbers."""
     st, p = data.status, data.parent
@@ -848,7 +940,9 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
              "`masking suspected` counts the seeds whose model failed at least one of the "
              "checks of Carlini et al. (2019) (see the README): robustness that FGSM shows but "
              "PGD, APGD, Square or the transfer attack take away is hidden gradients, not "
-             "robustness.")
+             "robustness. For an ensemble (AutoAttack) the `after` column gives the mean robust "
+             "accuracy left after each component in turn (cumulative: an image broken by an "
+             "earlier component stays broken), so it shows which component does the work.")
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)
@@ -942,6 +1036,7 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
     else:
         summary = summarise(data.scores, data.eps)
         cmp = choose_comparison_eps(summary, data.eps)
+        headline_section(doc, data, cmp)
         doc.heading("Comparison ε")
         doc.para(cmp.reason)
         if not cmp.sweep.empty:

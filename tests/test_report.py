@@ -79,6 +79,12 @@ def test_report_tables_tests_and_comparison_eps(study, written) -> None:
     assert "randomised gradients" not in rows["none (control)"]["repeat max|Δ|"]
 
     assert "closest to the paper's 29.15 %" in md
+    # The headline: the worst case over attacks where the runs logged it, else FGSM, saying so.
+    head = {r["sequence"]: r for r in table_after(md, "## Headline: robust accuracy")}
+    assert set(head) == {"none (control)", *SEQUENCES[1:]}
+    worst_case = any(c.startswith("worst case") for c in head["none (control)"])
+    assert worst_case == ("per-image worst case over every attack" in md)
+    assert worst_case != ("headline falls back to **FGSM" in md)
     assert {r["ε"] for r in table_after(md, "## Comparison ε")} == {"0.1", "0.3"}
 
     vs_control = table_after(md, "### Each defense vs the control")
@@ -311,3 +317,92 @@ def test_comparison_eps_is_closest_to_paper_control() -> None:
     assert cmp.eps == 0.2 and cmp.base_depth == 2
     assert "closest to the paper's 29.15 %" in cmp.reason
     assert list(cmp.sweep["ε"]) == ["0.1", "0.2", "0.3"]
+
+
+# -- headline and AutoAttack on synthetic runs (a throw-away store, no training) ----------------
+def log_study(name: str, runs: list[tuple[str, int, dict]]) -> None:
+    """A study's parent run and one finished child per (sequence, seed, metrics), depth 2."""
+    with mlflow.start_run(run_name=name):
+        mlflow.set_tags({"art_study.role": "study", "study": name})
+        for seq, seed, metrics in runs:
+            with mlflow.start_run(nested=True, run_name=f"{seq} | 2conv | seed {seed}"):
+                mlflow.set_tags({"art_study.role": "run", "sequence": seq, "depth": "2",
+                                 "seed": str(seed), "run_key": f"{name}-{seq}-{seed}"})
+                mlflow.log_metrics(metrics)
+
+
+def _accuracies(clean: float, fgsm: float, **more: float) -> dict[str, float]:
+    return {"clean/accuracy": clean, "fgsm_custom/accuracy_eps_0.1": min(clean, fgsm + 0.2),
+            "fgsm_custom/accuracy_eps_0.3": fgsm, **more}
+
+
+AA = "attack/autoattack-standard"
+#: per seed: FGSM, worst case, and AutoAttack after APGD-CE, APGD-T, Square (cumulative)
+WORST_CASE_RUNS = [(0.80, 0.10, 0.30, 0.12, 0.10), (0.84, 0.14, 0.34, 0.16, 0.14)]
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory) -> str:
+    """One sqlite store (creating one costs seconds) with two synthetic studies: ``worst-case``
+    (distillation with the worst case and AutoAttack logged; a control evaluated before them)
+    and ``fgsm-only`` (no worst case at all)."""
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path_factory.mktemp('synthetic') / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(report.DEFAULT_EXPERIMENT)
+    runs = []
+    for seed, (fg, worst, ce, t, sq) in enumerate(WORST_CASE_RUNS):
+        runs.append(("distillation", seed, _accuracies(
+            0.99, fg, **{"robust/accuracy_eps_0.3": worst, "robust/accuracy_eps_0.1": 0.5,
+                         f"{AA}/accuracy_eps_0.3": sq, f"{AA}/square/accuracy_eps_0.3": sq,
+                         f"{AA}/apgd-t/accuracy_eps_0.3": t, f"{AA}/apgd-ce/accuracy_eps_0.3": ce,
+                         "attack/pgd/accuracy_eps_0.3": ce})))
+        runs.append(("none", seed, _accuracies(0.99, 0.30)))
+    log_study("worst-case", runs)
+    log_study("fgsm-only", [(seq, seed, _accuracies(0.99, fgsm + 0.01 * seed))
+                            for seq, fgsm in (("none", 0.29), ("adversarial_training", 0.9))
+                            for seed in (0, 1)])
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def test_headline_is_the_worst_case_and_autoattack_shows_its_components(synthetic_store,
+                                                                          tmp_path) -> None:
+    """With ``robust/accuracy_eps_<ε>`` logged, the headline is the worst case over attacks
+    (mean ± CI over seeds), FGSM beside it; a sequence whose runs predate the metric shows FGSM,
+    marked. The AutoAttack column comes with its cumulative components, in AutoAttack's order."""
+    files = report.write_report("worst-case", tracking_uri=synthetic_store,
+                                out_dir=tmp_path / "out", log=False, examples=False)
+    md = files.markdown.read_text(encoding="utf-8")
+
+    assert "per-image worst case over every attack" in md
+    head = {r["sequence"]: r for r in table_after(md, "## Headline: robust accuracy")}
+    dd = head["distillation"]
+    worst = pd.Series([100 * r[1] for r in WORST_CASE_RUNS])
+    assert dd["worst case ε=0.3 %"] == report.fmt_ci(report._ci_row(worst))
+    assert dd["worst case ε=0.1 %"].startswith("50.00 ±")
+    assert dd["FGSM ε=0.3 %"].startswith("82.00 ±")
+    assert dd["seeds"] == "2" and dd["clean %"].startswith("99.00")
+    control = head["none (control)"]
+    assert control["worst case ε=0.3 %"].startswith("30.00") and \
+        control["worst case ε=0.3 %"].endswith("(FGSM only)")
+    assert md.index("## Headline") < md.index("## Comparison ε")
+
+    beyond = {r["sequence"]: r for r in table_after(
+        md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}["distillation"]
+    assert beyond["autoattack-standard ε 0.3"] == dd["worst case ε=0.3 %"]
+    breakdown = "autoattack-standard ε 0.3 after apgd-ce → apgd-t → square"
+    assert beyond[breakdown] == "32.00 → 14.00 → 12.00"
+    assert not any("/" in column for column in beyond)  # components only in the breakdown
+    assert beyond["pgd ε 0.3"].startswith("32.00")
+
+
+def test_headline_falls_back_to_fgsm_and_says_so(synthetic_store, tmp_path) -> None:
+    md = report.write_report("fgsm-only", tracking_uri=synthetic_store, out_dir=tmp_path / "out",
+                             log=False, examples=False).markdown.read_text(encoding="utf-8")
+    eps_star = re.search(r"We compare at ε = ([0-9.]+):", md).group(1)
+    assert f"headline falls back to **FGSM at ε = {eps_star}**" in md
+    head = {r["sequence"]: r for r in table_after(md, "## Headline: robust accuracy")}
+    assert set(head) == {"none (control)", "adversarial_training"}
+    assert not any(c.startswith("worst case") for c in head["adversarial_training"])
+    assert head["adversarial_training"][f"FGSM ε={eps_star} %"].startswith("90.50 ±")
