@@ -215,10 +215,12 @@ def evaluation_identity(cfg: ExperimentConfig) -> dict[str, Any]:
 
     attacks = []
     for attack in cfg.evaluation.attacks:
-        r = resolve(attack, cfg.evaluation.eps)
-        attacks.append({"key": r.key, "class": r.cls.__name__, "args": r.kwargs,
-                        "step": r.step, "estimator": r.estimator, "eps": list(r.eps),
-                        "n_images": attack.n_images})
+        resolved = resolve(attack, cfg.evaluation.eps)
+        # Every resolved field (class, merged arguments, step, estimator, ε, ...), so a field
+        # the registry gains later is covered too; the config itself is in "evaluation".
+        fields = {f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)
+                  if f.name != "cfg"}
+        attacks.append({**fields, "cls": resolved.cls.__name__, "key": resolved.key})
     return {"evaluation": cfg.evaluation.model_dump(mode="json"), "attacks": attacks,
             "evaluation_version": EVALUATION_VERSION}
 
