@@ -901,6 +901,33 @@ def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
     doc.table(table)
 
 
+def teacher_note(finished: pd.DataFrame | None) -> str | None:
+    """What "X → distillation" rows are: by default the distillation of X's model as trained
+    (a T = 1 teacher), not Papernot's defensive distillation (``train_teacher: true``)."""
+    if finished is None or finished.empty or "sequence" not in finished:
+        return None
+    later = finished[finished["sequence"].fillna("").str.contains(">distillation", regex=False)]
+    if later.empty:
+        return None
+    col = "params.defenses.distillation.train_teacher"
+    at_t = (later[col].astype(str).str.lower() == "true") if col in later else \
+        pd.Series(False, index=later.index)
+    from_t1 = sorted(set(later.loc[~at_t, "sequence"]))
+    trained = sorted(set(later.loc[at_t, "sequence"]))
+    parts = []
+    if from_t1:
+        parts.append(f"{', '.join(f'`{s}`' for s in from_t1)}: **distillation from a T = 1 "
+                     "teacher**. The first stage's model, trained at T = 1, is the teacher and "
+                     "its logits are only softened at T for the soft labels; Papernot et al.'s "
+                     "defensive distillation trains the teacher at T, which is what saturates "
+                     "the student (set `defenses.distillation.train_teacher: true` for that).")
+    if trained:
+        parts.append(f"{', '.join(f'`{s}`' for s in trained)}: the first stage's model was "
+                     "trained further at T before distilling (`train_teacher: true`), "
+                     "Papernot's teacher.")
+    return "Sequences ending in distillation after another defense. " + " ".join(parts)
+
+
 def intro(doc: Doc, data: StudyData, uri: str) -> None:
     """What was studied, where it is recorded, and how to read the numbers."""
     st, p = data.status, data.parent
@@ -1049,6 +1076,9 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
                  "adversarial training 88.5 % (2 conv) and 97.9 % (5 conv), distillation "
                  "33.12 %, gradient masking 47.52 %, gradient masking + adversarial training "
                  "85.56 % (order not stated: shown for both orders), clean control 99.5 %.")
+        note = teacher_note(data.finished)
+        if note:
+            doc.para(note)
         attacks_section(doc, data)
         significance_section(doc, data, summary, cmp)
     doc.heading("Missing or failed runs")

@@ -320,14 +320,17 @@ def test_comparison_eps_is_closest_to_paper_control() -> None:
 
 
 # -- headline and AutoAttack on synthetic runs (a throw-away store, no training) ----------------
-def log_study(name: str, runs: list[tuple[str, int, dict]]) -> None:
-    """A study's parent run and one finished child per (sequence, seed, metrics), depth 2."""
+def log_study(name: str, runs: list[tuple[str, int, dict]],
+              params: dict[str, dict[str, str]] | None = None) -> None:
+    """A study's parent run and one finished child per (sequence, seed, metrics), depth 2;
+    ``params``: config parameters by sequence."""
     with mlflow.start_run(run_name=name):
         mlflow.set_tags({"art_study.role": "study", "study": name})
         for seq, seed, metrics in runs:
             with mlflow.start_run(nested=True, run_name=f"{seq} | 2conv | seed {seed}"):
                 mlflow.set_tags({"art_study.role": "run", "sequence": seq, "depth": "2",
                                  "seed": str(seed), "run_key": f"{name}-{seq}-{seed}"})
+                mlflow.log_params((params or {}).get(seq, {}))
                 mlflow.log_metrics(metrics)
 
 
@@ -358,7 +361,10 @@ def synthetic_store(tmp_path_factory) -> str:
                          f"{AA}/apgd-t/accuracy_eps_0.3": t, f"{AA}/apgd-ce/accuracy_eps_0.3": ce,
                          "attack/pgd/accuracy_eps_0.3": ce})))
         runs.append(("none", seed, _accuracies(0.99, 0.30)))
-    log_study("worst-case", runs)
+    runs.append(("adversarial_training>distillation", 0, _accuracies(0.98, 0.25)))
+    runs.append(("gradient_masking>distillation", 0, _accuracies(0.98, 0.9)))
+    log_study("worst-case", runs, params={"gradient_masking>distillation":
+                                          {"defenses.distillation.train_teacher": "True"}})
     log_study("fgsm-only", [(seq, seed, _accuracies(0.99, fgsm + 0.01 * seed))
                             for seq, fgsm in (("none", 0.29), ("adversarial_training", 0.9))
                             for seed in (0, 1)])
@@ -396,8 +402,14 @@ def test_headline_is_the_worst_case_and_autoattack_shows_its_components(syntheti
     assert not any("/" in column for column in beyond)  # components only in the breakdown
     assert beyond["pgd ε 0.3"].startswith("32.00")
 
+    # What "X → distillation" is, per how the teacher was made.
+    assert ("`adversarial_training>distillation`: **distillation from a T = 1 teacher**"
+            in md)
+    assert "`gradient_masking>distillation`: the first stage's model was trained further" in md
+
 
 def test_headline_falls_back_to_fgsm_and_says_so(synthetic_store, tmp_path) -> None:
+    """No worst case logged: FGSM at the comparison ε, and the text says so."""
     md = report.write_report("fgsm-only", tracking_uri=synthetic_store, out_dir=tmp_path / "out",
                              log=False, examples=False).markdown.read_text(encoding="utf-8")
     eps_star = re.search(r"We compare at ε = ([0-9.]+):", md).group(1)
@@ -406,3 +418,4 @@ def test_headline_falls_back_to_fgsm_and_says_so(synthetic_store, tmp_path) -> N
     assert set(head) == {"none (control)", "adversarial_training"}
     assert not any(c.startswith("worst case") for c in head["adversarial_training"])
     assert head["adversarial_training"][f"FGSM ε={eps_star} %"].startswith("90.50 ±")
+    assert "distillation from a T = 1 teacher" not in md  # no X → distillation row
