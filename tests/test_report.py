@@ -272,7 +272,7 @@ def test_mcnemar_over_seeds_is_the_sign_flip_test_of_net_discordance() -> None:
     assert how == "clustered χ²" and len(set(np.abs(d))) > 1
     flips = stats.permutation_test((d,), lambda x, axis: np.sum(x, axis=axis),
                                    permutation_type="samples", vectorized=True,
-                                   n_resamples=20_000, random_state=1)
+                                   n_resamples=10_000, random_state=1)
     assert p == pytest.approx(flips.pvalue, abs=0.004)  # χ² p 0.0103; MC s.e. ~0.0007
     assert 0.001 < p < 0.5  # a case where the approximation matters, not a foregone result
 
