@@ -345,47 +345,104 @@ def mcnemar(a_only: int, b_only: int) -> tuple[float, str]:
     return float(stats.chi2.sf(chi2, 1)), "χ²"
 
 
-def discordant_counts(pairs: list[tuple[pd.Series, pd.Series]], correct: dict[str, dict | None],
-                      key: str) -> tuple[int, int, int, int] | None:
-    """Images A got right and B wrong, and the reverse, summed over the seed-matched runs; also
-    the seeds and images used. None when no pair has per-example data on the same images."""
-    a_only = b_only = seeds = images = 0
+@dataclass(frozen=True)
+class SeedDiscordance:
+    """One seed's discordant images at one metric: A right and B wrong, and the reverse."""
+
+    seed: int
+    a_only: np.ndarray  # bool per test image
+    b_only: np.ndarray
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return int(self.a_only.sum()), int(self.b_only.sum())
+
+
+def seed_discordance(pairs: list[tuple[pd.Series, pd.Series]], correct: dict[str, dict | None],
+                     key: str) -> list[SeedDiscordance]:
+    """Per seed-matched pair of runs with per-example data on the same images: which images
+    only A gets right and which only B does."""
+    out = []
     for ra, rb in pairs:
         ca, cb = correct.get(ra["run_id"]) or {}, correct.get(rb["run_id"]) or {}
         if key not in ca or key not in cb or ca[key].shape != cb[key].shape:
             continue
         if isinstance(ra["fingerprint"], str) and ra["fingerprint"] != rb["fingerprint"]:
             continue  # not the same test images
-        a_only += int(np.sum(ca[key] & ~cb[key]))
-        b_only += int(np.sum(~ca[key] & cb[key]))
-        seeds, images = seeds + 1, images + len(ca[key])
-    return (a_only, b_only, seeds, images) if seeds else None
+        out.append(SeedDiscordance(int(ra.name), ca[key] & ~cb[key], ~ca[key] & cb[key]))
+    return out
+
+
+def clustered_mcnemar(per_seed: list[SeedDiscordance]) -> tuple[float, str] | None:
+    """McNemar's test over seeds with each test image as a cluster of its seeds' outcomes.
+
+    The seeds of a study are evaluated on the same test images (the full test set, or subsets
+    aligned by position), so an image that is hard for B is hard for B in every seed: summing
+    the seeds' discordant counts, as if every (seed, image) were an independent pair, overstates
+    the evidence. Here the unit is the image: its net discordance d = Σ_seeds (A✓B✗ − A✗B✓).
+    Under H0 (A and B exchangeable) d is symmetric about 0, and the test is on Σ d:
+    Durkalski et al. (2003)'s clustered McNemar χ² = (Σ d)² / Σ d² with 1 df from
+    ``EXACT_MCNEMAR_BELOW`` images with d ≠ 0, and below that the sign-flip permutation test
+    of Σ d (scipy's ``permutation_test``; exact up to 2^16 sign patterns, seeded Monte Carlo
+    above). With one seed this is McNemar's test (exact binomial; χ² without continuity
+    correction). Where the seeds hold different images, aligning them by position keeps the
+    test valid (a sum of independent symmetric terms is symmetric), only less powerful.
+    None when the seeds' image counts differ (no alignment).
+    """
+    if not per_seed or len({len(s.a_only) for s in per_seed}) != 1:
+        return None
+    net = sum(s.a_only.astype(int) - s.b_only.astype(int) for s in per_seed)
+    d = net[net != 0].astype(float)
+    if d.size == 0:
+        return 1.0, "exact"
+    if d.size >= EXACT_MCNEMAR_BELOW:
+        return float(stats.chi2.sf(d.sum() ** 2 / np.sum(d * d), 1)), "clustered χ²"
+    result = stats.permutation_test((d,), lambda x, axis: np.sum(x, axis=axis),
+                                    permutation_type="samples", vectorized=True,
+                                    n_resamples=2**16, alternative="two-sided", random_state=0)
+    how = "exact" if 2**d.size <= 2**16 else "sign-flip, 2^16 draws"
+    return float(min(result.pvalue, 1.0)), how
 
 
 def significance_table(scores: pd.DataFrame, summary: pd.DataFrame,
                        correct: dict[str, dict | None], pairs: list[tuple[int, str, str]],
                        eps_star: float) -> pd.DataFrame:
-    """Both tests for each (depth, A, B) at the comparison ε, one row per pair."""
+    """Both tests for each (depth, A, B) at the comparison ε, one row per pair: McNemar per
+    seed, and over seeds with images as the unit (:func:`clustered_mcnemar`), never pooled."""
     metric, key = eps_key(eps_star), f"fgsm_{eps_key(eps_star)}"
     rows = []
     for depth, a, b in pairs:
         ma, mb = lookup(summary, depth, a, metric), lookup(summary, depth, b, metric)
         pairs_ab = seed_matched(scores, depth, a, b)
-        counts = discordant_counts(pairs_ab, correct, key)
+        per_seed = seed_discordance(pairs_ab, correct, key)
         row = {"depth": depth, "A": a, "B": b,
                "A %": fmt_ci(ma), "B %": fmt_ci(mb),
                "Δ (A−B) pp": "—" if ma is None or mb is None else f"{ma['mean'] - mb['mean']:+.2f}",
                "paired t p": paired_t(pairs_ab, metric)}
-        if counts is None:
-            row |= {"A✓B✗ / A✗B✓": "—", "McNemar p": "n/a (no per-example data)",
-                    "seeds · images": "—"}
-        else:
-            p, how = mcnemar(counts[0], counts[1])
-            row |= {"A✓B✗ / A✗B✓": f"{counts[0]} / {counts[1]}",
-                    "McNemar p": f"{fmt_p(p)} ({how})",
-                    "seeds · images": f"{counts[2]} · {counts[3]}"}
+        row |= mcnemar_cells(per_seed)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mcnemar_cells(per_seed: list[SeedDiscordance]) -> dict[str, str]:
+    """The McNemar columns of a significance row: counts and p per seed, p over seeds."""
+    if not per_seed:
+        return {"A✓B✗ / A✗B✓ per seed": "—", "McNemar p per seed": "—",
+                "McNemar p over seeds": "n/a (no per-example data)", "seeds · images": "—"}
+    counts = [s.counts for s in per_seed]
+    per_seed_p = [mcnemar(*c) for c in counts]
+    combined = clustered_mcnemar(per_seed)
+    sizes = sorted({len(s.a_only) for s in per_seed})
+    return {
+        "A✓B✗ / A✗B✓ per seed": " · ".join(f"s{s.seed}: {a} / {b}"
+                                           for s, (a, b) in zip(per_seed, counts, strict=True)),
+        "McNemar p per seed": " · ".join(f"s{s.seed}: {fmt_p(p)} ({how})"
+                                         for s, (p, how) in zip(per_seed, per_seed_p,
+                                                                strict=True)),
+        "McNemar p over seeds": ("n/a (image counts differ between seeds)" if combined is None
+                                 else f"{fmt_p(combined[0])} ({combined[1]})"),
+        "seeds · images": f"{len(per_seed)} · {'/'.join(str(n) for n in sizes)}",
+    }
 
 
 def comparison_pairs(scores: pd.DataFrame, status: pd.DataFrame) -> tuple[list, list]:
@@ -662,17 +719,36 @@ def gather(parent: mlflow.entities.Run) -> StudyData:
     return StudyData(parent, name, status, scores, eps, finished)
 
 
-ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/(.+)/accuracy_eps_([0-9.]+)$")
+ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/([^/]+)/accuracy_eps_([^/]+)$")
+# A component of an ensemble attack (AutoAttack): the robust accuracy left after it and every
+# component before it, e.g. ``attack/autoattack-standard/apgd-t/accuracy_eps_0.3``.
+COMPONENT_METRIC = re.compile(r"^metrics\.attack/([^/]+)/([^/]+)/accuracy_eps_([^/]+)$")
+# AutoAttack's standard order; components not listed follow alphabetically.
+COMPONENT_ORDER = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")
+
+
+def _component_columns(runs: pd.DataFrame) -> dict[tuple[str, float], list[tuple[str, str]]]:
+    """(ensemble attack, ε) → its components' (name, column), in the order they run."""
+    found: dict[tuple[str, float], list[tuple[str, str]]] = {}
+    for c in runs.columns:
+        m = COMPONENT_METRIC.match(c)
+        if m and runs[c].notna().any():
+            found.setdefault((m.group(1), float(m.group(3))), []).append((m.group(2), c))
+    rank = {name: i for i, name in enumerate(COMPONENT_ORDER)}
+    return {k: sorted(v, key=lambda nc: (rank.get(nc[0], len(rank)), nc[0]))
+            for k, v in found.items()}
 
 
 def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.DataFrame | None:
     """Accuracy (mean ± 95 % CI over seeds) under each stronger attack and the transfer attack,
-    and the gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
+    an ensemble attack's (AutoAttack's) robust accuracy after each of its components, and the
+    gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
     runs = finished[finished["depth"] == depth]
     cols = sorted((c for c in runs.columns if ATTACK_METRIC.match(c) and runs[c].notna().any()),
                   key=lambda c: (ATTACK_METRIC.match(c).group(1) == "transfer",
                                  ATTACK_METRIC.match(c).group(2),
                                  float(ATTACK_METRIC.match(c).group(3))))
+    components = _component_columns(runs)
     verdict_col = "tags.gradient_masking_suspected"
     if not cols and verdict_col not in runs:
         return None
@@ -686,6 +762,12 @@ def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.Dat
             kind, name, eps = ATTACK_METRIC.match(c).groups()
             label = f"{'transfer ' if kind == 'transfer' else ''}{name} ε {float(eps):g}"
             row[label] = fmt_ci(_ci_row(group[c].dropna() * 100))
+            parts = components.get((name, float(eps))) if kind == "attack" else None
+            if parts:
+                steps = " → ".join(part for part, _ in parts)
+                row[f"{name} ε {float(eps):g} after {steps}"] = " → ".join(
+                    "—" if group[col].dropna().empty else f"{group[col].dropna().mean() * 100:.2f}"
+                    for _, col in parts)
         if verdict_col in group:
             flags = group[verdict_col].dropna()
             failed = sorted({name for reasons in group.get(
@@ -752,6 +834,100 @@ def missing_table(status: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+# -- the headline: robust accuracy, the per-image worst case over attacks --------------------
+ROBUST_METRIC = re.compile(r"^metrics\.robust/accuracy_eps_([^/]+)$")
+
+
+def robust_columns(finished: pd.DataFrame) -> dict[str, str]:
+    """ε as written in the metric name → its worst-case column, for the ε any run logged."""
+    found = {m.group(1): c for c in finished.columns
+             if (m := ROBUST_METRIC.match(c)) and finished[c].notna().any()}
+    return dict(sorted(found.items(), key=lambda kv: float(kv[0])))
+
+
+def _pct(group: pd.DataFrame, column: str) -> pd.Series:
+    return (group[column] if column in group else pd.Series(dtype=float)).dropna() * 100
+
+
+def headline_table(data: StudyData, eps_star: float) -> tuple[pd.DataFrame, bool]:
+    """Clean and robust accuracy per depth and sequence (mean ± 95 % CI over seeds), and
+    whether robust means the worst case over attacks (else: FGSM at ``eps_star``)."""
+    finished = data.finished if data.finished is not None else pd.DataFrame()
+    robust = robust_columns(finished) if not finished.empty else {}
+    rows = []
+    for depth in sorted(data.status["depth"].unique()):
+        for seq in sequence_order(data.status[data.status["depth"] == depth]):
+            group = finished[(finished["depth"] == depth) & (finished["sequence"] == seq)]
+            if group.empty:
+                continue
+            row = {"depth": int(depth), "sequence": seq + (" (control)" if seq == CONTROL else ""),
+                   "seeds": str(len(group)),
+                   "clean %": fmt_ci(_ci_row(_pct(group, "metrics.clean/accuracy")))}
+            for eps, column in robust.items():
+                values = _pct(group, column)
+                if values.empty:  # runs evaluated before the worst case was logged
+                    fgsm = _pct(group, f"metrics.fgsm_custom/accuracy_eps_{eps}")
+                    cell = "—" if fgsm.empty else f"{fmt_ci(_ci_row(fgsm))} (FGSM only)"
+                else:
+                    cell = fmt_ci(_ci_row(values))
+                row[f"worst case ε={float(eps):g} %"] = cell
+            fgsm_eps = list(robust)[-1] if robust else eps_key(eps_star).removeprefix("eps_")
+            row[f"FGSM ε={float(fgsm_eps):g} %"] = fmt_ci(_ci_row(
+                _pct(group, f"metrics.fgsm_custom/accuracy_eps_{fgsm_eps}")))
+            rows.append(row)
+    return pd.DataFrame(rows), bool(robust)
+
+
+def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
+    """The number to compare defenses by: the worst case over attacks when the runs logged it,
+    else FGSM, saying which."""
+    table, worst_case = headline_table(data, cmp.eps)
+    if table.empty:
+        return
+    doc.heading("Headline: robust accuracy")
+    if worst_case:
+        doc.para("Robust accuracy is the **per-image worst case over every attack** a run "
+                 "evaluated at that ε (metric `robust/accuracy_eps_<ε>`): an image counts only "
+                 "if the model classifies it correctly, clean and under each attack. This is "
+                 "the number a leaderboard reports and the one to compare defenses by. FGSM at "
+                 "the largest of these ε is shown beside it: the gap is what FGSM alone "
+                 "overstates. A cell marked `(FGSM only)` comes from runs evaluated before the "
+                 "worst case was logged.")
+    else:
+        doc.para("No run logged a worst case over attacks (`robust/accuracy_eps_<ε>`), so the "
+                 f"headline falls back to **FGSM at ε = {cmp.eps:g}** (the comparison ε), "
+                 "which overstates the robustness of a defense that hides its gradients: see "
+                 "the stronger attacks and the gradient-masking verdict below.")
+    doc.table(table)
+
+
+def teacher_note(finished: pd.DataFrame | None) -> str | None:
+    """What "X → distillation" rows are: by default the distillation of X's model as trained
+    (a T = 1 teacher), not Papernot's defensive distillation (``train_teacher: true``)."""
+    if finished is None or finished.empty or "sequence" not in finished:
+        return None
+    later = finished[finished["sequence"].fillna("").str.contains(">distillation", regex=False)]
+    if later.empty:
+        return None
+    col = "params.defenses.distillation.train_teacher"
+    at_t = (later[col].astype(str).str.lower() == "true") if col in later else \
+        pd.Series(False, index=later.index)
+    from_t1 = sorted(set(later.loc[~at_t, "sequence"]))
+    trained = sorted(set(later.loc[at_t, "sequence"]))
+    parts = []
+    if from_t1:
+        parts.append(f"{', '.join(f'`{s}`' for s in from_t1)}: **distillation from a T = 1 "
+                     "teacher**. The first stage's model, trained at T = 1, is the teacher and "
+                     "its logits are only softened at T for the soft labels; Papernot et al.'s "
+                     "defensive distillation trains the teacher at T, which is what saturates "
+                     "the student (set `defenses.distillation.train_teacher: true` for that).")
+    if trained:
+        parts.append(f"{', '.join(f'`{s}`' for s in trained)}: the first stage's model was "
+                     "trained further at T before distilling (`train_teacher: true`), "
+                     "Papernot's teacher.")
+    return "Sequences ending in distillation after another defense. " + " ".join(parts)
+
+
 def intro(doc: Doc, data: StudyData, uri: str) -> None:
     """What was studied, where it is recorded, and how to read the numbers."""
     st, p = data.status, data.parent
@@ -791,7 +967,9 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
              "`masking suspected` counts the seeds whose model failed at least one of the "
              "checks of Carlini et al. (2019) (see the README): robustness that FGSM shows but "
              "PGD, APGD, Square or the transfer attack take away is hidden gradients, not "
-             "robustness.")
+             "robustness. For an ensemble (AutoAttack) the `after` column gives the mean robust "
+             "accuracy left after each component in turn (cumulative: an image broken by an "
+             "earlier component stays broken), so it shows which component does the work.")
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)
@@ -816,12 +994,15 @@ def significance_section(doc: Doc, data: StudyData, summary: pd.DataFrame,
     doc.para("Paired t-test: the FGSM accuracies of A and B paired by seed (same seed, same data "
              "order and test images), two-sided; it needs at least 2 seeds. McNemar's test: on "
              "the same test images, the images only A classifies correctly (A✓B✗) against those "
-             f"only B does (A✗B✓); exact binomial below {EXACT_MCNEMAR_BELOW} discordant images, "
-             "χ² with continuity correction above. With several seeds the discordant counts of "
-             "seed-matched runs are summed across seeds before testing; when every seed uses "
-             "the same test images (the full test set) these pairs are not independent and the "
-             "combined p-value is optimistic. p-values are not corrected for the number of "
-             "comparisons.")
+             f"only B does (A✗B✓), per seed: exact binomial below {EXACT_MCNEMAR_BELOW} "
+             "discordant images, χ² with continuity correction above. Over seeds the counts are "
+             "not summed: the seeds are evaluated on the same test images, so their discordant "
+             "pairs are not independent. `McNemar p over seeds` takes each test image as the "
+             "unit, with its net discordance over the seeds (Σ A✓B✗ − A✗B✓), and tests that it "
+             "is symmetric about 0: Durkalski et al. (2003)'s clustered McNemar χ² from "
+             f"{EXACT_MCNEMAR_BELOW} images with a non-zero net, a sign-flip permutation test "
+             "below. With one seed it is McNemar's test. p-values are not corrected for the "
+             "number of comparisons.")
     for title, pairs in (("Each defense vs the control", vs_control),
                          ("Between defenses", between)):
         doc.heading(title, 3)
@@ -882,6 +1063,7 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
     else:
         summary = summarise(data.scores, data.eps)
         cmp = choose_comparison_eps(summary, data.eps)
+        headline_section(doc, data, cmp)
         doc.heading("Comparison ε")
         doc.para(cmp.reason)
         if not cmp.sweep.empty:
@@ -894,6 +1076,9 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
                  "adversarial training 88.5 % (2 conv) and 97.9 % (5 conv), distillation "
                  "33.12 %, gradient masking 47.52 %, gradient masking + adversarial training "
                  "85.56 % (order not stated: shown for both orders), clean control 99.5 %.")
+        note = teacher_note(data.finished)
+        if note:
+            doc.para(note)
         attacks_section(doc, data)
         significance_section(doc, data, summary, cmp)
     doc.heading("Missing or failed runs")

@@ -105,7 +105,8 @@ def test_registered_with_documented_defaults():
     defense = DEFENSES["adversarial_training_fast"]
     assert defense.train is atf.train
     s = defense.settings()
-    assert (s.eps, s.ratio, s.random_start, s.step_size) == (0.3, 0.5, False, None)
+    assert (s.eps, s.ratio, s.random_start, s.step_size, s.labels) == (0.3, 0.5, False, None,
+                                                                       "true")
     assert s.alpha() == pytest.approx(0.3)  # plain FGSM: one step of ε
     assert atf.Settings(random_start=True).alpha() == pytest.approx(0.375)  # Wong et al.: 1.25 ε
     assert atf.Settings(random_start=True, step_size=0.1).alpha() == pytest.approx(0.1)
@@ -168,6 +169,28 @@ def test_in_graph_attack_is_our_fgsm(mnist):
     assert np.abs(rs - x).max() <= 0.2 + 1e-6
     assert rs.min() >= 0.0 and rs.max() <= 1.0
     assert np.mean(rs != got) > 0.1
+
+
+def test_in_graph_attack_with_predicted_labels_is_arts_label_free_fgsm(mnist):
+    """``labels: predicted`` crafts what ART's ``FastGradientMethod`` crafts when given no
+    labels (the model's argmax); on the images the model gets wrong that differs from the
+    true-label FGSM."""
+    from art.attacks.evasion import FastGradientMethod
+    from art.estimators.classification import KerasClassifier
+
+    model = fresh_model(0)
+    model.fit(mnist.x_train[:300], one_hot(mnist.y_train[:300]), epochs=1, verbose=0)
+    x, y = mnist.x_test[:200], one_hot(mnist.y_test[:200])
+    trainer = atf.FGSMTrainer(model, atf.Settings(eps=0.2, labels="predicted"), seed=0)
+    got = trainer.adversarial(tf.constant(x), tf.constant(y)).numpy()
+    classifier = KerasClassifier(model=model, use_logits=True, clip_values=(0.0, 1.0))
+    art = FastGradientMethod(classifier, norm=np.inf, eps=0.2, eps_step=0.2).generate(x)
+    np.testing.assert_allclose(got, art, atol=1e-6)
+
+    wrong = model.predict(x, verbose=0).argmax(axis=1) != y.argmax(axis=1)
+    assert wrong.any()
+    with_true = FGSM(model).generate(x, y, 0.2)
+    assert all((got[i] != with_true[i]).any() for i in np.flatnonzero(wrong))
 
 
 @pytest.mark.parametrize(("ratio", "n", "n_adv"), [(0.5, 32, 16), (0.5, 33, 17), (0.3, 10, 3),

@@ -22,7 +22,8 @@ from art_study.study import run_study
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 SEQUENCES = ["none", "adversarial_training", "distillation", "gradient_masking"]
-P_VALUE = re.compile(r"^(<0\.0001|\d(\.\d+)?(e-\d+)?)( \((exact|χ²)\))?$")
+P_VALUE = re.compile(r"^(<0\.0001|\d(\.\d+)?(e-\d+)?)"
+                     r"( \((exact|χ²|clustered χ²|sign-flip, 2\^16 draws)\))?$")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,12 @@ def test_report_tables_tests_and_comparison_eps(study, written) -> None:
     assert "randomised gradients" not in rows["none (control)"]["repeat max|Δ|"]
 
     assert "closest to the paper's 29.15 %" in md
+    # The headline: the worst case over attacks where the runs logged it, else FGSM, saying so.
+    head = {r["sequence"]: r for r in table_after(md, "## Headline: robust accuracy")}
+    assert set(head) == {"none (control)", *SEQUENCES[1:]}
+    worst_case = any(c.startswith("worst case") for c in head["none (control)"])
+    assert worst_case == ("per-image worst case over every attack" in md)
+    assert worst_case != ("headline falls back to **FGSM" in md)
     assert {r["ε"] for r in table_after(md, "## Comparison ε")} == {"0.1", "0.3"}
 
     vs_control = table_after(md, "### Each defense vs the control")
@@ -89,8 +96,9 @@ def test_report_tables_tests_and_comparison_eps(study, written) -> None:
         # images) leave the paired t-test undefined: the report says so instead of a p-value.
         assert P_VALUE.match(row["paired t p"]) or \
             row["paired t p"] == "n/a (same difference every seed)", row
-        assert P_VALUE.match(row["McNemar p"]), row
-        assert row["seeds · images"] == "2 · 200"
+        assert P_VALUE.match(row["McNemar p over seeds"]), row
+        assert re.fullmatch(r"s0: \d+ / \d+ · s1: \d+ / \d+", row["A✓B✗ / A✗B✓ per seed"]), row
+        assert row["seeds · images"] == "2 · 100"
     assert any(P_VALUE.match(row["paired t p"]) for row in pairs)
     assert "## Missing or failed runs\n\nNone: all 8 planned runs finished." in md
 
@@ -186,7 +194,8 @@ def test_failed_and_missing_runs_are_listed(study, tmp_path) -> None:
     assert "(n=1)" in rows["distillation"]["clean %"]
     vs_control = {r["A"]: r for r in table_after(md, "### Each defense vs the control")}
     assert vs_control["distillation"]["paired t p"] == "n/a (1 seed)"
-    assert P_VALUE.match(vs_control["distillation"]["McNemar p"])
+    assert P_VALUE.match(vs_control["distillation"]["McNemar p over seeds"])
+    assert vs_control["distillation"]["A✓B✗ / A✗B✓ per seed"].startswith("s0: ")
 
 
 def test_cli_report(study, tmp_path, monkeypatch, capsys) -> None:
@@ -218,6 +227,79 @@ def test_mcnemar_exact_and_chi2() -> None:
     assert how == "χ²" and p == pytest.approx(stats.chi2.sf((20 - 1) ** 2 / 60, 1))
 
 
+def _seed(seed: int, a_only: list[int], b_only: list[int], n: int = 200):
+    """A seed's discordance: the images (by position) only A, and only B, gets right."""
+    a, b = np.zeros(n, bool), np.zeros(n, bool)
+    a[a_only], b[b_only] = True, True
+    return report.SeedDiscordance(seed, a, b)
+
+
+def test_mcnemar_over_seeds_counts_images_not_seed_image_pairs() -> None:
+    """Seeds on the same test images are not independent evidence: the same discordant images
+    in two seeds give the p of one seed, where summing the counts (the old pooled test)
+    claimed far more. One seed: McNemar's exact and (uncorrected) χ² tests."""
+    one = _seed(0, list(range(20)), list(range(20, 28)))
+    p_one, how = report.clustered_mcnemar([one])
+    assert how == "clustered χ²"
+    assert p_one == pytest.approx(stats.chi2.sf((20 - 8) ** 2 / 28, 1))
+    twice = [one, _seed(1, list(range(20)), list(range(20, 28)))]
+    p_twice, _ = report.clustered_mcnemar(twice)
+    assert p_twice == pytest.approx(p_one)
+    p_pooled, _ = report.mcnemar(40, 16)  # what summing the seeds' counts gave
+    assert p_pooled < 0.01 < 0.02 < p_twice
+    # Seeds that disagree cancel image by image.
+    assert report.clustered_mcnemar([one, _seed(1, list(range(20, 28)), list(range(20)))]) == \
+        (1.0, "exact")
+
+    small = _seed(0, [0, 1, 2, 3, 4, 5, 6, 7, 8], [9])
+    p, how = report.clustered_mcnemar([small])
+    assert how == "exact" and p == pytest.approx(stats.binomtest(9, 10, 0.5).pvalue)
+    assert report.clustered_mcnemar([small, _seed(1, [0], [], n=100)]) is None
+
+
+def test_mcnemar_over_seeds_is_the_sign_flip_test_of_net_discordance() -> None:
+    """The χ² is the normal approximation of the exact sign-flip test of Σ d over images (the
+    permutation variance of Σ d is Σ d²): on 3 seeds with mixed nets, the two agree."""
+    rng = np.random.default_rng(0)
+    seeds = []
+    for s in range(3):
+        a = rng.random(400) < 0.12
+        b = ~a & (rng.random(400) < 0.115)
+        seeds.append(report.SeedDiscordance(s, a, b))
+    p, how = report.clustered_mcnemar(seeds)
+    net = sum(s.a_only.astype(int) - s.b_only.astype(int) for s in seeds)
+    d = net[net != 0].astype(float)
+    assert how == "clustered χ²" and len(set(np.abs(d))) > 1
+    flips = stats.permutation_test((d,), lambda x, axis: np.sum(x, axis=axis),
+                                   permutation_type="samples", vectorized=True,
+                                   n_resamples=10_000, random_state=1)
+    assert p == pytest.approx(flips.pvalue, abs=0.004)  # χ² p 0.0103; MC s.e. ~0.0007
+    assert 0.001 < p < 0.5  # a case where the approximation matters, not a foregone result
+
+
+def test_significance_rows_report_each_seed() -> None:
+    """Per-seed counts and p-values, the p over seeds, and the images per seed."""
+    scores = pd.DataFrame([
+        {"run_id": f"{seq}{seed}", "sequence": seq, "depth": 2, "seed": seed, "eps_0.3": acc,
+         "fingerprint": "same"}
+        for seq, accs in (("none", (10.0, 12.0)), ("adversarial_training", (60.0, 55.0)))
+        for seed, acc in zip((0, 1), accs, strict=True)])
+    summary = report.summarise(scores.assign(clean=99.0), [0.3])
+    rng = np.random.default_rng(0)
+    correct = {rid: {"fgsm_eps_0.3": rng.random(100) < (0.6 if rid[0] == "a" else 0.1)}
+               for rid in scores["run_id"]}
+    [row] = report.significance_table(scores, summary, correct,
+                                      [(2, "adversarial_training", "none")], 0.3).to_dict("records")
+    for seed in (0, 1):
+        a, b = correct[f"adversarial_training{seed}"]["fgsm_eps_0.3"], \
+            correct[f"none{seed}"]["fgsm_eps_0.3"]
+        counts = f"s{seed}: {int(np.sum(a & ~b))} / {int(np.sum(~a & b))}"
+        assert counts in row["A✓B✗ / A✗B✓ per seed"]
+        p, how = report.mcnemar(int(np.sum(a & ~b)), int(np.sum(~a & b)))
+        assert f"s{seed}: {report.fmt_p(p)} ({how})" in row["McNemar p per seed"]
+    assert P_VALUE.match(row["McNemar p over seeds"]) and row["seeds · images"] == "2 · 100"
+
+
 def test_confidence_interval_and_formatting() -> None:
     assert np.isnan(report.ci95_half_width(pd.Series([0.5])))
     half = report.ci95_half_width(pd.Series([1.0, 2.0, 3.0]))
@@ -235,3 +317,105 @@ def test_comparison_eps_is_closest_to_paper_control() -> None:
     assert cmp.eps == 0.2 and cmp.base_depth == 2
     assert "closest to the paper's 29.15 %" in cmp.reason
     assert list(cmp.sweep["ε"]) == ["0.1", "0.2", "0.3"]
+
+
+# -- headline and AutoAttack on synthetic runs (a throw-away store, no training) ----------------
+def log_study(name: str, runs: list[tuple[str, int, dict]],
+              params: dict[str, dict[str, str]] | None = None) -> None:
+    """A study's parent run and one finished child per (sequence, seed, metrics), depth 2;
+    ``params``: config parameters by sequence."""
+    with mlflow.start_run(run_name=name):
+        mlflow.set_tags({"art_study.role": "study", "study": name})
+        for seq, seed, metrics in runs:
+            with mlflow.start_run(nested=True, run_name=f"{seq} | 2conv | seed {seed}"):
+                mlflow.set_tags({"art_study.role": "run", "sequence": seq, "depth": "2",
+                                 "seed": str(seed), "run_key": f"{name}-{seq}-{seed}"})
+                mlflow.log_params((params or {}).get(seq, {}))
+                mlflow.log_metrics(metrics)
+
+
+def _accuracies(clean: float, fgsm: float, **more: float) -> dict[str, float]:
+    return {"clean/accuracy": clean, "fgsm_custom/accuracy_eps_0.1": min(clean, fgsm + 0.2),
+            "fgsm_custom/accuracy_eps_0.3": fgsm, **more}
+
+
+AA = "attack/autoattack-standard"
+#: per seed: FGSM, worst case, and AutoAttack after APGD-CE, APGD-T, Square (cumulative)
+WORST_CASE_RUNS = [(0.80, 0.10, 0.30, 0.12, 0.10), (0.84, 0.14, 0.34, 0.16, 0.14)]
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory) -> str:
+    """One sqlite store (creating one costs seconds) with two synthetic studies: ``worst-case``
+    (distillation with the worst case and AutoAttack logged; a control evaluated before them)
+    and ``fgsm-only`` (no worst case at all)."""
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path_factory.mktemp('synthetic') / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(report.DEFAULT_EXPERIMENT)
+    runs = []
+    for seed, (fg, worst, ce, t, sq) in enumerate(WORST_CASE_RUNS):
+        runs.append(("distillation", seed, _accuracies(
+            0.99, fg, **{"robust/accuracy_eps_0.3": worst, "robust/accuracy_eps_0.1": 0.5,
+                         f"{AA}/accuracy_eps_0.3": sq, f"{AA}/square/accuracy_eps_0.3": sq,
+                         f"{AA}/apgd-t/accuracy_eps_0.3": t, f"{AA}/apgd-ce/accuracy_eps_0.3": ce,
+                         "attack/pgd/accuracy_eps_0.3": ce})))
+        runs.append(("none", seed, _accuracies(0.99, 0.30)))
+    runs.append(("adversarial_training>distillation", 0, _accuracies(0.98, 0.25)))
+    runs.append(("gradient_masking>distillation", 0, _accuracies(0.98, 0.9)))
+    log_study("worst-case", runs, params={"gradient_masking>distillation":
+                                          {"defenses.distillation.train_teacher": "True"}})
+    log_study("fgsm-only", [(seq, seed, _accuracies(0.99, fgsm + 0.01 * seed))
+                            for seq, fgsm in (("none", 0.29), ("adversarial_training", 0.9))
+                            for seed in (0, 1)])
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def test_headline_is_the_worst_case_and_autoattack_shows_its_components(synthetic_store,
+                                                                          tmp_path) -> None:
+    """With ``robust/accuracy_eps_<ε>`` logged, the headline is the worst case over attacks
+    (mean ± CI over seeds), FGSM beside it; a sequence whose runs predate the metric shows FGSM,
+    marked. The AutoAttack column comes with its cumulative components, in AutoAttack's order."""
+    files = report.write_report("worst-case", tracking_uri=synthetic_store,
+                                out_dir=tmp_path / "out", log=False, examples=False)
+    md = files.markdown.read_text(encoding="utf-8")
+
+    assert "per-image worst case over every attack" in md
+    head = {r["sequence"]: r for r in table_after(md, "## Headline: robust accuracy")}
+    dd = head["distillation"]
+    worst = pd.Series([100 * r[1] for r in WORST_CASE_RUNS])
+    assert dd["worst case ε=0.3 %"] == report.fmt_ci(report._ci_row(worst))
+    assert dd["worst case ε=0.1 %"].startswith("50.00 ±")
+    assert dd["FGSM ε=0.3 %"].startswith("82.00 ±")
+    assert dd["seeds"] == "2" and dd["clean %"].startswith("99.00")
+    control = head["none (control)"]
+    assert control["worst case ε=0.3 %"].startswith("30.00") and \
+        control["worst case ε=0.3 %"].endswith("(FGSM only)")
+    assert md.index("## Headline") < md.index("## Comparison ε")
+
+    beyond = {r["sequence"]: r for r in table_after(
+        md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}["distillation"]
+    assert beyond["autoattack-standard ε 0.3"] == dd["worst case ε=0.3 %"]
+    breakdown = "autoattack-standard ε 0.3 after apgd-ce → apgd-t → square"
+    assert beyond[breakdown] == "32.00 → 14.00 → 12.00"
+    assert not any("/" in column for column in beyond)  # components only in the breakdown
+    assert beyond["pgd ε 0.3"].startswith("32.00")
+
+    # What "X → distillation" is, per how the teacher was made.
+    assert ("`adversarial_training>distillation`: **distillation from a T = 1 teacher**"
+            in md)
+    assert "`gradient_masking>distillation`: the first stage's model was trained further" in md
+
+
+def test_headline_falls_back_to_fgsm_and_says_so(synthetic_store, tmp_path) -> None:
+    """No worst case logged: FGSM at the comparison ε, and the text says so."""
+    md = report.write_report("fgsm-only", tracking_uri=synthetic_store, out_dir=tmp_path / "out",
+                             log=False, examples=False).markdown.read_text(encoding="utf-8")
+    eps_star = re.search(r"We compare at ε = ([0-9.]+):", md).group(1)
+    assert f"headline falls back to **FGSM at ε = {eps_star}**" in md
+    head = {r["sequence"]: r for r in table_after(md, "## Headline: robust accuracy")}
+    assert set(head) == {"none (control)", "adversarial_training"}
+    assert not any(c.startswith("worst case") for c in head["adversarial_training"])
+    assert head["adversarial_training"][f"FGSM ε={eps_star} %"].startswith("90.50 ±")
+    assert "distillation from a T = 1 teacher" not in md  # no X → distillation row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -86,6 +87,49 @@ def test_speed_only_settings_keep_every_key() -> None:
     assert study_key(slower, before) != study_key(cfg, before)
 
 
+def test_where_results_go_is_not_what_a_study_is(monkeypatch) -> None:
+    """`--tracking-uri X`, `MLFLOW_TRACKING_URI=X` (not in the config at all), `--data-dir`,
+    another experiment name or stage cache: the same study, the same keys, so a rerun resumes.
+    What the data is still counts (n_train)."""
+    base = load_config(TINY)
+    moved = load_config(TINY, ["tracking.uri=sqlite:////elsewhere/mlflow.db",
+                               "data.dir=/somewhere/mnist", "data.download=false",
+                               "tracking.experiment=other", "tracking.log_model=false",
+                               "study.cache_dir=/shared/cache"])
+    before = plan_runs(base, fake_fingerprints(base))
+    after = plan_runs(moved, fake_fingerprints(moved))
+    assert [r.key for r in after] == [r.key for r in before]
+    assert [s.key for r in after for s in r.stages] == [s.key for r in before for s in r.stages]
+    assert study_key(moved, after) == study_key(base, before)
+    smaller = load_config(TINY, ["data.n_train=200"])
+    assert study_key(smaller, plan_runs(smaller, fake_fingerprints(smaller))) != \
+        study_key(base, before)
+
+
+def test_run_keys_cover_resolved_attack_budgets_and_evaluation_version(monkeypatch) -> None:
+    """Same config, but an alias default (PGD's iterations) or the evaluation code changed:
+    every run key changes, stage keys do not (the trained models stay valid)."""
+    from art_study.attacks import registry
+    from art_study.study import plan
+
+    cfg = load_config(TINY, ["evaluation.attacks=[{name: pgd, eps: [0.1], n_images: 20}]"])
+    before = plan_runs(cfg, fake_fingerprints(cfg))
+    pgd = registry.ALIASES["pgd"]
+    monkeypatch.setitem(registry.ALIASES, "pgd", dataclasses.replace(
+        pgd, defaults={**pgd.defaults, "max_iter": pgd.defaults["max_iter"] + 10}))
+    stronger = plan_runs(cfg, fake_fingerprints(cfg))
+    monkeypatch.undo()
+    _only_run_keys_changed(cfg, stronger, before)
+    monkeypatch.setattr(plan, "EVALUATION_VERSION", plan.EVALUATION_VERSION + 1)
+    _only_run_keys_changed(cfg, plan_runs(cfg, fake_fingerprints(cfg)), before)
+
+
+def _only_run_keys_changed(cfg, changed: list, before: list) -> None:
+    assert all(a.key != b.key for a, b in zip(changed, before, strict=True))
+    assert [s.key for r in changed for s in r.stages] == [s.key for r in before for s in r.stages]
+    assert study_key(cfg, changed) != study_key(cfg, before)
+
+
 def test_a_new_implementation_of_a_defense_invalidates_only_its_stages(monkeypatch) -> None:
     from art_study.defenses import DEFENSES
 
@@ -99,6 +143,34 @@ def test_a_new_implementation_of_a_defense_invalidates_only_its_stages(monkeypat
     seq = "adversarial_training>distillation"
     assert after[seq].stages[0].key == before[seq].stages[0].key
     assert after[seq].stages[1].key != before[seq].stages[1].key
+
+
+@pytest.mark.parametrize("defense", ["adversarial_training", "adversarial_training_fast"])
+def test_an_added_option_at_its_old_behaviour_keeps_stage_keys(monkeypatch, defense) -> None:
+    """``labels`` came after stages were cached: at ``true`` (how those stages were trained) a
+    stage keeps the key its settings had without the option; ``predicted`` is new work."""
+    from art_study.study import plan
+
+    overrides = [f"study.defenses=[{defense}]"]
+    cfg = load_config(TINY, overrides)
+    now = [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
+    resolve = plan.resolve_settings
+
+    def without_labels(cfg, name):  # the settings as they were dumped before the option
+        return {k: v for k, v in resolve(cfg, name).items() if k != "labels"}
+
+    monkeypatch.setattr(plan, "resolve_settings", without_labels)
+    before = [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
+    monkeypatch.undo()
+    assert now == before
+    explicit = load_config(TINY, [*overrides, f"defenses.{defense}.labels=true"])
+    assert [s.key for r in plan_runs(explicit, fake_fingerprints(cfg))
+            for s in r.stages] == now
+    predicted = load_config(TINY, [*overrides, f"defenses.{defense}.labels=predicted"])
+    runs = {r.sequence: r for r in plan_runs(predicted, fake_fingerprints(cfg))}
+    assert runs[defense].stages[0].key not in now
+    assert runs[defense].stages[0].settings["labels"] == "predicted"
+    assert runs["none"].stages[0].key in now
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 The same training as ``adversarial_training`` (ART's ``AdversarialTrainer`` with its FGSM): in
 every batch a share ``ratio`` of the images, chosen at random, is replaced by FGSM images
-crafted against the current weights with the true labels (inference mode, as ART's
-``loss_gradient``), and the model takes one optimizer step on the mixed batch. The difference
+crafted against the current weights (inference mode, as ART's ``loss_gradient``), with the true
+labels by default or the model's own predictions (``labels``, see ``adversarial_training`` on
+label leaking), and the model takes one optimizer step on the mixed batch. The difference
 is where it runs: ART crafts the images in NumPy batches and calls ``model.fit`` once per
 batch (about 0.1 s of Keras overhead per call on a CPU); here the attack and the step are one
 ``tf.function``, driven by an ordinary Keras ``fit``. Only the adversarial share is attacked,
@@ -28,12 +29,15 @@ weights (with TF op determinism, also on; tests/test_adversarial_training_fast.p
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import keras
 import numpy as np
 import tensorflow as tf
 from pydantic import ConfigDict, Field
 
 from art_study.attacks.fgsm import signed_gradient
+from art_study.defenses.adversarial_training import LabelSource
 from art_study.defenses.base import DefenseSettings, StageContext
 
 
@@ -60,6 +64,14 @@ class Settings(DefenseSettings):
     (plain FGSM), 1.25·ε with one, the value Wong et al. (2020) recommend (α = 1.25 ε). The
     result is always projected onto the ε-ball, so α > ε only matters after a random start."""
 
+    labels: LabelSource = "true"
+    """Labels the training FGSM is crafted with: ``true`` (ART's ``AdversarialTrainer``, the
+    paper; prone to label leaking, Kurakin et al. 2017) or ``predicted`` (the model's own
+    argmax in inference mode, as ART's ``FastGradientMethod`` recommends)."""
+
+    # Added after stage keys existed: left out of the key at this value (same training).
+    key_defaults: ClassVar[dict[str, object]] = {"labels": "true"}
+
     def alpha(self) -> float:
         """The step size in use (see ``step_size``)."""
         if self.step_size is not None:
@@ -81,6 +93,7 @@ class FGSMTrainer(keras.Model):
         self.alpha = float(settings.alpha())
         self.ratio = float(settings.ratio)
         self.random_start = bool(settings.random_start)
+        self.predicted_labels = settings.labels == "predicted"
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.attack_loss = keras.losses.CategoricalCrossentropy(from_logits=True,
                                                                 reduction=None)
@@ -89,7 +102,11 @@ class FGSMTrainer(keras.Model):
         return self.net(x, training=training)
 
     def adversarial(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """FGSM images for ``x`` (true one-hot labels ``y``), with the optional random start."""
+        """FGSM images for ``x`` with the optional random start, crafted with the one-hot true
+        labels ``y`` or, with ``labels: predicted``, the model's argmax on the clean ``x``."""
+        if self.predicted_labels:
+            logits = self.net(x, training=False)
+            y = tf.one_hot(tf.argmax(logits, axis=-1), tf.shape(y)[-1], dtype=y.dtype)
         start = x
         if self.random_start:
             start = x + keras.random.uniform(tf.shape(x), -self.eps, self.eps,

@@ -35,6 +35,10 @@ class DefenseSettings(BaseModel):
     train (e.g. a different order of random draws), so cached stages of the old code are not
     reused as if the new code had made them. Part of the stage key from 2 on."""
 
+    key_defaults: ClassVar[dict[str, object]] = {}
+    """Settings added after stage keys existed, with the value that trains as before the option:
+    left out of the stage key at that value, so cached stages stay valid."""
+
 
 @dataclass
 class StageContext:

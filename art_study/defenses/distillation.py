@@ -6,6 +6,15 @@ The stage's incoming model is always the **teacher**:
    first stage), it is trained for ``epochs`` epochs on the hard labels at temperature T, loss
    CE(y, softmax(z/T)). If it comes from a previous stage, that stage's model, as trained, is
    the teacher (its logits are softened at the same T). ``train_teacher`` overrides the choice.
+
+   So by default "X → distillation" is **distillation from a T = 1 teacher**: X's model was
+   trained at T = 1 and its logits are only softened at T for the soft labels. That is not
+   Papernot et al.'s defensive distillation, whose teacher is itself trained at T (which is what
+   makes the student's logits large and its softmax saturate at T = 1); such rows are a
+   knowledge transfer from X into a fresh student, and show little saturation. With
+   ``train_teacher: true`` the incoming model is first trained ``epochs`` more epochs at T
+   (from X's weights, on clean data) and then distilled: Papernot's procedure with X as the
+   teacher's starting point. The default is kept so the paper study's cached stages stay valid.
 2. Soft labels p_t = softmax(z_t/T), computed once for the whole training set (inference mode).
 3. Student, trained for ``epochs`` epochs on
    ``(1-α)·T²·CE(p_t, softmax(z_s/T)) + α·CE(y, softmax(z_s))`` (the soft CE is computed as a
@@ -68,7 +77,10 @@ class Settings(DefenseSettings):
     """Train the incoming model at T as the teacher (``epochs`` epochs) before distilling.
     Unset: train it exactly when it is a fresh network (``ctx.incoming_trained`` false), so
     distillation first trains its own teacher and, after another stage, distils that stage's
-    model. True/false force the choice (false on a fresh network distils an untrained one)."""
+    model as it is: a T = 1 teacher, which is not Papernot's defensive distillation. ``true``
+    after another stage trains that model further at T first (Papernot's teacher, started from
+    the stage's weights); the stage then costs a teacher and a student epoch per epoch, like a
+    first-stage distillation. False on a fresh network distils an untrained one."""
 
 
 def distillation_loss(temperature: float, alpha: float):

@@ -16,17 +16,33 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from art_study.config import ExperimentConfig
 from art_study.errors import ConfigError
 
+if TYPE_CHECKING:
+    from art_study.defenses import DefenseSettings
+
 PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cached stages
+# Version of what a run's evaluation measures, part of every run key (not of stage keys: the
+# trained models stay valid). Bump it whenever the evaluation code changes what a logged number
+# means, so a resumed study re-evaluates its runs instead of mixing old and new numbers.
+#   1: (implicit, before the constant) FGSM sweep, ART attacks, transfer, diagnostics.
+#   2: issue 16's evaluation: APGD with the reference step schedule and any-iterate success,
+#      robust = clean-correct and not fooled for every attack, the per-image worst case over
+#      attacks, diagnostics on common images and exact ε keys.
+EVALUATION_VERSION = 2
 # Settings that change how fast a stage trains, never its weights (tested bit for bit): left
 # out of stage and study keys, so a cached stage or a resumed study serves any value of them.
 SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}
+# Where results are stored and inputs read from, not what a study is: the same study run with
+# `--tracking-uri X`, `MLFLOW_TRACKING_URI=X`, another `--data-dir` (the data itself is in the
+# keys by fingerprint) or another stage cache has the same keys, so it resumes.
+LOCATION: dict[str, bool | set[str]] = {"tracking": True, "data": {"dir", "download"},
+                                        "study": {"cache_dir"}}
 
 
 def stable_hash(obj: Any) -> str:
@@ -135,6 +151,13 @@ def _run_config(cfg: ExperimentConfig, depth: int, seed: int) -> ExperimentConfi
     return run_cfg
 
 
+def _key_settings(model: type[DefenseSettings], settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that enter a stage key: those added later are left out at the value that
+    trains as before they existed (``key_defaults``), so older cached stages keep their keys."""
+    omit = model.key_defaults
+    return {k: v for k, v in settings.items() if not (k in omit and omit[k] == v)}
+
+
 def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int],
                  fingerprint: str) -> tuple[StageSpec, ...]:
     from art_study.defenses import DEFENSES
@@ -143,7 +166,7 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
         "version": PLAN_VERSION,
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json", exclude=SPEED_ONLY["train"]),
-        "data": {**cfg.data.model_dump(mode="json", exclude={"dir", "download"}),
+        "data": {**cfg.data.model_dump(mode="json", exclude=LOCATION["data"]),
                  "fingerprint": fingerprint},
         "seed": cfg.seed,
     }
@@ -151,9 +174,10 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
     parent_key = stable_hash(root)
     for i, (defense, n) in enumerate(zip(chain, epochs, strict=True)):
         settings = resolve_settings(cfg, defense)
+        settings_model = DEFENSES[defense].settings
         material = {"parent": parent_key, "index": i, "defense": defense,
-                    "settings": settings, "epochs": n}
-        implementation = DEFENSES[defense].settings.implementation
+                    "settings": _key_settings(settings_model, settings), "epochs": n}
+        implementation = settings_model.implementation
         if implementation > 1:  # absent at 1, so keys made before versions existed stay valid
             material["implementation"] = implementation
         key = stable_hash(material)
@@ -176,6 +200,7 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
     else:
         blocks = [(b.depths, expand_sequences(cfg, b.sequences)) for b in cfg.study.blocks]
         seeds = cfg.study.seeds
+    evaluation = evaluation_identity(cfg)
     runs: list[RunSpec] = []
     seen: set[tuple[str, int, int]] = set()
     for depths, chains in blocks:
@@ -187,8 +212,7 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
             run_cfg = _run_config(cfg, depth, seed)
             n_epochs = cfg.study.stage_epochs[: len(chain)] if cfg.study else epochs
             stages = _stage_chain(run_cfg, chain, n_epochs, fingerprints[seed])
-            key = stable_hash({"stages": stages[-1].key,
-                               "evaluation": cfg.evaluation.model_dump(mode="json")})
+            key = stable_hash({"stages": stages[-1].key, **evaluation})
             runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
     if cfg.evaluation.attacks:
         from art_study.attacks.registry import validate_attacks
@@ -197,10 +221,38 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
     return _with_references(runs) if cfg.evaluation.transfer else runs
 
 
+def evaluation_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a run's evaluation is, for its key: the evaluation config, every attack as ART will
+    run it (alias defaults merged with the configured arguments, class, step, estimator, ε), and
+    :data:`EVALUATION_VERSION`. A changed alias default or evaluation code thus changes the run
+    key, and a resumed study re-evaluates rather than mixing budgets."""
+    from art_study.attacks.registry import resolve
+
+    attacks = []
+    for attack in cfg.evaluation.attacks:
+        resolved = resolve(attack, cfg.evaluation.eps)
+        # Every resolved field (class, merged arguments, step, estimator, ε, ...), so a field
+        # the registry gains later is covered too; the config itself is in "evaluation".
+        fields = {f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved)
+                  if f.name != "cfg"}
+        attacks.append({**fields, "cls": resolved.cls.__name__, "key": resolved.key})
+    return {"evaluation": cfg.evaluation.model_dump(mode="json"), "attacks": attacks,
+            "evaluation_version": EVALUATION_VERSION}
+
+
+def key_exclude() -> dict[str, bool | set[str]]:
+    """Config fields left out of study keys: speed-only settings and locations."""
+    out: dict[str, bool | set[str]] = {k: set(v) for k, v in SPEED_ONLY.items()}
+    for section, fields in LOCATION.items():
+        out[section] = True if fields is True else {*out.get(section, set()), *fields}
+    return out
+
+
 def study_key(cfg: ExperimentConfig, runs: list[RunSpec]) -> str:
     """The identity of a study's parent run: its name, config and runs (a rerun of the same
-    command finds the parent by it and resumes); speed-only settings left out."""
-    config = cfg.model_dump(mode="json", exclude=SPEED_ONLY)
+    command finds the parent by it and resumes); speed-only settings and where results are
+    stored or data read from (:data:`LOCATION`) left out."""
+    config = cfg.model_dump(mode="json", exclude=key_exclude())
     return stable_hash({"name": cfg.name, "config": config, "runs": [r.key for r in runs]})
 
 
