@@ -43,6 +43,7 @@ from art_study.tracking import (
     CORRECT_ARTIFACT,
     DEFAULT_STORE_DIR,
     local_store_path,
+    redact,
     resolve_tracking_uri,
 )
 
@@ -132,7 +133,7 @@ def find_study(study: str | None, experiment: str = DEFAULT_EXPERIMENT) -> mlflo
     except MlflowException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtStudyError(f"cannot read study {study!r}: {first}") from None
-    raise ArtStudyError(f"no study named {study!r} in {mlflow.get_tracking_uri()}")
+    raise ArtStudyError(f"no study named {study!r} in {redact(mlflow.get_tracking_uri())}")
 
 
 def load_plan(parent_run_id: str) -> pd.DataFrame | None:
@@ -1128,7 +1129,7 @@ def write_report(study: str | None = None, *, tracking_uri: str | None = None,
     data = gather(find_study(study))
     out = Path(out_dir) if out_dir else DEFAULT_STORE_DIR / "reports" / safe_name(data.name)
     out.mkdir(parents=True, exist_ok=True)
-    doc, pngs = build_doc(data, uri, out, data_dir, examples)
+    doc, pngs = build_doc(data, redact(uri), out, data_dir, examples)
     md, page = out / "report.md", out / "report.html"
     md.write_text(doc.markdown(), encoding="utf-8")
     page.write_text(doc.html(), encoding="utf-8")
