@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from art_study.errors import ArtStudyError, TrackingError
+from art_study.study.lease import liveness
 
 STUDY_COLUMNS = ["study", "run_id", "status", "start", "runs", "failed", "experiment"]
 CHILD_COLUMNS = ["run_id", "sequence", "depth", "seed", "status", "clean", "masking"]
@@ -85,11 +86,13 @@ def inventory(tracking_uri: str | None, study: str | None = None) -> Inventory:
             raise ArtStudyError(f"no study named {study!r} (nor a study's parent run id) in {uri}")
     parent_ids = set(parents["run_id"])
     is_child = runs["tags.mlflow.parentRunId"].isin(parent_ids)
-    children = {pid: _child_table(runs[runs["tags.mlflow.parentRunId"] == pid])
+    parent_status = _status_with_lease(parents)
+    children = {pid: _child_table(runs[runs["tags.mlflow.parentRunId"] == pid],
+                                  stale=parent_status[pid] == STALE)
                 for pid in parents["run_id"]}
     studies = pd.DataFrame({
         "study": parents["tags.study"], "run_id": parents["run_id"],
-        "status": parents["status"], "start": _start(parents),
+        "status": parents["run_id"].map(parent_status), "start": _start(parents),
         "runs": [len(children[p]) for p in parents["run_id"]],
         "failed": [int((children[p]["status"] == "FAILED").sum()) for p in parents["run_id"]],
         "experiment": parents["experiment"]}, columns=STUDY_COLUMNS)
@@ -114,12 +117,32 @@ def inventory(tracking_uri: str | None, study: str | None = None) -> Inventory:
                      evaluations.reset_index(drop=True), singles.reset_index(drop=True))
 
 
-def _child_table(runs: pd.DataFrame) -> pd.DataFrame:
+#: How a RUNNING run whose study's lease went stale is shown: its process is gone (killed,
+#: machine down), and the next ``art-study run`` of the study takes it over.
+STALE = "RUNNING (stale)"
+
+
+def _status_with_lease(parents: pd.DataFrame) -> dict[str, str]:
+    """Each parent run's status, ``RUNNING (stale)`` where its lease has no live holder."""
+    out = {}
+    for _, row in parents.iterrows():
+        tags = {k[len("tags."):]: v for k, v in row.items()
+                if k.startswith("tags.") and isinstance(v, str)}
+        stale = row["status"] == "RUNNING" and liveness(tags) == "stale"
+        out[row["run_id"]] = STALE if stale else row["status"]
+    return out
+
+
+def _child_table(runs: pd.DataFrame, stale: bool = False) -> pd.DataFrame:
+    """A study's child runs; a RUNNING child of a stale study is shown stale too."""
+    status = runs["status"]
+    if stale:
+        status = status.where(status != "RUNNING", STALE)
     table = pd.DataFrame({
         "run_id": runs["run_id"], "sequence": runs["tags.sequence"],
         "depth": pd.to_numeric(runs["tags.depth"], errors="coerce").astype("Int64"),
         "seed": pd.to_numeric(runs["tags.seed"], errors="coerce").astype("Int64"),
-        "status": runs["status"], "clean": runs["metrics.clean/accuracy"],
+        "status": status, "clean": runs["metrics.clean/accuracy"],
         "masking": runs["tags.gradient_masking_suspected"].map(_masking)}, columns=CHILD_COLUMNS)
     return table.sort_values(["depth", "seed", "sequence"], na_position="last",
                              kind="stable").reset_index(drop=True)

@@ -22,6 +22,7 @@ from mlflow.entities import ViewType
 
 from art_study.config import ModelConfig, TrainConfig, load_config
 from art_study.errors import ArtStudyError, ConfigError
+from art_study.inventory import STALE, inventory
 from art_study.study import lease, run_study
 from art_study.study.cache import CorruptStage, StageCache, StageRecord
 
@@ -228,7 +229,7 @@ def test_a_live_study_is_refused_and_a_stale_one_taken_over(store, mnist_dir) ->
     deleted its live child, and both then logged the same runs. Now it refuses in one line
     while the holder's heartbeat is fresh; once it is older than the limit (SIGKILL, machine
     down) the runs show as stale and the next `run` takes the study over."""
-    cfg, _ = one_run_study(store, mnist_dir)
+    cfg, uri = one_run_study(store, mnist_dir)
     first = run_study(cfg, progress=False)
     client = mlflow.MlflowClient()
     assert client.get_run(first.parent_run_id).data.tags[lease.OWNER]  # the lease is recorded
@@ -246,6 +247,10 @@ def test_a_live_study_is_refused_and_a_stale_one_taken_over(store, mnist_dir) ->
 
     client.set_tag(first.parent_run_id, lease.HEARTBEAT, f"{time.time() - 1000:.3f}")
     assert lease.liveness(client.get_run(first.parent_run_id).data.tags) == "stale"
+    shown = inventory(uri, first.parent_run_id)  # `art-study runs` tells stale runs from live
+    assert list(shown.studies["status"]) == [STALE]
+    kids = shown.children[first.parent_run_id].set_index("run_id")["status"]
+    assert kids[live_child] == STALE and (kids.drop(live_child) == "FINISHED").all()
     again = run_study(cfg, progress=False)
     assert again.parent_run_id == first.parent_run_id and all(r.skipped for r in again.runs)
     assert client.get_run(live_child).info.lifecycle_stage == "deleted"  # dead by now
