@@ -198,10 +198,20 @@ class TrackingConfig(_Strict):
 SEQUENCE_KEYWORDS = ("control", "singles", "pairs", "triples")
 
 
+def _check_seeds(v: list[int]) -> list[int]:
+    if any(s < 0 or s >= 2**31 for s in v) or len(set(v)) != len(v):
+        raise ValueError("seeds must be distinct integers in [0, 2^31)")
+    return v
+
+
 class StudyBlock(_Strict):
-    """A set of sequences trained at each of a set of depths."""
+    """A set of sequences trained at each of a set of depths (and, optionally, its own seeds)."""
 
     depths: list[int] = Field(..., min_length=1)
+    seeds: list[int] | None = Field(
+        None, min_length=1,
+        description="This block's seeds; unset → study.seeds. Lets a study run its main block "
+        "at three seeds and a costly extension (e.g. deeper nets) at one.")
     sequences: list[str | list[str]] = Field(
         ..., min_length=1,
         description="'control', 'singles', 'pairs', 'triples', or an explicit list of defenses "
@@ -215,6 +225,11 @@ class StudyBlock(_Strict):
             if not 2 <= d <= 5:
                 raise ValueError(f"each depth (n_conv) must be in 2..5, got {d}")
         return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _block_seeds_valid(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else _check_seeds(v)
 
     @field_validator("sequences")
     @classmethod
@@ -254,9 +269,12 @@ class StudySection(_Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds_valid(cls, v: list[int]) -> list[int]:
-        if any(s < 0 or s >= 2**31 for s in v) or len(set(v)) != len(v):
-            raise ValueError("seeds must be distinct integers in [0, 2^31)")
-        return v
+        return _check_seeds(v)
+
+    def all_seeds(self) -> list[int]:
+        """Every seed some block runs, in order of first appearance (data is loaded per seed)."""
+        seeds = [s for b in self.blocks for s in (b.seeds or self.seeds)]
+        return list(dict.fromkeys(seeds))
 
     @field_validator("stage_epochs")
     @classmethod

@@ -24,7 +24,7 @@ SINGLE_PAIRS = 1 + 3 + 6  # control, each defense alone, every ordered pair
 
 
 def fake_fingerprints(cfg):
-    seeds = cfg.study.seeds if cfg.study else [cfg.seed]
+    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     return {s: f"data-{s}" for s in seeds}
 
 
@@ -42,6 +42,23 @@ def test_paper_plan_shape() -> None:
     assert len(runs) == seeds * (SINGLE_PAIRS + 3 * 4)
     # Prefix sharing: per seed, 4 first stages per depth + one second stage per sequence.
     assert len(distinct_stages(runs)) == seeds * ((4 + SINGLE_PAIRS) + 3 * (4 + 4))
+
+
+def test_robust_plan_runs_its_deep_block_at_its_own_seed() -> None:
+    """robust.yaml: three seeds at 2 conv, the costly depths 3-5 at seed 0 only (a block's own
+    `seeds`), each defended run with its control of the same depth and seed for transfer."""
+    cfg = load_config(REPO / "configs" / "robust.yaml")
+    runs = plan_runs(cfg, fake_fingerprints(cfg))
+    at2 = {(r.sequence, r.seed) for r in runs if r.depth == 2}
+    assert at2 == {(s, seed) for s in ("none", "pgd_adversarial_training", "trades")
+                   for seed in (0, 1, 2)}
+    deep = {(r.sequence, r.depth, r.seed) for r in runs if r.depth > 2}
+    assert deep == {(s, d, 0) for s in ("none", "pgd_adversarial_training") for d in (3, 4, 5)}
+    for r in runs:
+        if r.sequence != "none":
+            assert r.reference is not None and r.reference.key == next(
+                c.stages[-1].key for c in runs
+                if (c.sequence, c.depth, c.seed) == ("none", r.depth, r.seed))
 
 
 def test_grid_plan_covers_every_sequence_at_every_depth() -> None:

@@ -229,7 +229,7 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
 
         ray_backend.import_ray()  # fail before the store, the data or a run is touched
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
-    seeds = cfg.study.seeds if cfg.study else [cfg.seed]
+    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
     runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
     cache = StageCache(cache_dir_for(cfg))

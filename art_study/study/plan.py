@@ -195,15 +195,14 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
     check_defense_sections(cfg)
     if cfg.study is None:  # a single experiment: one stage of plain training
         chain, epochs = ("none",), [cfg.train.epochs]
-        blocks = [([cfg.model.n_conv], [chain])]
-        seeds = [cfg.seed]
+        blocks = [([cfg.model.n_conv], [cfg.seed], [chain])]
     else:
-        blocks = [(b.depths, expand_sequences(cfg, b.sequences)) for b in cfg.study.blocks]
-        seeds = cfg.study.seeds
+        blocks = [(b.depths, b.seeds or cfg.study.seeds, expand_sequences(cfg, b.sequences))
+                  for b in cfg.study.blocks]
     evaluation = evaluation_identity(cfg)
     runs: list[RunSpec] = []
     seen: set[tuple[str, int, int]] = set()
-    for depths, chains in blocks:
+    for depths, seeds, chains in blocks:
         for depth, seed, chain in itertools.product(depths, seeds, chains):
             name = sequence_name(chain)
             if (name, depth, seed) in seen:
