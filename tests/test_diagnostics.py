@@ -160,3 +160,29 @@ def test_missing_evidence_is_not_evaluated_rather_than_passed() -> None:
     assert verdicts(evidence(attacks=without))["blackbox_not_stronger"] is None
     assert "not evaluated" in d.tags()["diag.blackbox_not_stronger"]
     assert "diag/blackbox_not_stronger" not in d.metrics()
+
+
+def test_a_noisy_gradient_model_is_caught_with_eps_zero_in_the_sweep(trained_model,
+                                                                      small_mnist) -> None:
+    """Real model: input noise at inference randomises the gradients. FGSM repeated at the
+    sweep's first ε (0, the identity) saw no difference; repeated at the largest ε it does.
+    The sweep's 8/255 is evaluated under its exact value."""
+    import keras
+    import tensorflow as tf
+
+    from art_study.config import EvaluationConfig, TrainConfig
+    from art_study.evaluation import eps_key, evaluate
+    from art_study.models import INPUT_SHAPE, compile_model
+
+    noisy = keras.Sequential([
+        keras.Input(INPUT_SHAPE),
+        keras.layers.Lambda(lambda x: x + tf.random.normal(tf.shape(x), stddev=0.1)),
+        trained_model])
+    compile_model(noisy, TrainConfig())
+    cfg = EvaluationConfig(eps=[0.0, 8 / 255, 0.3], n_attack=40, batch_size=40,
+                           diagnostics={"n_images": 20, "pgd_steps": 2})
+    result = evaluate(noisy, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
+    assert result.metrics["xcheck/repeat_max_abs_diff"] > 0
+    assert result.tags["diag.gradients_deterministic"].startswith("FAIL")
+    assert 8 / 255 in result.verdicts["fgsm"]
+    assert f"robust/accuracy_{eps_key(8 / 255)}" in result.metrics

@@ -265,6 +265,9 @@ class ResolvedAttack:
         out: dict[float, np.ndarray] = {}
         if self.bounded:
             for eps in self.eps:
+                if eps == 0:  # the identity; ART's attacks refuse a zero budget
+                    out[eps] = clean
+                    continue
                 attack = self.build(estimator, eps, batch_size)
                 if isinstance(attack, OwnAttack):
                     fooled, x_adv, after = attack.attack(x, y)
