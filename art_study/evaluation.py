@@ -107,8 +107,9 @@ def craft_transfer(reference: keras.Model, x: np.ndarray, y: np.ndarray,
         n = min(attack.cfg.n_images, len(x))
         t0 = time.perf_counter()
         est = estimators[attack.estimator]
-        out.examples[key] = {eps: attack.build(est, eps, cfg.batch_size).generate(
-            x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
+        out.examples[key] = {  # ε = 0 is the identity (ART's attacks refuse a zero budget)
+            eps: x[:n].copy() if eps == 0 else attack.build(est, eps, cfg.batch_size).generate(
+                x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
         out.seconds[key] = time.perf_counter() - t0
     return out
 

@@ -19,7 +19,7 @@ import time
 import keras
 import numpy as np
 
-from art_study.attacks.apgd import APGD, apgd_targeted
+from art_study.attacks.apgd import APGD, _predict, apgd_targeted
 from art_study.attacks.square import Square
 
 #: The components in the order they run (the names in metric keys).
@@ -52,7 +52,7 @@ class AutoAttackStandard:
         x = np.asarray(x, np.float32)
         y = np.asarray(y)
         x_adv = x.copy()
-        fooled = np.zeros(len(x), bool)
+        fooled = _predict(self.model, x, self.batch_size) != y
         after: dict[str, np.ndarray] = {}
         for name in COMPONENTS:
             todo = np.flatnonzero(~fooled)
