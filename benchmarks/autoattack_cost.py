@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--epoch-images", type=int, default=12_000)
     p.add_argument("--n-queries", type=int, default=5000)
     p.add_argument("--max-iter", type=int, default=100)
+    p.add_argument("--plain-epoch", default=None, metavar="WALL,CPU",
+                   help="plain-epoch seconds measured earlier (skips the timing; needs --model)")
     args = p.parse_args()
 
     import keras
@@ -61,12 +63,19 @@ def main() -> None:
 
     data = load_slice(args.data_dir, FULL_TRAIN)
     print(machine_line(), flush=True)
-    pw, pc, plain = plain_epoch(data, 2, args.epoch_images, 128)
-    print(f"plain 2-conv epoch (60 000 images, batch 128): {pw:.1f} s wall, {pc:.1f} s CPU",
-          flush=True)
+    if args.plain_epoch:
+        pw, pc = (float(v) for v in args.plain_epoch.split(","))
+        plain = None
+        print(f"plain 2-conv epoch (given): {pw:.1f} s wall, {pc:.1f} s CPU")
+    else:
+        pw, pc, plain = plain_epoch(data, 2, args.epoch_images, 128)
+        print(f"plain 2-conv epoch (60 000 images, batch 128): {pw:.1f} s wall, {pc:.1f} s CPU",
+              flush=True)
     if os.path.exists(args.model):
         model = keras.models.load_model(args.model)
         print(f"model: {args.model}")
+    elif plain is None:
+        raise SystemExit(f"{args.model} not found (--plain-epoch needs --model)")
     else:
         model = plain
         # one epoch of few steps leaves BatchNorm's running statistics (momentum 0.99) far from
