@@ -9,12 +9,11 @@ import pytest
 from art_study.attacks.registry import ALIASES, Estimators, resolve, validate_attacks
 from art_study.config import AttackConfig, EvaluationConfig
 from art_study.errors import ConfigError
-from art_study.evaluation import evaluate
+from art_study.evaluation import craft_transfer, eps_key, evaluate
 
 
-@pytest.fixture(scope="module")
-def evaluated(trained_model, small_mnist):
-    cfg = EvaluationConfig(
+def _cfg() -> EvaluationConfig:
+    return EvaluationConfig(
         eps=[0.1, 0.3], n_attack=100, batch_size=100,
         attacks=[
             {"name": "pgd", "n_images": 60, "args": {"max_iter": 10}},
@@ -23,11 +22,24 @@ def evaluated(trained_model, small_mnist):
             {"name": "square", "n_images": 60, "eps": [0.3], "args": {"max_iter": 50}},
             {"name": "deepfool", "n_images": 60, "args": {"max_iter": 20}},
             {"name": "apgd-dlr", "n_images": 60, "eps": [0.3], "args": {"max_iter": 10}},
+            {"name": "autoattack-standard", "n_images": 40, "eps": [0.1],
+             "args": {"max_iter": 5, "n_target_classes": 2, "n_queries": 20}},
         ],
+        transfer=["fgsm", "pgd"],
         diagnostics={"n_images": 60, "pgd_steps": 5},
     )
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_model, small_mnist):
+    """Everything at once on the shared 2-epoch model (it misclassifies about half the slice:
+    the clean-correct condition matters). Transfer examples are crafted on the model itself."""
+    cfg = _cfg()
     validate_attacks(cfg)
-    return evaluate(trained_model, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
+    np.random.seed(0)
+    crafted = craft_transfer(trained_model, small_mnist.x_test, small_mnist.y_test, cfg)
+    return evaluate(trained_model, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
+                    transfer_set=crafted)
 
 
 def test_alias_and_class_name_attacks_run_and_agree(evaluated) -> None:
@@ -56,6 +68,72 @@ def test_budget_and_time_are_logged_with_every_attack(evaluated) -> None:
     assert evaluated.correct["attack/pgd_eps_0.3"].shape == (60,)
 
 
+def test_no_attack_scores_above_clean_accuracy_on_the_same_images(evaluated) -> None:
+    """An image is robust only if it is clean-correct and not fooled: DeepFool pushes away from
+    the *predicted* class, so a misclassified image can land on the true one; the transfer
+    examples and ART's FGSM were scored without the clean condition too."""
+    clean = evaluated.correct["clean"]
+    checked = 0
+    for key, ok in evaluated.correct.items():
+        if key != "clean":
+            assert not (ok & ~clean[: len(ok)]).any(), key
+            checked += 1
+    assert checked >= 20 and (~clean).sum() > 50  # many misclassified images to test on
+    m = evaluated.metrics
+    for eps in ("0.1", "0.3"):
+        assert m[f"fgsm_art/accuracy_eps_{eps}"] <= m["clean/accuracy"]
+        assert m[f"fgsm_art/accuracy_eps_{eps}"] == m[f"fgsm_custom/accuracy_eps_{eps}"]
+
+
+def test_worst_case_over_every_attack_per_image(evaluated) -> None:
+    """robust/accuracy_eps_<ε>: robust under every attack at ε on the first images all ran on
+    (60 at ε 0.1 and 0.3: pgd, deepfool, transfer; autoattack-standard ran on 40 at 0.1)."""
+    c, m = evaluated.correct, evaluated.metrics
+    for eps, n in ((0.1, 40), (0.3, 60)):
+        k = eps_key(eps)
+        names = [key for key in c if key.endswith(f"_{k}") and key.startswith(
+            ("fgsm_", "attack/", "transfer/"))]
+        assert len(names) >= 5
+        expected = np.logical_and.reduce([c[name][:n] for name in names])
+        np.testing.assert_array_equal(c[f"robust_{k}"], expected)
+        assert m[f"robust/n_images_{k}"] == n
+        assert m[f"robust/accuracy_{k}"] == pytest.approx(float(np.mean(expected)))
+        assert m[f"robust/accuracy_{k}"] <= min(float(np.mean(c[name][:n])) for name in names)
+
+
+def test_autoattack_standard_logs_its_components_and_says_there_is_no_fab(evaluated) -> None:
+    m, base = evaluated.metrics, "attack/autoattack-standard"
+    steps = [m[f"{base}/{c}/accuracy_eps_0.1"] for c in ("apgd-ce", "apgd-t", "square")]
+    assert steps == sorted(steps, reverse=True)  # cumulative: each only removes images
+    assert m[f"{base}/accuracy_eps_0.1"] == steps[-1]
+    assert steps[0] <= float(np.mean(evaluated.correct["clean"][:40]))
+    assert m[f"{base}/fab_target_classes"] == 0
+    assert m[f"{base}/n_queries"] == 20 and m[f"{base}/n_target_classes"] == 2
+    assert "no FAB" in evaluated.tags["attack.autoattack-standard.budget"]
+
+
+def test_apgd_by_class_name_starts_at_the_references_step() -> None:
+    """ART's eps_step is APGD's *initial* step; Croce & Hein start at 2·ε."""
+    r = resolve(AttackConfig(name="AutoProjectedGradientDescent"), [0.3])
+    attack = r.build(Estimators(_tiny_model())["keras"], 0.3, batch_size=10)
+    assert attack.eps_step == pytest.approx(0.6)
+    aa = resolve(AttackConfig(name="autoattack"), [0.3]).build(
+        Estimators(_tiny_model())["keras"], 0.3, batch_size=10)
+    assert [a.eps_step for a in aa.attacks[:2]] == [pytest.approx(0.6)] * 2
+    # the aliases run art-study's compiled APGD (any iterate counts)
+    from art_study.attacks.registry import OwnAttack
+
+    for name in ("apgd-ce", "apgd-dlr", "apgd-t", "autoattack-standard"):
+        assert isinstance(resolve(AttackConfig(name=name), [0.3]).build(
+            Estimators(_tiny_model())["keras"], 0.3, batch_size=10), OwnAttack)
+
+
+def _tiny_model():
+    from art_study.attacks.registry import _throwaway_model
+
+    return _throwaway_model()
+
+
 def test_every_alias_resolves_to_an_art_class_and_passes_arts_checks() -> None:
     for name in ALIASES:
         r = resolve(AttackConfig(name=name), [0.3])
@@ -78,6 +156,12 @@ def test_wrong_argument_lists_what_the_class_takes() -> None:
         validate_attacks(EvaluationConfig(attacks=[{"name": "pgd", "args": {"max_iters": 3}}]))
     with pytest.raises(ConfigError, match="attack 'square'"):  # ART's own check of the value
         validate_attacks(EvaluationConfig(attacks=[{"name": "square", "args": {"p_init": 7}}]))
+    with pytest.raises(ConfigError, match=r"does not take eps_step.*max_iter, n_queries"):
+        validate_attacks(EvaluationConfig(attacks=[{"name": "autoattack-standard",
+                                                    "args": {"eps_step": 3}}]))
+    with pytest.raises(ConfigError, match="attack 'apgd-t': n_target_classes"):
+        validate_attacks(EvaluationConfig(attacks=[{"name": "apgd-t",
+                                                    "args": {"n_target_classes": 10}}]))
 
 
 def test_dlr_estimator_is_scale_invariant(trained_model, small_mnist) -> None:
