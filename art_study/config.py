@@ -5,8 +5,8 @@ applied to the raw mapping before validation, so an override is checked exactly 
 in the file. Every model refuses unknown keys, and every error names the offending key, which
 is what a user needs to fix a typo in a long study file.
 
-Where the paper (Kim 2025) is silent, the defaults below are the choices documented in the
-README ("Choices where the paper is vague").
+Where the paper (Kim 2025) is silent, the defaults below are the choices documented in
+docs/choices.md.
 """
 
 from __future__ import annotations

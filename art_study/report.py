@@ -966,11 +966,12 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
              "logged with the run: `attack/<name>/n_images`, `max_iter`, ...). `transfer` "
              "examples are crafted on the undefended control of the same depth and seed. "
              "`masking suspected` counts the seeds whose model failed at least one of the "
-             "checks of Carlini et al. (2019) (see the README): robustness that FGSM shows but "
-             "PGD, APGD, Square or the transfer attack take away is hidden gradients, not "
-             "robustness. For an ensemble (AutoAttack) the `after` column gives the mean robust "
-             "accuracy left after each component in turn (cumulative: an image broken by an "
-             "earlier component stays broken), so it shows which component does the work.")
+             "checks of Carlini et al. (2019) (see docs/attacks.md): robustness that "
+             "FGSM shows but PGD, APGD, Square or the transfer attack take away is hidden "
+             "gradients, not robustness. For an ensemble (AutoAttack) the `after` column "
+             "gives the mean robust accuracy left after each component in turn (cumulative: "
+             "an image broken by an earlier component stays broken), so it shows which "
+             "component does the work.")
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)
