@@ -137,7 +137,12 @@ def test_runs_log_per_example_correctness(study) -> None:
                     "diag/pgd25_eps_0.3", "diag/pgd_destroy_eps_0.5"}
         if not control:  # tiny.yaml: transfer [fgsm], crafted on the control
             expected |= {"transfer/fgsm_eps_0.1", "transfer/fgsm_eps_0.3"}
+        expected |= {"robust_eps_0.1", "robust_eps_0.3"}  # the per-image worst case
         assert set(correct) == expected
+        for eps in ("0.1", "0.3"):  # robust only where clean-correct and FGSM did not fool it
+            robust = correct[f"robust_eps_{eps}"]
+            n = len(robust)
+            assert not (robust & ~(correct["clean"][:n] & correct[f"fgsm_eps_{eps}"][:n])).any()
         for key in expected - {"clean", "fgsm_eps_0.1", "fgsm_eps_0.3"}:
             name, _, eps = key.rpartition("_eps_")
             assert correct[key].mean() == pytest.approx(

@@ -65,8 +65,11 @@ def mnist(mnist_dir):
 
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+    """A throw-away store of its own, with an experiment of its own: the experiment an earlier
+    test made active lives in another store."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db")
+    mlflow.set_experiment("robust-defenses")
     yield
     mlflow.set_tracking_uri(previous)
 
