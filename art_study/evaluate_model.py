@@ -97,6 +97,8 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
         log_correctness,
         log_keras_model,
         prepare_store,
+        redact,
+        redact_config,
         resolve_tracking_uri,
     )
 
@@ -134,9 +136,10 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
     name = f"evaluate {Path(source.spec).name if source.kind == 'file' else source.spec}"
     with mlflow.start_run(experiment_id=experiment_id, run_name=name[:250], tags=tags) as run:
         try:
-            mlflow.log_params({k: v for k, v in flatten(cfg).items()
+            shown = redact_config(cfg)  # no credentials of the tracking URI in the run
+            mlflow.log_params({k: v for k, v in flatten(shown).items()
                                if k.split(".")[0] in SECTIONS})
-            mlflow.log_dict(cfg.model_dump(mode="json", include=set(SECTIONS)), "config.yaml")
+            mlflow.log_dict(shown.model_dump(mode="json", include=set(SECTIONS)), "config.yaml")
             t0 = time.perf_counter()
             crafted = None
             if reference is not None:
@@ -154,7 +157,7 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
         except BaseException as exc:
             mlflow.set_tag("failure_reason", failure_reason(exc))
             raise
-    return EvaluateOnly(run.info.run_id, uri, prepared, metrics, {**tags, **result.tags})
+    return EvaluateOnly(run.info.run_id, redact(uri), prepared, metrics, {**tags, **result.tags})
 
 
 def accuracy_table(metrics: dict[str, float]):

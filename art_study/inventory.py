@@ -44,21 +44,22 @@ def read_store(tracking_uri: str | None) -> tuple[str, pd.DataFrame]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from art_study.tracking import local_store_path, resolve_tracking_uri
+    from art_study.tracking import local_store_path, redact, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
-    local = local_store_path(uri)
+    full = resolve_tracking_uri(tracking_uri)
+    uri = redact(full)  # what is shown: no credentials
+    local = local_store_path(full)
     if local is not None and not local.exists():
         raise TrackingError(f"no MLflow store at {local}: run a study first")
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(full)
     try:
         experiments = {e.experiment_id: e.name for e in mlflow.search_experiments()}
         runs = (mlflow.search_runs(list(experiments), order_by=["attributes.start_time ASC"])
                 if experiments else pd.DataFrame())
     except MlflowException as exc:
-        raise TrackingError(f"cannot read the store {uri}: {_first_line(exc)}") from None
+        raise TrackingError(f"cannot read the store {uri}: {redact(_first_line(exc))}") from None
     except OSError as exc:  # requests' ConnectionError is an OSError
-        raise TrackingError(f"cannot reach the store {uri}: {_first_line(exc)}") from None
+        raise TrackingError(f"cannot reach the store {uri}: {redact(_first_line(exc))}") from None
     if not runs.empty:
         runs["experiment"] = runs["experiment_id"].map(experiments)
     return uri, runs

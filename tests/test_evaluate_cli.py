@@ -312,10 +312,11 @@ def test_unreachable_store_and_missing_store(tmp_path, mnist_dir, model_file, ca
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     config = write_config(tmp_path)
-    code = evaluate(str(model_file), config, f"http://127.0.0.1:{port}", mnist_dir)
-    assert_one_line_error(capsys, code, f"127.0.0.1:{port}")
-    code = main(["runs", "--tracking-uri", f"http://127.0.0.1:{port}"])
-    assert_one_line_error(capsys, code, f"127.0.0.1:{port}")
+    secret = f"http://alice:s3cret@127.0.0.1:{port}"  # credentials are never shown
+    code = evaluate(str(model_file), config, secret, mnist_dir)
+    assert "s3cret" not in assert_one_line_error(capsys, code, f"127.0.0.1:{port}")
+    code = main(["runs", "--tracking-uri", secret])
+    assert "s3cret" not in assert_one_line_error(capsys, code, f"127.0.0.1:{port}")
 
     missing = tmp_path / "none" / "mlflow.db"
     code = evaluate("0123456789abcdef0123456789abcdef", config, f"sqlite:///{missing}",
