@@ -42,6 +42,28 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         mlflow.end_run()
 
 
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+    """A throw-away store for a module's stage tests, with an experiment of its own (the
+    experiment an earlier test made active lives in another store)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db")
+    mlflow.set_experiment("stage-tests")
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def run(mlflow_store):
+    """An active MLflow run in that store (a stage logs its epochs to the active run)."""
+    import mlflow
+
+    with mlflow.start_run() as active:
+        yield active
+
+
 @pytest.fixture(scope="session")
 def small_mnist(mnist_dir: Path):
     """A stratified slice: 1000 train / 300 test images."""

@@ -61,20 +61,6 @@ def mnist(mnist_dir):
     return load_mnist(mnist_dir, n_train=2000, n_test=500, seed=0)
 
 
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db")
-    yield
-    mlflow.set_tracking_uri(previous)
-
-
-@pytest.fixture
-def run(mlflow_store):
-    with mlflow.start_run() as active:
-        yield active
-
-
 @pytest.fixture(scope="module", autouse=True)
 def deterministic_ops():
     """As the executor runs every stage (execute.seed_everything)."""

@@ -64,23 +64,6 @@ def mnist(mnist_dir):
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
-    """A throw-away store of its own, with an experiment of its own: the experiment an earlier
-    test made active lives in another store."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db")
-    mlflow.set_experiment("robust-defenses")
-    yield
-    mlflow.set_tracking_uri(previous)
-
-
-@pytest.fixture
-def run(mlflow_store):
-    with mlflow.start_run() as active:
-        yield active
-
-
-@pytest.fixture(scope="module")
 def warm(mnist) -> keras.Model:
     """A 2-conv CNN trained one epoch on 1000 images: gradients worth attacking."""
     model = fresh_model(0)
