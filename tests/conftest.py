@@ -53,6 +53,9 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
     mlflow.set_experiment("stage-tests")
     yield
     mlflow.set_tracking_uri(previous)
+    # The active experiment's id belongs to this store; a later test in another store must
+    # not inherit it ("No Experiment with id=1 exists").
+    mlflow.tracking.fluent._active_experiment_id = None
 
 
 @pytest.fixture

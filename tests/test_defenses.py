@@ -88,23 +88,6 @@ def mnist(mnist_dir: Path):
     return load_mnist(mnist_dir, n_train=2000, n_test=500, seed=0)
 
 
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
-    """One sqlite store for the module (creating one costs seconds); restored afterwards."""
-    previous = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/m.db"
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(previous)
-
-
-@pytest.fixture
-def run(mlflow_store: str):
-    """A fresh active MLflow run for one test."""
-    with mlflow.start_run() as active:
-        yield active
-
-
 # --------------------------------------------------------------------------------------------
 # Settings of every defense
 # --------------------------------------------------------------------------------------------
