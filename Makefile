@@ -43,5 +43,9 @@ test-deps:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# Two workers, one test file each at a time (module fixtures stay in one process): tracing a
+# model is Python-bound and about half of the suite's time, so two processes overlap it. (Their
+# TensorFlow keeps its default thread count: results depend on it, and the Ray test compares
+# a Ray worker's metrics with the in-process ones bit for bit.)
 test: test-deps lint
-	$(DATA_ENV) $(VENV)/bin/pytest
+	$(DATA_ENV) $(VENV)/bin/pytest -n 2 --dist loadfile
