@@ -92,7 +92,8 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def _stage(self, stage: StageSpec, spec: RunSpec, data: MnistData) -> StageRecord:
         """The record of ``stage`` of run ``spec`` once its model is in the stage cache, its
-        epochs logged to the active run (:meth:`_replay`) and counted as trained or reused."""
+        epochs logged to the active run (as it trains, or from the record: :meth:`_replay`),
+        counted as trained or reused."""
 
     @abc.abstractmethod
     def _evaluate(self, spec: RunSpec, model: keras.Model,
@@ -288,6 +289,7 @@ class Executor(abc.ABC):
             mlflow.log_metrics({f"train/{k}": v for k, v in h.items()}, step=offset + i)
         mlflow.log_metric(f"stage{stage.index + 1}/cached", float(cached))
         return record
+
 
 def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:
     """The parent run of an earlier invocation of the same study, to resume it."""
