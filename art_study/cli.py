@@ -31,14 +31,20 @@ def _quiet_libraries() -> None:
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from art_study.config import load_config
-
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then ``--tracking-uri`` and ``--data-dir`` as overrides."""
     overrides = list(args.set or [])
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.data_dir:
         overrides.append(f"data.dir={args.data_dir}")
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from art_study.config import load_config
+
+    overrides = config_overrides(args)
     ray_only = (args.address, args.cpus_per_task, args.gpus_per_task)
     if args.backend != "ray" and any(v is not None for v in ray_only):
         raise ArtStudyError("--address, --cpus-per-task and --gpus-per-task need --backend ray")
@@ -123,11 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from art_study.evaluate_model import evaluation_config
 
-    overrides = list(args.set or [])
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    if args.data_dir:
-        overrides.append(f"data.dir={args.data_dir}")
+    overrides = config_overrides(args)
     cfg = evaluation_config(args.config, overrides)
     import_tensorflow()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -89,7 +89,8 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
     from art_study.attacks.registry import validate_attacks
     from art_study.evaluation import craft_transfer, evaluate
     from art_study.model_source import load, locate, prepare
-    from art_study.study.execute import load_data, seed_everything
+    from art_study.study.execute import load_data
+    from art_study.study.stages import seed_everything
     from art_study.tracking import (
         environment_tags,
         failure_reason,

@@ -56,6 +56,7 @@ def instrument() -> None:
     import art_study.defenses.base as base
     import art_study.defenses.gradient_masking as gm
     import art_study.study.execute as execute
+    import art_study.study.executor as executor
     import art_study.tracking as tracking
 
     fluent = ["start_run", "end_run", "log_metric", "log_metrics", "log_param", "log_params",
@@ -71,7 +72,7 @@ def instrument() -> None:
             setattr(MlflowClient, name, timed(f"MlflowClient.{name}", getattr(MlflowClient, name)))
     for name in ("prepare_store", "log_keras_model", "log_correctness", "environment_tags"):
         wrapped = timed(f"art_study.{name}", getattr(tracking, name))
-        for module in (execute, tracking, base, gm):  # the helpers are imported by name
+        for module in (execute, executor, tracking, base, gm):  # the helpers are imported by name
             if hasattr(module, name):
                 setattr(module, name, wrapped)
 

@@ -164,10 +164,10 @@ def test_nan_loss_ends_failed_with_reason(tracking_uri, small_mnist, monkeypatch
     from art_study.config import load_config
     from art_study.errors import TrainingError
     from art_study.models import build_cnn
-    from art_study.study import execute
+    from art_study.study import execute, stages
 
     monkeypatch.setattr(execute, "load_mnist", lambda *a, **k: small_mnist)
-    monkeypatch.setattr(execute, "build_cnn", lambda cfg: keras.Sequential(
+    monkeypatch.setattr(stages, "build_cnn", lambda cfg: keras.Sequential(
         [build_cnn(cfg), keras.layers.Rescaling(float("nan"))]))
     cfg = load_config(SMOKE)
     with pytest.raises(TrainingError, match=r"NaN|nan"):

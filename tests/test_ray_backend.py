@@ -47,7 +47,7 @@ def test_ray_gives_the_same_runs_and_metrics_as_in_process(tmp_path, mnist_dir, 
     local = run_study(cfg_local, progress=False)
 
     # On Ray the driver only logs: a stage or an evaluation computed here would fail the study.
-    from art_study.study import execute
+    from art_study.study import local_backend as execute
 
     def not_here(*args, **kwargs):
         raise AssertionError("the driver computed what a Ray task should")

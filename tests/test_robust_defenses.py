@@ -270,8 +270,8 @@ def test_two_stage_sequence_through_the_h5_hand_off(mnist_dir, tmp_path, mlflow_
     noise and masks, and after distillation (whose student is a fresh network). Each stage
     reloads its parent's .h5 file; the robust stage keeps the incoming layers and trains."""
     from art_study.study.cache import StageCache
-    from art_study.study.execute import train_stage
     from art_study.study.plan import StageSpec
+    from art_study.study.stages import train_stage
 
     cfg = config_from_mapping({
         "name": "seq", "train": {"batch_size": 32},

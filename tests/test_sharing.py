@@ -276,7 +276,7 @@ def test_a_process_that_lost_its_lease_stops_and_leaves_the_parent(store, mnist_
     """A process frozen past the limit and taken over notices at its next heartbeat: it
     deletes the run it was logging (the new owner reruns it), starts no other, and does not
     end the parent run (which is the new owner's)."""
-    from art_study.study.execute import _Executor
+    from art_study.study.executor import Executor as _Executor
 
     monkeypatch.setenv(lease.STALE_ENV, "0.4")  # heartbeat every 0.1 s
     cfg, _ = one_run_study(store, mnist_dir, "[control, [distillation]]")
@@ -482,7 +482,7 @@ def test_store_deleted_during_a_study_is_one_line(tmp_path, mnist_dir, monkeypat
     import shutil
 
     from art_study.cli import main
-    from art_study.study.execute import _Executor
+    from art_study.study.executor import Executor as _Executor
 
     db = tmp_path / "store"
     real = _Executor._in_run

@@ -308,7 +308,8 @@ def test_transfer_examples_do_not_depend_on_which_run_crafts_them(tiny_study, mn
     it attacks, make the examples depend on the RNG state."""
     from art_study.models import compile_model
     from art_study.study.cache import StageCache
-    from art_study.study.execute import cache_dir_for, evaluate_run, load_data
+    from art_study.study.execute import cache_dir_for, load_data
+    from art_study.study.stages import evaluate_run
 
     _, uri, _ = tiny_study
     cfg = load_config(TINY, [

@@ -1,102 +1,44 @@
-"""Execute a plan and record it in MLflow.
+"""Run a config, one experiment or a whole study, and record it in MLflow.
 
-The path reads top to bottom:
+The path reads top to bottom (:func:`run_study`):
 
-1. check the store and load the data — both before any run exists, so bad input leaves
-   nothing behind;
-2. plan the runs (validating every defense name and setting);
-3. for each run: its stages (each restored from the stage cache, or trained: build or reload
-   the ``.h5`` hand-off → defense → save), then the evaluation, then the model, all logged to
-   the run.
-
-Training a stage (:func:`train_stage`) and evaluating a run's model (:func:`evaluate_run`) are
-plain functions of their inputs, seeded by themselves; the executor around them owns MLflow. The
-in-process executor calls them as each run comes; the Ray backend (``ray_backend.py``) runs the
-same two functions as Ray tasks and this module logs their results the same way.
+1. pick the backend (``backends.py``), check the store and load the data — all before any run
+   exists, so bad input leaves nothing behind;
+2. plan the runs (``plan.py``, validating every defense name and setting);
+3. the executor (``executor.py``) records each run: its stages (each restored from the stage
+   cache, or trained: build or reload the ``.h5`` hand-off → defense → save), then the
+   evaluation, then the model, computed by the functions of ``stages.py`` in this process
+   (``local_backend.py``) or as Ray tasks (``ray_backend.py``).
 
 A config without ``study`` is a single top-level run. A study is one parent run with a child
-per (sequence, depth, seed). Rerunning a study resumes its parent, skips children that
-FINISHED (matched by their ``run_key``), deletes and reruns unfinished or failed ones, and
-reuses every cached stage. An exception inside a run ends it FAILED with a ``failure_reason``.
+per (sequence, depth, seed); rerunning it resumes it (``executor.py``) and reuses every cached
+stage. Also here: where the stage cache is, and which of its stages the store's runs still use.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import keras
-import mlflow
-import tensorflow as tf
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
 
-from art_study.config import ExperimentConfig, flatten, to_yaml
+from art_study.config import ExperimentConfig
 from art_study.data import MnistData, load_mnist
-from art_study.defenses import DEFENSES, StageContext
-from art_study.errors import ArtStudyError, TrackingError
-from art_study.evaluation import EvaluationResult, TransferSet, craft_transfer, evaluate
-from art_study.models import build_cnn, compile_model
-from art_study.study.cache import StageCache, StageRecord
-from art_study.study.lease import OWNER, Lease, LeaseLost, busy
-from art_study.study.plan import RunSpec, StageSpec, distinct_stages, plan_runs, study_key
+from art_study.errors import ArtStudyError
+from art_study.study.backends import RayOptions, choose_backend
+from art_study.study.cache import StageCache
+from art_study.study.executor import RunResult, StudyResult, search_all
+from art_study.study.plan import plan_runs
 from art_study.tracking import (
     DEFAULT_STORE_DIR,
-    environment_tags,
-    failure_reason,
     local_store_path,
-    log_correctness,
-    log_keras_model,
     prepare_store,
-    redact,
-    redact_config,
     resolve_tracking_uri,
 )
-
-if TYPE_CHECKING:
-    from art_study.study.ray_backend import RayOptions
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """One finished run: its MLflow id and the metrics it logged at the end."""
-
-    run_id: str
-    spec: RunSpec
-    metrics: dict[str, float]
-    skipped: bool = False  # True when a FINISHED run from an earlier invocation was reused
-
-
-@dataclass
-class StudyResult:
-    """What a study (or single experiment) invocation did."""
-
-    parent_run_id: str | None
-    runs: list[RunResult] = field(default_factory=list)
-    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
-    stages_trained: int = 0
-    stages_reused: int = 0
 
 
 class StudyIncomplete(ArtStudyError):
     """Some runs of a study failed; the others are recorded and a rerun retries the failed."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and TF, and make TF ops deterministic, so a run is reproducible."""
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-def stage_seed(seed: int, index: int) -> int:
-    """The seed of the ``index``-th stage: fixed by the run's seed and the stage's position."""
-    return (seed + 7919 * index) % 2**31
 
 
 def cache_dir_for(cfg: ExperimentConfig) -> Path:
@@ -127,84 +69,16 @@ def stages_in_use(client: MlflowClient) -> StagesInUse:
 
     out = StagesInUse()
     for exp in client.search_experiments():
-        for r in _search_all(client, exp.experiment_id, "attributes.status = 'RUNNING'"):
+        for r in search_all(client, exp.experiment_id, "attributes.status = 'RUNNING'"):
             if liveness(r.data.tags) == "live":
                 out.live.append(r.data.tags.get("study", r.info.run_name or r.info.run_id))
-        for r in _search_all(client, exp.experiment_id, "attributes.status = 'FINISHED' and "
+        for r in search_all(client, exp.experiment_id, "attributes.status = 'FINISHED' and "
                              "tags.run_key != ''"):
             keys = {v for k, v in r.data.tags.items() if k.startswith("stage") and
                     k.endswith(".key")}
             out.keys |= keys
             out.unnamed += not keys
     return out
-
-
-def step_offset(stage: StageSpec) -> int:
-    """The run's epoch step at which ``stage`` begins: the epochs of the stages before it."""
-    offset, parent = 0, stage.parent
-    while parent is not None:
-        offset, parent = offset + parent.epochs, parent.parent
-    return offset
-
-
-def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache: StageCache,
-                *, progress: bool = False) -> StageRecord:
-    """Train ``stage`` of a run with config ``cfg`` and save its model and record in ``cache``.
-
-    The stage starts from a fresh CNN, or from its parent's ``.h5`` file in ``cache`` (the
-    paper's hand-off), and seeds itself from the run's seed and its position, so it gives the
-    same model wherever it runs. Each epoch's figures are logged to the active MLflow run as they
-    come (the defenses do that) and kept in the returned record.
-    """
-    seed_everything(stage_seed(cfg.seed, stage.index))
-    # A first stage builds the CNN; a later one reloads its parent's .h5 file (the hand-off).
-    model = build_cnn(cfg.model) if stage.parent is None else cache.load_model(stage.parent.key)
-    model = compile_model(model, cfg.train)
-    ctx = StageContext(data.x_train, data.y_train, cfg.model, cfg.train, cfg.seed,
-                       incoming_trained=stage.parent is not None,
-                       step_offset=step_offset(stage), progress=progress)
-    defense = DEFENSES[stage.defense]
-    t0 = time.perf_counter()
-    model = defense.train(model, ctx, stage.epochs, defense.settings(**stage.settings))
-    record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
-                         time.perf_counter() - t0, {})
-    cache.save(model, record)
-    return cache.record(stage.key)  # as saved: with its checksum (or a concurrent writer's)
-
-
-def transfer_examples(spec: RunSpec, data: MnistData, cache: StageCache | None) -> TransferSet:
-    """The transfer attacks' examples for run ``spec``: crafted on its control
-    (``spec.reference``, loaded from ``cache``) after seeding with the run's seed, so every run
-    of that depth and seed, in any process, gets the same examples."""
-    if cache is None or spec.reference is None or not cache.has(spec.reference.key):
-        raise ArtStudyError(f"{spec.name}: the control model for the transfer attack is not in "
-                            "the stage cache")
-    seed_everything(spec.seed)
-    reference = compile_model(cache.load_model(spec.reference.key), spec.config.train)
-    return craft_transfer(reference, data.x_test, data.y_test, spec.config.evaluation)
-
-
-def evaluate_run(spec: RunSpec, model: keras.Model, data: MnistData,
-                 cache: StageCache | None = None, *, progress: bool = False,
-                 transfer_sets: dict[str, TransferSet] | None = None,
-                 ) -> tuple[EvaluationResult, float]:
-    """Evaluate the final model of run ``spec``, seeded by the run's seed; also its wall time.
-
-    With ``evaluation.transfer``, the examples crafted on the control of the same depth and seed
-    come from ``transfer_sets`` (by the control's stage key), else are crafted now (and kept
-    there for the next run that shares the control).
-    """
-    t0 = time.perf_counter()
-    crafted = None
-    if spec.reference is not None and spec.config.evaluation.transfer:
-        sets = {} if transfer_sets is None else transfer_sets
-        if spec.reference.key not in sets:
-            sets[spec.reference.key] = transfer_examples(spec, data, cache)
-        crafted = sets[spec.reference.key]
-    seed_everything(spec.seed)  # the evaluation's own randomness, whether or not it crafted
-    result = evaluate(model, data.x_test, data.y_test, spec.config.evaluation, progress=progress,
-                      transfer_set=crafted)
-    return result, time.perf_counter() - t0
 
 
 def load_data(cfg: ExperimentConfig, seeds: list[int]) -> dict[int, MnistData]:
@@ -224,19 +98,13 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     With ``ray_options``, stages and evaluations run as tasks on a Ray cluster
     (``ray_backend.py``); this process still logs every run, so the results are the same.
     """
-    if ray_options is not None:
-        from art_study.study import ray_backend
-
-        ray_backend.import_ray()  # fail before the store, the data or a run is touched
+    make_executor = choose_backend(ray_options)  # fails before the store or the data is touched
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
     runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
     cache = StageCache(cache_dir_for(cfg))
-    if ray_options is None:
-        executor = _Executor(cfg, data, cache, progress)
-    else:
-        executor = ray_backend.RayExecutor(cfg, data, cache, progress, ray_options)
+    executor = make_executor(cfg, data, cache, progress)
     try:
         if cfg.study is None:
             result = StudyResult(None)
@@ -262,309 +130,3 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> RunResult
     return run_study(cfg, progress=progress).runs[0]
 
 
-class _Executor:
-    """Runs planned runs; trains each distinct stage once (per process, and via the cache)."""
-
-    def __init__(self, cfg: ExperimentConfig, data: dict[int, MnistData], cache: StageCache,
-                 progress: bool):
-        self.cfg, self.data, self.cache, self.progress = cfg, data, cache, progress
-        self.trained = self.reused = 0
-        self._transfer: dict[str, TransferSet] = {}  # control stage key → examples crafted on it
-
-    # -- the backend: where stages and evaluations compute ---------------------------------------
-    def start(self, runs: list[RunSpec]) -> None:
-        """Begin the work of ``runs`` before they are logged. In-process there is nothing to
-        begin: each stage trains and each evaluation runs when its run is logged."""
-
-    def close(self) -> None:
-        """Release what :meth:`start` acquired (nothing in-process)."""
-
-    # -- a study: parent run, children, resume ------------------------------------------------
-    def study(self, runs: list[RunSpec], experiment_id: str) -> StudyResult:
-        """Run the children of the study's parent run, holding its lease (``lease.py``).
-
-        The parent is created (or resumed) and ended through the client, not as MLflow's active
-        run: a process that has lost its lease must leave the parent's status to its new owner.
-        """
-        key = study_key(self.cfg, runs)
-        client = MlflowClient()
-        lease = self._lease = Lease(client)
-        parent = _find_parent(client, experiment_id, key)
-        if parent is None:
-            parent = self._create_parent(client, experiment_id, runs, key, lease)
-        else:
-            lease.claim(parent, self.cfg.name)
-            client.update_run(parent, status="RUNNING")
-        self._parent, self._experiment_id = parent, experiment_id
-        lease.start()
-        try:
-            with _sql_errors_not_logged():
-                result = self._study_children(client, runs, parent)
-        except (LeaseLost, TrackingError):  # the parent is another's, or the store is gone
-            lease.release()
-            raise
-        except BaseException:
-            lease.release()
-            with contextlib.suppress(Exception):
-                client.set_terminated(parent, "FAILED")
-            raise
-        lease.release()
-        if result.failed:
-            client.set_tag(parent, "failure_reason", f"{len(result.failed)} runs failed")
-        client.set_terminated(parent, "FAILED" if result.failed else "FINISHED")
-        return result
-
-    def _study_children(self, client: MlflowClient, runs: list[RunSpec],
-                        parent: str) -> StudyResult:
-        result = StudyResult(parent)
-        finished = _finished_children(client, self._experiment_id, parent)
-        self.start([spec for spec in runs if spec.key not in finished])
-        for spec in runs:
-            if spec.key in finished:
-                done = finished[spec.key]
-                result.runs.append(RunResult(done.info.run_id, spec, done.data.metrics,
-                                             skipped=True))
-                continue
-            self._check_lease(client)
-            try:
-                result.runs.append(self._child(spec))
-            except LeaseLost:
-                raise
-            except ArtStudyError as exc:
-                result.failed.append((spec, str(exc)))
-            except Exception as exc:  # a bug in one run must not lose the others
-                _raise_if_store_gone(client, parent, exc)
-                log.exception("run %s failed", spec.name)
-                result.failed.append((spec, failure_reason(exc)))
-        self._check_lease(client)
-        client.log_batch(parent, metrics=[
-            Metric(k, float(v), int(time.time() * 1000), 0) for k, v in {
-                "study/runs": len(runs), "study/failed": len(result.failed),
-                "study/stages_trained": self.trained, "study/stages_reused": self.reused,
-            }.items()])
-        return result
-
-    def _check_lease(self, client: MlflowClient) -> None:
-        """Stop at a run boundary if the lease was taken over or the store went away."""
-        self._lease.check()
-        _raise_if_store_gone(client, self._parent, self._lease.error)
-
-    def _create_parent(self, client: MlflowClient, experiment_id: str, runs: list[RunSpec],
-                       key: str, lease: Lease) -> str:
-        """A new parent run holding the lease from its creation; it backs off (deleted, and
-        :class:`StudyBusy`) if another process created one for the same study meanwhile."""
-        from mlflow.tracking.context import registry
-
-        tags = {**environment_tags(), "art_study.role": "study", "study_key": key,
-                "study": self.cfg.name, **lease.tags()}
-        run = client.create_run(experiment_id, run_name=self.cfg.name,
-                                tags=registry.resolve_tags(tags))
-        parent = run.info.run_id
-        try:
-            lease.confirm(parent, self.cfg.name)
-            rival = _rival_parent(client, experiment_id, key, lease)
-            if rival is not None:
-                raise busy(self.cfg.name, rival.info.run_id, rival.data.tags, lease.policy)
-            self._log_study(client, parent, runs)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                client.delete_run(parent)
-            raise
-        return parent
-
-    def _log_study(self, client: MlflowClient, parent: str, runs: list[RunSpec]) -> None:
-        import pandas as pd
-
-        shown = redact_config(self.cfg)
-        client.log_batch(parent, params=[Param(k, v) for k, v in flatten(shown).items()])
-        client.log_text(parent, to_yaml(shown), "config.yaml")
-        plan = pd.DataFrame([{"sequence": r.sequence, "depth": r.depth, "seed": r.seed,
-                              "stages": ">".join(s.defense for s in r.stages),
-                              "run_key": r.key} for r in runs])
-        client.log_table(parent, plan, "plan.json")
-        client.log_metric(parent, "study/distinct_stages", len(distinct_stages(runs)))
-
-    def _child(self, spec: RunSpec) -> RunResult:
-        # The key is a creation tag, so even a run killed in its first instant is recognisable;
-        # the lease owner tells whose it is (its liveness is the parent's).
-        tags = {"art_study.role": "run", "study": self.cfg.name, "run_key": spec.key,
-                OWNER: self._lease.owner}
-        with mlflow.start_run(run_name=spec.name, parent_run_id=self._parent, tags=tags,
-                              experiment_id=self._experiment_id) as run:
-            metrics = self._in_run(spec)
-        if self._lease.lost:  # taken over while this run trained: the new owner reruns it
-            with contextlib.suppress(Exception):
-                MlflowClient().delete_run(run.info.run_id)
-            self._lease.check()
-        return RunResult(run.info.run_id, spec, metrics)
-
-    # -- a single experiment --------------------------------------------------------------------
-    def top_level_run(self, spec: RunSpec, experiment_id: str) -> RunResult:
-        """One run, with a lease heartbeat so that a killed one shows as stale."""
-        self.start([spec])
-        lease = Lease(MlflowClient())
-        with mlflow.start_run(experiment_id=experiment_id, run_name=self.cfg.name,
-                              tags=lease.tags()) as run:
-            lease.adopt(run.info.run_id)
-            lease.start()
-            try:
-                return RunResult(run.info.run_id, spec, self._in_run(spec))
-            finally:
-                lease.release()
-
-    # -- one run: stages → evaluation → model ---------------------------------------------------
-    def _in_run(self, spec: RunSpec) -> dict[str, float]:
-        try:
-            return self._execute(spec)
-        except BaseException as exc:
-            mlflow.set_tag("failure_reason", failure_reason(exc))
-            raise
-
-    def _execute(self, spec: RunSpec) -> dict[str, float]:
-        cfg, data = spec.config, self.data[spec.seed]
-        shown = redact_config(cfg)  # no credentials of the tracking URI in the run
-        mlflow.log_params(flatten(shown))
-        mlflow.log_text(to_yaml(shown), "config.yaml")
-        mlflow.set_tags({
-            **environment_tags(), "run_key": spec.key, "sequence": spec.sequence,
-            "stages": ">".join(s.defense for s in spec.stages), "n_conv": str(spec.depth),
-            "depth": str(spec.depth), "seed": str(spec.seed), "data.source": data.source,
-            "data.fingerprint": data.fingerprint,
-        })
-
-        metrics: dict[str, float] = {}
-        records = [self._stage(stage, spec, data) for stage in spec.stages]
-        for stage, record in zip(spec.stages, records, strict=True):
-            n = stage.index + 1
-            metrics[f"stage{n}/time_s"] = record.train_time_s
-            metrics[f"stage{n}/epochs"] = stage.epochs
-        # Each stage's .h5 hand-off file stays in the stage cache, once for every run that
-        # shares it; the run names the entries (what `art-study cache --prune` keeps) and the
-        # final model is logged below.
-        mlflow.set_tags({f"stage{s.index + 1}.key": s.key for s in spec.stages})
-        mlflow.set_tags({f"stage{s.index + 1}.sha256": r.model_sha256
-                         for s, r in zip(spec.stages, records, strict=True) if r.model_sha256})
-        times = [h["epoch_time_s"] for r in records for h in r.history if "epoch_time_s" in h]
-        metrics["train/total_time_s"] = sum(r.train_time_s for r in records)
-        metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
-
-        model = compile_model(self.cache.load_model(spec.stages[-1].key), cfg.train)
-        result, eval_time_s = self._evaluate(spec, model, data)
-        metrics.update(result.metrics)
-        metrics["eval/time_s"] = eval_time_s
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags(result.tags)  # the gradient-masking verdict and its reasons
-        log_correctness(result.correct)
-        if cfg.tracking.log_model:
-            log_keras_model(model, data.x_test[:2])
-        return metrics
-
-    def _stage(self, stage: StageSpec, spec: RunSpec, data: MnistData) -> StageRecord:
-        """Restore ``stage`` from the cache, or train it from its parent's ``.h5`` file."""
-        if self.cache.has(stage.key):
-            self.reused += 1
-            return self._replay(stage, cached=True)
-        record = train_stage(stage, spec.config, data, self.cache, progress=self.progress)
-        self.trained += 1
-        mlflow.log_metric(f"stage{stage.index + 1}/cached", 0.0)
-        return record
-
-    def _replay(self, stage: StageSpec, *, cached: bool) -> StageRecord:
-        """Log the recorded epochs of a stage in the cache to the active run, at its steps."""
-        record = self.cache.record(stage.key)
-        offset = step_offset(stage)
-        for i, h in enumerate(record.history):
-            mlflow.log_metrics({f"train/{k}": v for k, v in h.items()}, step=offset + i)
-        mlflow.log_metric(f"stage{stage.index + 1}/cached", float(cached))
-        return record
-
-    def _evaluate(self, spec: RunSpec, model: keras.Model,
-                  data: MnistData) -> tuple[EvaluationResult, float]:
-        """The run's evaluation and its wall time."""
-        return evaluate_run(spec, model, data, self.cache, progress=self.progress,
-                            transfer_sets=self._transfer)
-
-
-def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:
-    """The parent run of an earlier invocation of the same study, to resume it."""
-    found = client.search_runs([experiment_id],
-                               f"tags.study_key = '{study_key}' and "
-                               "tags.`art_study.role` = 'study'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-    return found[0].info.run_id if found else None
-
-
-def _rival_parent(client: MlflowClient, experiment_id: str, study_key: str,
-                  lease: Lease):
-    """Another RUNNING parent of the same study whose lease is live (two processes started
-    the study at once and both created one): the later claimant backs off."""
-    for r in _search_all(client, experiment_id,
-                         f"tags.study_key = '{study_key}' and tags.`art_study.role` = 'study' "
-                         "and attributes.status = 'RUNNING'"):
-        if r.info.run_id != lease.run_id and lease.held_by_other(r.data.tags, r.info.status):
-            return r
-    return None
-
-
-@contextlib.contextmanager
-def _sql_errors_not_logged():
-    """MLflow's SQL store logs every failed statement with its traceback before raising it; the
-    exception itself reaches the run's ``failure_reason`` or, for a failed store, one line."""
-    quiet = logging.getLogger("mlflow.store.db.utils")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        quiet.setLevel(level)
-
-
-def _raise_if_store_gone(client: MlflowClient, parent: str, exc: BaseException | None) -> None:
-    """One line instead of a traceback per remaining run when the store itself has failed
-    (deleted, read-only, unreachable): a run that failed for its own reason leaves the store
-    writable, which a tag on the parent run proves."""
-    uri = mlflow.get_tracking_uri()
-    local = local_store_path(uri)
-    usable = local is None or local.exists()
-    if usable and exc is not None:
-        try:
-            client.set_tag(parent, "art_study.store_check", f"{time.time():.3f}")
-        except Exception:
-            usable = False
-    if usable:
-        return
-    while exc is not None and exc.__cause__ is not None:  # the database's own words
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines() if exc is not None else []
-    why = f" ({redact(text[0])[:200]})" if text else " (it is gone)"
-    raise TrackingError(
-        f"the tracking store {redact(uri)} failed during the study{why}; the runs finished "
-        "before are kept in it if it comes back: rerun then") from None
-
-
-def _finished_children(client: MlflowClient, experiment_id: str, parent_id: str) -> dict:
-    """FINISHED child runs of the parent by ``run_key``; every other child is deleted.
-
-    The caller holds the study's lease, so no other live process is running these children: a
-    child that is not FINISHED is left over from a failure or a kill, and is replaced.
-    """
-    finished: dict[str, object] = {}
-    for r in _search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'"):
-        key = r.data.tags.get("run_key")
-        if r.info.status == "FINISHED" and key and key not in finished:
-            finished[key] = r
-        else:
-            client.delete_run(r.info.run_id)
-    return finished
-
-
-def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    """Every run matching ``filter_string`` (MLflow pages its results)."""
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000,
-                                  page_token=token)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out

@@ -9,8 +9,8 @@ The plan's stage tree becomes a graph of tasks:
 
 Each task declares its resources (``num_cpus``, and ``num_gpus`` where the cluster has GPUs) and
 is retried ``max_retries`` times when its worker dies. Tasks run the same functions as the
-in-process executor (:func:`~art_study.study.execute.train_stage`,
-:func:`~art_study.study.execute.evaluate_run`), so a run gives the same metrics on either.
+in-process backend (:func:`~art_study.study.stages.train_stage`,
+:func:`~art_study.study.stages.evaluate_run`), so a run gives the same metrics on either.
 
 What must be shared: the stage cache directory, at the same absolute path on the driver and on
 every node (one machine's disk for a local cluster; NFS or similar otherwise). The training and
@@ -40,8 +40,9 @@ from art_study.errors import ArtStudyError
 from art_study.evaluation import EvaluationResult, TransferSet
 from art_study.models import compile_model
 from art_study.study.cache import StageCache, StageRecord
-from art_study.study.execute import _Executor, evaluate_run, train_stage, transfer_examples
+from art_study.study.executor import Executor
 from art_study.study.plan import RunSpec, StageSpec
+from art_study.study.stages import evaluate_run, train_stage, transfer_examples
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ def import_ray() -> Any:
     return ray
 
 
-class RayExecutor(_Executor):
-    """The in-process executor, with stages and evaluations computed by Ray tasks.
+class RayExecutor(Executor):
+    """The executor whose stages and evaluations are computed by Ray tasks.
 
     :meth:`start` submits every task of the runs still to do at once; logging a run then waits
     for its own tasks only (``ray.get``), so the driver logs run 1 while workers train run 5.
@@ -152,7 +153,7 @@ class RayExecutor(_Executor):
 
     def _stage(self, stage: StageSpec, spec: RunSpec, data: MnistData) -> StageRecord:
         """The stage's record once its task has finished, logged to the run like the
-        in-process executor does: trained by this invocation for the first run that uses it,
+        in-process backend does: trained by this invocation for the first run that uses it,
         reused from the cache for every other."""
         trained = self._get(self._stage_refs[stage.key])
         _require(self.cache, stage.key, "the driver")
