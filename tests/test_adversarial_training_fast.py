@@ -63,7 +63,7 @@ def mnist(mnist_dir):
 
 @pytest.fixture(scope="module", autouse=True)
 def deterministic_ops():
-    """As the executor runs every stage (execute.seed_everything)."""
+    """As the executor runs every stage (stages.seed_everything)."""
     tf.config.experimental.enable_op_determinism()
 
 
