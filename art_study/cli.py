@@ -119,6 +119,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from art_study.report import write_report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.export:
+        files = write_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.export,
+                             data_dir=args.data_dir, log=False, export=True)
+        print(f"report of study {files.study} (parent run {files.parent_run_id}) exported to "
+              f"{args.export}: {files.markdown.name}, {len(files.images)} PNGs, runs.csv")
+        return 0
     files = write_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out,
                          data_dir=args.data_dir)
     print(f"report of study {files.study} (parent run {files.parent_run_id}): {files.markdown} "
@@ -260,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path,
                         help="output directory (default: mlruns/reports/<study name>)")
     report.add_argument("--data-dir", help="MNIST for the example images (default: the runs' own)")
+    report.add_argument("--export", type=Path, metavar="DIR",
+                        help="write what a repository keeps into DIR (e.g. results/<study>): "
+                        "the Markdown, its PNGs and runs.csv (every run's tags, config and "
+                        "metrics); no HTML, nothing logged to the store")
     report.set_defaults(func=cmd_report)
 
     ev = sub.add_parser(

@@ -222,6 +222,40 @@ def test_cli_report(study, tmp_path, monkeypatch, capsys) -> None:
         assert needle in err, err
 
 
+def test_export_keeps_markdown_pngs_and_one_csv_row_per_run(study, tmp_path, capsys,
+                                                          mnist_dir) -> None:
+    """`report --export`: what results/<study>/ keeps, regenerated from the store alone."""
+    uri, parent, _ = study
+    client = mlflow.MlflowClient(uri)
+    logged_before = {a.path for a in client.list_artifacts(parent, "report")}
+    out = tmp_path / "results" / "tiny"
+    out.mkdir(parents=True)
+    (out / "report.html").write_text("stale")
+    assert main(["report", "tiny", "--tracking-uri", uri, "--export", str(out),
+                 "--data-dir", str(mnist_dir)]) == 0
+    assert "exported to" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["depth.png", "examples.png", "report.md", "robustness_depth2.png",
+                     "runs.csv"]
+    assert sum(p.stat().st_size for p in out.iterdir()) < 5 * 2**20
+    assert "## Headline: robust accuracy" in (out / "report.md").read_text(encoding="utf-8")
+
+    runs = pd.read_csv(out / "runs.csv")
+    kids = mlflow.search_runs(experiment_ids=[mlflow.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(runs["run_id"]) == sorted(kids["run_id"]) and len(runs) == 8
+    assert list(runs.columns[:5]) == ["run_id", "status", "sequence", "depth", "seed"]
+    assert set(runs["verdict_masking_suspected"].astype(str).str.lower()) <= {"true", "false"}
+    assert not any(c.startswith("params.tracking.") or c.startswith("tags.mlflow")
+                   for c in runs.columns)
+    one = runs.set_index(["sequence", "seed"]).loc[("distillation", 1)]
+    run = mlflow.get_run(one["run_id"])
+    assert one["metrics.clean/accuracy"] == pytest.approx(run.data.metrics["clean/accuracy"])
+    assert str(one["params.model.n_conv"]) == run.data.params["model.n_conv"]
+    # nothing logged to the store by an export
+    assert {a.path for a in client.list_artifacts(parent, "report")} == logged_before
+
+
 # -- the statistics on known numbers (no training) -----------------------------------------------
 def test_significance_rows_report_each_seed() -> None:
     """Per-seed counts and p-values, the p over seeds, and the images per seed."""

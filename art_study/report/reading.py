@@ -107,6 +107,28 @@ def load_correctness(run_id: str) -> dict[str, np.ndarray] | None:
         return None
 
 
+#: Tags of a run that say what it is (``runs.csv``): its place in the plan and its verdict.
+RUN_TAGS = ("sequence", "depth", "seed", "stages", "gradient_masking_suspected", "run_key",
+            "failure_reason", "data.fingerprint")
+
+
+def runs_table(finished: pd.DataFrame) -> pd.DataFrame:
+    """One row per run for ``runs.csv``: what it is (tags), its resolved config (every
+    parameter but ``tracking.*``, which says where it was stored, not what it is) and every
+    metric, sorted by depth, sequence and seed. MLflow's own tags are left out."""
+    if finished.empty:
+        return pd.DataFrame(columns=["run_id", "status", *RUN_TAGS])
+    df = finished.rename(columns={f"tags.{t}": t for t in RUN_TAGS[3:]})
+    df = df.rename(columns={"gradient_masking_suspected": "verdict_masking_suspected"})
+    tags = [c for c in ("stages", "verdict_masking_suspected", "run_key", "failure_reason",
+                        "data.fingerprint") if c in df]
+    params = sorted(c for c in df if c.startswith("params.")
+                    and not c.startswith("params.tracking."))
+    metrics = sorted(c for c in df if c.startswith("metrics."))
+    out = df[["run_id", "status", "sequence", "depth", "seed", *tags, *params, *metrics]]
+    return out.sort_values(["depth", "sequence", "seed"]).reset_index(drop=True)
+
+
 def run_status(plan: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFrame:
     """One row per expected run with the run that answers it (a FINISHED one first, else the
     latest) and its status; ``not started`` when the plan's run has no run yet."""
