@@ -11,6 +11,14 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", message=".*PyTorch not found.*")
 
+# TensorFlow and ART imported together, before any test swaps sys.stderr: absl's log handler
+# keeps the sys.stderr of TensorFlow's import, and ART's import (logging.config.dictConfig)
+# closes every existing handler; absl closes its stream unless it is the current sys.stderr.
+# Imported in different tests, that closed pytest's capture of the first one ("I/O operation on
+# closed file", seen with test_cli.py's smoke test followed by an in-process CLI test).
+import art  # noqa: E402, F401
+import tensorflow  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(
     os.environ.get("ART_STUDY_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist")
