@@ -132,7 +132,7 @@ def recipe(args: argparse.Namespace) -> None:
     mlflow.set_tracking_uri(args.tracking_uri)
     data = load_mnist(args.data_dir, n_train=args.images if args.images < FULL_TRAIN else None,
                       seed=0)
-    model_cfg = ModelConfig(n_conv=args.n_conv)
+    model_cfg = ModelConfig(n_conv=args.n_conv, dropout=args.dropout)
     train_cfg = TrainConfig(batch_size=args.batch_size, steps_per_execution=16)
     defense = DEFENSES[args.defense]
     settings = defense.settings(**_settings(args.set))
@@ -173,6 +173,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("mode", choices=["step", "recipe"])
     p.add_argument("--n-conv", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.5, help="recipe: the network's dropout")
     p.add_argument("--images", type=int, default=FULL_TRAIN)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data-dir", default=None)

@@ -158,15 +158,17 @@ def test_onecycle_schedule_rises_to_peak_then_decays():
     assert pat.learning_rate(pat.Settings(), 1e-3, 100) == 1e-3  # constant: the config's
 
 
-def test_trades_loss_matches_numpy(warm, mnist):
+@pytest.mark.parametrize("kl_mode", ["train", "inference"])
+def test_trades_loss_matches_numpy(warm, mnist, kl_mode: str):
     """CE(f(x), y) + β·KL(p(x) ‖ p(x')) with KL summed over classes, averaged over the batch,
-    written out by hand on logits the model gives in inference mode."""
+    written out by hand on logits the model gives in inference mode (both KL modes agree
+    there: they differ only in the mode of a training pass)."""
     x = mnist.x_test[:16]
     y = one_hot(mnist.y_test[:16])
     x_adv = np.clip(x + np.random.default_rng(0).uniform(-0.3, 0.3, x.shape), 0, 1)
     x_adv = x_adv.astype(np.float32)
     loss, _ = trades.trades_loss(warm, tf.constant(x), tf.constant(x_adv), tf.constant(y),
-                                 beta=6.0, training=False)
+                                 beta=6.0, training=False, kl_mode=kl_mode)
 
     def log_softmax(z):
         z = z - z.max(axis=1, keepdims=True)
@@ -179,6 +181,19 @@ def test_trades_loss_matches_numpy(warm, mnist):
     kl = (np.exp(lp) * (lp - lq)).sum(axis=1).mean()
     assert kl > 0.01  # the term is really exercised
     assert float(loss) == pytest.approx(ce + 6.0 * kl, rel=1e-4)
+
+
+def test_trades_kl_of_an_image_with_itself_is_zero_in_inference_mode(warm, mnist):
+    """Training mode, x' = x: the default ``inference`` KL is zero, so β·KL penalises only what
+    the attack moved; the authors' ``train`` KL compares two dropout masks (the network's
+    dropout 0.5) and is far from zero, a penalty on dropout noise itself."""
+    x = tf.constant(mnist.x_test[:128])
+    y = tf.constant(one_hot(mnist.y_test[:128]))
+    _, kl_inference, _ = trades.trades_terms(warm, x, x, y, training=True, kl_mode="inference")
+    _, kl_train, _ = trades.trades_terms(warm, x, x, y, training=True, kl_mode="train")
+    assert float(kl_inference) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_train) > 0.01, float(kl_train)
+    assert trades.Settings().kl_mode == "inference"
 
 
 def test_trades_inner_maximisation_raises_kl_within_the_ball(warm, mnist):
