@@ -158,11 +158,11 @@ def test_onecycle_schedule_rises_to_peak_then_decays():
     assert pat.learning_rate(pat.Settings(), 1e-3, 100) == 1e-3  # constant: the config's
 
 
-@pytest.mark.parametrize("kl_mode", ["train", "inference"])
+@pytest.mark.parametrize("kl_mode", ["independent", "shared"])
 def test_trades_loss_matches_numpy(warm, mnist, kl_mode: str):
     """CE(f(x), y) + β·KL(p(x) ‖ p(x')) with KL summed over classes, averaged over the batch,
-    written out by hand on logits the model gives in inference mode (both KL modes agree
-    there: they differ only in the mode of a training pass)."""
+    written out by hand on logits the model gives in inference mode (no dropout: both KL
+    modes give the same loss there)."""
     x = mnist.x_test[:16]
     y = one_hot(mnist.y_test[:16])
     x_adv = np.clip(x + np.random.default_rng(0).uniform(-0.3, 0.3, x.shape), 0, 1)
@@ -183,17 +183,25 @@ def test_trades_loss_matches_numpy(warm, mnist, kl_mode: str):
     assert float(loss) == pytest.approx(ce + 6.0 * kl, rel=1e-4)
 
 
-def test_trades_kl_of_an_image_with_itself_is_zero_in_inference_mode(warm, mnist):
-    """Training mode, x' = x: the default ``inference`` KL is zero, so β·KL penalises only what
-    the attack moved; the authors' ``train`` KL compares two dropout masks (the network's
-    dropout 0.5) and is far from zero, a penalty on dropout noise itself."""
+def test_trades_kl_of_an_image_with_itself_is_zero_with_shared_masks(warm, mnist):
+    """Training mode, x' = x: with ``shared`` dropout masks (the default) the KL is zero, so
+    β·KL penalises only what the attack moved; the authors' ``independent`` masks (dropout 0.5
+    here) give a KL far from zero, a penalty on dropout noise itself. Compiled as in the
+    trainer, and twice: the rewound generators still advance between steps."""
     x = tf.constant(mnist.x_test[:128])
     y = tf.constant(one_hot(mnist.y_test[:128]))
-    _, kl_inference, _ = trades.trades_terms(warm, x, x, y, training=True, kl_mode="inference")
-    _, kl_train, _ = trades.trades_terms(warm, x, x, y, training=True, kl_mode="train")
-    assert float(kl_inference) == pytest.approx(0.0, abs=1e-6)
-    assert float(kl_train) > 0.01, float(kl_train)
-    assert trades.Settings().kl_mode == "inference"
+
+    @tf.function
+    def terms(kl_mode):
+        return trades.trades_terms(warm, x, x, y, training=True, kl_mode=kl_mode)
+
+    ce1, kl_shared, _ = terms("shared")
+    ce2, kl_shared_again, _ = terms("shared")
+    _, kl_independent, _ = terms("independent")
+    assert float(kl_shared) == 0.0 and float(kl_shared_again) == 0.0
+    assert float(ce1) != float(ce2)  # new masks at the next step
+    assert float(kl_independent) > 0.01, float(kl_independent)
+    assert trades.Settings().kl_mode == "shared"
 
 
 def test_trades_inner_maximisation_raises_kl_within_the_ball(warm, mnist):

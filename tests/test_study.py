@@ -191,13 +191,13 @@ def test_an_added_option_at_its_old_behaviour_keeps_stage_keys(monkeypatch, defe
 
 
 def test_trades_in_the_authors_kl_mode_keeps_the_stage_keys_it_had(monkeypatch) -> None:
-    """``kl_mode`` came after TRADES stages were cached, with a new default: ``train`` (how
-    those stages were trained) keeps the key its settings had without the option; the default
-    ``inference`` trains differently, so it is new work."""
+    """``kl_mode`` came after TRADES stages were cached, with a new default: ``independent``
+    (how those stages were trained) keeps the key its settings had without the option; the
+    default ``shared`` trains differently, so it is new work."""
     from art_study.study import plan
 
     overrides = ["study.defenses=[trades]"]
-    authors = load_config(TINY, [*overrides, "defenses.trades.kl_mode=train"])
+    authors = load_config(TINY, [*overrides, "defenses.trades.kl_mode=independent"])
     now = [s.key for r in plan_runs(authors, fake_fingerprints(authors)) for s in r.stages]
     resolve = plan.resolve_settings
 
@@ -210,7 +210,7 @@ def test_trades_in_the_authors_kl_mode_keeps_the_stage_keys_it_had(monkeypatch) 
     assert now == before
     default = load_config(TINY, overrides)
     runs = {r.sequence: r for r in plan_runs(default, fake_fingerprints(default))}
-    assert runs["trades"].stages[0].settings["kl_mode"] == "inference"
+    assert runs["trades"].stages[0].settings["kl_mode"] == "shared"
     assert runs["trades"].stages[0].key not in now
     assert runs["none"].stages[0].key in now
 
