@@ -204,6 +204,25 @@ def test_trades_kl_of_an_image_with_itself_is_zero_with_shared_masks(warm, mnist
     assert trades.Settings().kl_mode == "shared"
 
 
+def test_trades_at_a_vanishing_budget_trains_like_plain_training_only_with_shared_masks(
+        mnist, run):
+    """ε → 0 and no start noise: x' = x, so TRADES is plain training (the KL of an image with
+    itself is zero). With ``shared`` masks the stage learns as plain training does; with the
+    authors' ``independent`` masks β·KL penalises dropout noise and the network stays near a
+    uniform prediction (loss ≈ ln 10) on the paper's CNN (dropout 0.5)."""
+    x, y = mnist.x_train[:1000], mnist.y_train[:1000]
+    accuracy_by_mode = {}
+    for kl_mode in ("shared", "independent"):
+        model = fresh_model(0)
+        keras.utils.set_random_seed(1)
+        ctx = make_ctx(x, y)
+        settings = trades.Settings(eps=1e-6, steps=1, start_noise=0.0, kl_mode=kl_mode)
+        trades.train(model, ctx, 1, settings)
+        accuracy_by_mode[kl_mode] = accuracy(model, mnist.x_test, mnist.y_test)
+    assert accuracy_by_mode["shared"] > 0.8 > 0.5 > accuracy_by_mode["independent"], \
+        accuracy_by_mode
+
+
 def test_trades_inner_maximisation_raises_kl_within_the_ball(warm, mnist):
     x = tf.constant(mnist.x_test[:100])
     trainer = trades.TRADESTrainer(warm, trades.Settings(eps=0.2, steps=5), seed=0,
