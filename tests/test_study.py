@@ -162,24 +162,32 @@ def test_a_new_implementation_of_a_defense_invalidates_only_its_stages(monkeypat
     assert after[seq].stages[1].key != before[seq].stages[1].key
 
 
+def stage_keys(cfg) -> list[str]:
+    return [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
+
+
+def stage_keys_without_option(monkeypatch, cfg, option: str) -> list[str]:
+    """The stage keys ``cfg`` had before a defense gained ``option``: its settings dumped
+    without it."""
+    from art_study.study import plan
+
+    resolve = plan.resolve_settings
+    monkeypatch.setattr(plan, "resolve_settings", lambda c, name: {
+        k: v for k, v in resolve(c, name).items() if k != option})
+    keys = stage_keys(cfg)
+    monkeypatch.undo()
+    return keys
+
+
 @pytest.mark.parametrize("defense", ["adversarial_training", "adversarial_training_fast"])
 def test_an_added_option_at_its_old_behaviour_keeps_stage_keys(monkeypatch, defense) -> None:
     """``labels`` came after stages were cached: at ``true`` (how those stages were trained) a
     stage keeps the key its settings had without the option; ``predicted`` is new work."""
-    from art_study.study import plan
 
     overrides = [f"study.defenses=[{defense}]"]
     cfg = load_config(TINY, overrides)
-    now = [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
-    resolve = plan.resolve_settings
-
-    def without_labels(cfg, name):  # the settings as they were dumped before the option
-        return {k: v for k, v in resolve(cfg, name).items() if k != "labels"}
-
-    monkeypatch.setattr(plan, "resolve_settings", without_labels)
-    before = [s.key for r in plan_runs(cfg, fake_fingerprints(cfg)) for s in r.stages]
-    monkeypatch.undo()
-    assert now == before
+    now = stage_keys(cfg)
+    assert now == stage_keys_without_option(monkeypatch, cfg, "labels")
     explicit = load_config(TINY, [*overrides, f"defenses.{defense}.labels=true"])
     assert [s.key for r in plan_runs(explicit, fake_fingerprints(cfg))
             for s in r.stages] == now
@@ -194,20 +202,11 @@ def test_trades_in_the_authors_kl_mode_keeps_the_stage_keys_it_had(monkeypatch) 
     """``kl_mode`` came after TRADES stages were cached, with a new default: ``independent``
     (how those stages were trained) keeps the key its settings had without the option; the
     default ``shared`` trains differently, so it is new work."""
-    from art_study.study import plan
 
     overrides = ["study.defenses=[trades]"]
     authors = load_config(TINY, [*overrides, "defenses.trades.kl_mode=independent"])
-    now = [s.key for r in plan_runs(authors, fake_fingerprints(authors)) for s in r.stages]
-    resolve = plan.resolve_settings
-
-    def without_kl_mode(cfg, name):  # the settings as they were dumped before the option
-        return {k: v for k, v in resolve(cfg, name).items() if k != "kl_mode"}
-
-    monkeypatch.setattr(plan, "resolve_settings", without_kl_mode)
-    before = [s.key for r in plan_runs(authors, fake_fingerprints(authors)) for s in r.stages]
-    monkeypatch.undo()
-    assert now == before
+    now = stage_keys(authors)
+    assert now == stage_keys_without_option(monkeypatch, authors, "kl_mode")
     default = load_config(TINY, overrides)
     runs = {r.sequence: r for r in plan_runs(default, fake_fingerprints(default))}
     assert runs["trades"].stages[0].settings["kl_mode"] == "shared"
