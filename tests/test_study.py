@@ -88,6 +88,40 @@ def test_prefixes_are_shared_and_keys_are_stable() -> None:
     assert changed["adversarial_training"].stages[0].key != at.stages[0].key
 
 
+KEYS_OF_ROBUST = """
+import sys
+from art_study.config import load_config
+from art_study.study import plan_runs
+from art_study.study.plan import study_key
+cfg = load_config(sys.argv[1])
+runs = plan_runs(cfg, {s: f"data-{s}" for s in cfg.study.all_seeds()})
+print(study_key(cfg, runs), *(r.key for r in runs))
+"""
+
+
+def test_keys_are_the_same_in_another_process() -> None:
+    """A resumed study is another process: its keys must not depend on anything of this one.
+    robust.yaml's attacks run art-study's compiled APGD/AutoAttack, whose factories are
+    functions (their text once carried a memory address: every restart made a new parent)."""
+    cfg_path = REPO / "configs" / "robust.yaml"
+    cfg = load_config(cfg_path)
+    runs = plan_runs(cfg, fake_fingerprints(cfg))
+    assert any(a.name == "autoattack-standard" for a in cfg.evaluation.attacks)
+    here = [study_key(cfg, runs), *(r.key for r in runs)]
+    out = subprocess.run([sys.executable, "-c", KEYS_OF_ROBUST, str(cfg_path)],
+                         capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.stdout.split() == here
+
+
+def test_a_key_refuses_a_memory_address() -> None:
+    from art_study.study.plan import stable_hash
+
+    assert stable_hash({"f": stable_hash}) == stable_hash({"f": "art_study.study.plan.stable_hash"})
+    with pytest.raises(TypeError, match="memory address"):
+        stable_hash({"x": object()})
+
+
 def test_speed_only_settings_keep_every_key() -> None:
     """steps_per_execution changes no weight (test_defenses checks it bit for bit), so stages
     cached with one value serve another, and a study resumed with it finds its parent run."""

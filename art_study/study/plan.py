@@ -46,9 +46,24 @@ LOCATION: dict[str, bool | set[str]] = {"tracking": True, "data": {"dir", "downl
 
 
 def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (sorted keys): stable across runs and machines."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """sha256 of the canonical JSON of ``obj`` (sorted keys): stable across runs and machines.
+
+    Values JSON lacks go in by :func:`_canonical`, which names functions by module and qualified
+    name and refuses anything whose text is a memory address: such a key would differ in every
+    process, so a resumed study would find neither its parent nor its finished runs.
+    """
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_canonical)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> str:
+    """The stable text of a value JSON cannot encode (see :func:`stable_hash`)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    text = str(value)
+    if " at 0x" in text:
+        raise TypeError(f"no stable key for {text}: its text is a memory address")
+    return text
 
 
 @dataclass(frozen=True)
