@@ -49,3 +49,44 @@ def test_evaluation_reports_cross_check_and_throughput(trained_model, small_mnis
     assert m["fgsm_custom/accuracy_eps_0.2"] < m["fgsm_custom/accuracy_eps_0.1"]
     assert m["fgsm_custom/accuracy_eps_0.1"] < m["clean/accuracy"]
     assert m["fgsm_custom/images_per_s"] > 0 and m["fgsm_art/images_per_s"] > 0
+
+
+def test_one_gradient_sweep_gives_the_images_of_each_eps(trained_model, small_mnist) -> None:
+    """FGSM.sweep (one gradient for every ε) is a speed option only: bit for bit the images of
+    one generate() per ε, at any batch size."""
+    x, y1h = small_mnist.x_test[:150], one_hot(small_mnist.y_test[:150])
+    eps_values = [0.0, 0.05, 0.3]
+    swept = FGSM(trained_model, batch_size=64).sweep(x, y1h, eps_values)
+    for eps in eps_values:
+        np.testing.assert_array_equal(swept[eps], FGSM(trained_model).generate(x, y1h, eps))
+
+
+def test_the_sweep_takes_one_gradient_only_where_the_model_draws_no_noise(
+        trained_model, small_mnist, monkeypatch) -> None:
+    """Dropout draws noise in training only: the trained CNN gets the one-gradient sweep. The
+    paper's gradient-noise layer draws fresh noise per gradient, so its model is attacked once
+    per ε as before (one shared gradient would change its results)."""
+    from art_study.attacks import draws_randomness_in_inference
+    from art_study.config import TrainConfig
+    from art_study.defenses.gradient_masking import GradientNoise, insert_masking
+    from art_study.models import compile_model
+
+    noisy = compile_model(insert_masking(trained_model, {}, GradientNoise(1.0, 0)), TrainConfig())
+    assert not draws_randomness_in_inference(trained_model)
+    assert draws_randomness_in_inference(noisy)
+
+    cfg = EvaluationConfig(eps=[0.1, 0.3], n_attack=100, batch_size=100, xcheck_images=50)
+    calls = {"sweep": 0, "generate": 0}
+    for name in calls:
+        original = getattr(FGSM, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(FGSM, name, counted)
+    x, y = small_mnist.x_test, small_mnist.y_test
+    evaluate(trained_model, x, y, cfg, progress=False)
+    assert calls == {"sweep": 1, "generate": 1}  # the sweep, then the repeat check
+    calls.update(sweep=0, generate=0)
+    evaluate(noisy, x, y, cfg, progress=False)
+    assert calls == {"sweep": 0, "generate": 3}  # one per ε, then the repeat check

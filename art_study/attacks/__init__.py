@@ -5,6 +5,6 @@ own module next to ``fgsm.py`` and gets a cross-check test against ART's version
 """
 
 from art_study.attacks.art_attacks import art_fgsm
-from art_study.attacks.fgsm import FGSM
+from art_study.attacks.fgsm import FGSM, draws_randomness_in_inference
 
-__all__ = ["FGSM", "art_fgsm"]
+__all__ = ["FGSM", "art_fgsm", "draws_randomness_in_inference"]

@@ -51,11 +51,40 @@ class FGSM:
         def step(x: tf.Tensor, y: tf.Tensor, eps: tf.Tensor) -> tf.Tensor:
             return tf.clip_by_value(x + eps * signed_gradient(model, loss_fn, x, y), 0.0, 1.0)
 
-        self._step = step
+        @tf.function(input_signature=[
+            tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
+            tf.TensorSpec((None, N_CLASSES), tf.float32),
+        ])
+        def signs(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+            return signed_gradient(model, loss_fn, x, y)
+
+        self._step, self._signs = step, signs
 
     def warm_up(self) -> None:
         """Trace the compiled step now, so later timings measure throughput only."""
         self._step(tf.zeros((1, *INPUT_SHAPE)), tf.zeros((1, N_CLASSES)), tf.constant(0.0))
+
+    def sweep(self, x: np.ndarray, y_onehot: np.ndarray, eps_values: list[float]
+              ) -> dict[float, np.ndarray]:
+        """:meth:`generate` at every ε of ``eps_values`` from one gradient per image.
+
+        FGSM's direction does not depend on ε, so one signed gradient serves the whole sweep:
+        a sixth of the gradients for the study's six ε, and bit for bit the images of
+        :meth:`generate` (``tests/test_attacks.py``), as long as the model's gradient is a
+        function of its input. Use it only then (:func:`draws_randomness_in_inference`): a
+        model that draws noise in its gradients gets fresh noise per ε from :meth:`generate`.
+        """
+        out = {eps: np.empty_like(x, dtype=np.float32) for eps in eps_values}
+        eps_t = [tf.constant(eps, tf.float32) for eps in eps_values]
+        starts = range(0, len(x), self.batch_size)
+        for s in tqdm(starts, desc="FGSM (ours), one gradient for every ε",
+                      disable=not self.progress, leave=False):
+            e = s + self.batch_size
+            xb = tf.constant(x[s:e])
+            direction = self._signs(xb, tf.constant(y_onehot[s:e]))
+            for eps, et in zip(eps_values, eps_t, strict=True):
+                out[eps][s:e] = tf.clip_by_value(xb + et * direction, 0.0, 1.0).numpy()
+        return out
 
     def generate(self, x: np.ndarray, y_onehot: np.ndarray, eps: float) -> np.ndarray:
         """Adversarial images for ``x`` with one-hot true labels ``y_onehot`` at budget ``eps``."""
@@ -67,3 +96,24 @@ class FGSM:
             e = s + self.batch_size
             out[s:e] = self._step(tf.constant(x[s:e]), tf.constant(y_onehot[s:e]), eps_t).numpy()
         return out
+
+
+# Keras layers that draw random numbers in training only: the identity in inference.
+_TRAINING_ONLY_RANDOMNESS = (keras.layers.Dropout, keras.layers.GaussianNoise,
+                             keras.layers.GaussianDropout, keras.layers.AlphaDropout)
+
+
+def draws_randomness_in_inference(model: keras.Model) -> bool:
+    """Whether a layer of ``model`` (nested models included) may draw random numbers in an
+    inference-mode forward or backward pass: any layer holding a Keras ``SeedGenerator`` other
+    than the training-only ones above (dropout, Gaussian noise), e.g. gradient masking's
+    ``GradientNoise`` or a user's randomised defense. Conservative: an unknown random layer
+    counts as random, which costs speed (:meth:`FGSM.sweep` is not used), never correctness."""
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        stack.extend(getattr(layer, "layers", []))
+        if getattr(layer, "_seed_generators", None) and not isinstance(
+                layer, _TRAINING_ONLY_RANDOMNESS):
+            return True
+    return False
