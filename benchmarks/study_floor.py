@@ -7,7 +7,10 @@ epochs × the plain-epoch time at the stage's depth × the stage's inherent mult
   one attack pass and one training pass per batch);
 - 2 for distillation when it trains its own teacher (teacher + student), 1 when the incoming
   model is the teacher;
-- 1 otherwise (``none``, ``gradient_masking``: its masking pass is a few seconds of inference).
+- 0 for a first ``gradient_masking`` stage whose plain twin (``StageSpec.plain_key``: the
+  control's first stage) is in the plan: it starts from that stage and only masks (seconds);
+- 1 otherwise (``none``, a later ``gradient_masking``: its masking pass is a few seconds of
+  inference).
 
 Plain-epoch times are measured here, per depth, by ``model.fit`` of the paper CNN (as the
 ``none`` stage runs it) on a ``--images`` slice, interleaved across depths in rounds (best
@@ -44,8 +47,11 @@ from pathlib import Path
 from _common import interleaved, machine_line, print_round
 
 
-def multiple(stage) -> int:
-    """The stage's inherent cost in plain epochs per epoch (see the module docstring)."""
+def multiple(stage, planned: set[str] = frozenset()) -> int:
+    """The stage's inherent cost in plain epochs per epoch (see the module docstring);
+    ``planned``: the keys of the plan's distinct stages."""
+    if stage.plain_key is not None and stage.plain_key in planned:
+        return 0
     if stage.defense in ("adversarial_training", "adversarial_training_fast"):
         return 2
     if stage.defense == "distillation":
@@ -82,8 +88,9 @@ def measure_plain_epochs(depths: list[int], data, cfg, images: int, rounds: int
     return {d: min(wall[f"depth{d}"]) * len(data.x_train) / n for d in depths}
 
 
-def stages_from_store(uri: str, study: str | None, runs_by_key: dict) -> dict:
-    """Real training time per trained stage key, evaluation time and wall time of the study."""
+def stages_from_store(uri: str, study: str | None, seed: int, runs_by_key: dict) -> dict:
+    """The seed's runs in the study: real training time per trained stage key, evaluation
+    time, the summed wall time of its finished runs, and the study's wall time."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -97,13 +104,15 @@ def stages_from_store(uri: str, study: str | None, runs_by_key: dict) -> dict:
         raise SystemExit(f"no study{' ' + study if study else ''} in {uri}")
     parent = parents[0]
     children = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-                                  max_results=5000)
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                  f"tags.seed = '{seed}'", max_results=5000)
     trained: dict[str, float] = {}
     unmatched = 0
-    evaluation = 0.0
+    evaluation = runs_s = 0.0
     statuses = collections.Counter(c.info.status for c in children)
     for child in children:
+        if child.info.status == "FINISHED":
+            runs_s += (child.info.end_time - child.info.start_time) / 1000
         spec = runs_by_key.get(child.data.tags.get("run_key"))
         m = child.data.metrics
         evaluation += m.get("eval/time_s", 0.0)
@@ -116,7 +125,7 @@ def stages_from_store(uri: str, study: str | None, runs_by_key: dict) -> dict:
     end = parent.info.end_time or time.time() * 1000
     return {"name": parent.data.tags.get("study", parent.info.run_name),
             "status": parent.info.status, "children": dict(statuses), "trained": trained,
-            "unmatched": unmatched, "evaluation_s": evaluation,
+            "unmatched": unmatched, "evaluation_s": evaluation, "runs_s": runs_s,
             "wall_s": (end - parent.info.start_time) / 1000}
 
 
@@ -174,10 +183,11 @@ def main() -> None:
     for d in depths:
         print(f"  plain epoch at depth {d}: {plain[d]:6.1f} s (full training set)")
 
-    floor = {k: s.epochs * plain[depth_of[k]] * multiple(s) for k, s in stages.items()}
+    floor = {k: s.epochs * plain[depth_of[k]] * multiple(s, set(stages))
+             for k, s in stages.items()}
     groups: dict[tuple, list[str]] = collections.defaultdict(list)
     for k, s in stages.items():
-        groups[(depth_of[k], s.defense, s.index, multiple(s))].append(k)
+        groups[(depth_of[k], s.defense, s.index, multiple(s, set(stages)))].append(k)
     print("floor by stage kind (depth, defense, position, multiple):")
     for (d, defense, index, mult), keys in sorted(groups.items()):
         epochs = sum(stages[k].epochs for k in keys)
@@ -189,14 +199,19 @@ def main() -> None:
 
     real: dict[str, float] = {}
     if args.tracking_uri:
-        found = stages_from_store(args.tracking_uri, args.study, {r.key: r for r in runs})
+        found = stages_from_store(args.tracking_uri, args.study, args.seed,
+                                  {r.key: r for r in runs})
         real.update(found["trained"])
         print(f"store {args.tracking_uri}: study {found['name']!r} ({found['status']}), "
               f"children {found['children']}, {len(found['trained'])} stages trained there"
               + (f", {found['unmatched']} not in this plan" if found["unmatched"] else ""))
-        print(f"  wall time of the parent run: {found['wall_s'] / 60:.1f} min "
-              f"({found['wall_s'] / total:.2f}× the whole floor; evaluation "
-              f"{found['evaluation_s'] / 60:.1f} min of it)")
+        trained_s = sum(found["trained"].values())
+        other_s = found["runs_s"] - trained_s - found["evaluation_s"]
+        print(f"  seed {args.seed}: its finished runs took {found['runs_s'] / 60:.1f} min = "
+              f"training {trained_s / 60:.1f} + evaluation {found['evaluation_s'] / 60:.1f} + "
+              f"the rest (loading, transfer examples, logging) {other_s / 60:.1f} min; the "
+              f"study's parent run: {found['wall_s'] / 60:.1f} min (all seeds, with the pauses "
+              "of a resumed study)")
     if args.cache_dir:
         cached = stages_from_cache(args.cache_dir, set(stages))
         print(f"cache {args.cache_dir}: {len(cached)} of {len(stages)} planned stages present")
@@ -213,7 +228,8 @@ def main() -> None:
             by_kind[kind][0] += t
             by_kind[kind][1] += floor[k]
         for kind, (t, f) in sorted(by_kind.items()):
-            print(f"  {kind:36s} real {t / 60:6.1f} min  floor {f / 60:6.1f} min  {t / f:5.2f}×")
+            ratio = f"{t / f:5.2f}×" if f else "(floor 0: starts from the control's stage)"
+            print(f"  {kind:36s} real {t / 60:6.1f} min  floor {f / 60:6.1f} min  {ratio}")
 
 
 if __name__ == "__main__":

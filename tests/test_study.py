@@ -122,6 +122,56 @@ def test_a_key_refuses_a_memory_address() -> None:
         stable_hash({"x": object()})
 
 
+def test_first_gradient_masking_stage_starts_from_the_controls_stage(
+        mnist_dir, tmp_path, run) -> None:
+    """gradient_masking trains exactly like `none`, then masks: as a first stage it starts from
+    the control's first stage when the cache has it. The model (weights and gradient noise) and
+    the epochs it records are those of training it itself, bit for bit."""
+    import numpy as np
+    import tensorflow as tf
+
+    from art_study.data import load_mnist
+    from art_study.study.cache import StageCache
+    from art_study.study.stages import train_stage
+
+    cfg = load_config(TINY, ["data.n_train=200",
+                             "defenses.gradient_masking.n_activation_samples=100"])
+    data = load_mnist(mnist_dir, n_train=200, n_test=50, seed=0)
+    runs = {r.sequence: r for r in plan_runs(cfg, {0: data.fingerprint})}
+    plain, masked = runs["none"].stages[0], runs["gradient_masking"].stages[0]
+    assert masked.plain_key == plain.key and masked.key != plain.key
+    assert runs["gradient_masking>distillation"].stages[0].plain_key == plain.key
+    assert runs["distillation"].stages[0].plain_key is None  # its teacher trains at T
+    assert runs["none"].stages[0].plain_key is None
+
+    shared, alone = StageCache(tmp_path / "shared"), StageCache(tmp_path / "alone")
+    train_stage(plain, runs["none"].config, data, shared)
+    reused = train_stage(masked, runs["gradient_masking"].config, data, shared)
+    trained = train_stage(masked, runs["gradient_masking"].config, data, alone)
+    assert reused.extra["plain_from"] == plain.key and "plain_from" not in trained.extra
+
+    def figures(record):
+        return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in record.history]
+    assert figures(reused) == figures(trained) and "gm/masked_units" in reused.history[-1]
+    a, b = shared.load_model(masked.key), alone.load_model(masked.key)
+    assert [w.name for w in a.weights] == [w.name for w in b.weights]
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    x = tf.constant(data.x_test[:20])
+    y = tf.one_hot(data.y_test[:20], 10)
+
+    def gradient(model):  # twice: the noise layer's successive draws must match too
+        out = []
+        for _ in range(2):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.keras.losses.categorical_crossentropy(y, model(x), from_logits=True)
+            out.append(tape.gradient(loss, x).numpy())
+        return out
+    for ga, gb in zip(gradient(a), gradient(b), strict=True):
+        np.testing.assert_array_equal(ga, gb)
+
+
 def test_speed_only_settings_keep_every_key() -> None:
     """steps_per_execution changes no weight (test_defenses checks it bit for bit), so stages
     cached with one value serve another, and a study resumed with it finds its parent run."""

@@ -96,7 +96,14 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int,
 
 
 class Defense(NamedTuple):
-    """A registry entry: the settings model and the training function of one defense."""
+    """A registry entry: the settings model and the training function of one defense.
+
+    ``after_plain``, for a defense whose ``train`` is plain training (exactly the ``none``
+    stage's) followed by a transformation of the trained model: that transformation alone. A
+    study then starts such a first stage from the control's first stage, trained already, and
+    applies it (``study/stages.py``): the same model, bit for bit, without training it twice.
+    """
 
     settings: type[DefenseSettings]
     train: Callable[[keras.Model, StageContext, int, DefenseSettings], keras.Model]
+    after_plain: Callable[[keras.Model, StageContext, DefenseSettings], keras.Model] | None = None

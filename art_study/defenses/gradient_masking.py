@@ -167,7 +167,15 @@ def train(model: keras.Model, ctx: StageContext, epochs: int, settings: Settings
     if base is not model:  # GM after GM: train the bare network, masks are recomputed below
         model = compile_model(base, ctx.train)
     fit(model, ctx.x_train, ctx.y_train_onehot, epochs, ctx)
+    return mask(model, ctx, settings)
 
+
+def mask(model: keras.Model, ctx: StageContext, settings: Settings) -> keras.Model:
+    """The stage after its plain training: mask unused units and/or add the gradient noise.
+
+    Deterministic given the trained model (the noise layer seeds its own generator), so a first
+    stage applies it to the control's first stage, which is the same plain training
+    (``Defense.after_plain``)."""
     keep: dict[str, np.ndarray] = {}
     if settings.mode in ("nullify", "both"):
         keep = unit_usage(model, ctx.x_train[: settings.n_activation_samples],

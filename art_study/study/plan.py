@@ -76,6 +76,11 @@ class StageSpec:
     epochs: int
     parent: StageSpec | None
     key: str
+    # The key of the ``none`` stage in the same place (same parent, position and epochs), for a
+    # first stage whose defense is plain training followed by a transformation
+    # (``Defense.after_plain``): its training part *is* that stage, which the control of the same
+    # depth and seed trains first, so ``stages.train_stage`` starts from it. Not part of ``key``.
+    plain_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,17 +193,29 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
     stages: list[StageSpec] = []
     parent_key = stable_hash(root)
     for i, (defense, n) in enumerate(zip(chain, epochs, strict=True)):
-        settings = resolve_settings(cfg, defense)
-        settings_model = DEFENSES[defense].settings
-        material = {"parent": parent_key, "index": i, "defense": defense,
-                    "settings": _key_settings(settings_model, settings), "epochs": n}
-        implementation = settings_model.implementation
-        if implementation > 1:  # absent at 1, so keys made before versions existed stay valid
-            material["implementation"] = implementation
-        key = stable_hash(material)
-        stages.append(StageSpec(i, defense, settings, n, stages[-1] if stages else None, key))
+        settings, key = _stage_key(cfg, parent_key, i, defense, n)
+        plain_key = None
+        if i == 0 and defense != "none" and DEFENSES[defense].after_plain is not None:
+            plain_key = _stage_key(cfg, parent_key, i, "none", n)[1]
+        stages.append(StageSpec(i, defense, settings, n, stages[-1] if stages else None, key,
+                                plain_key))
         parent_key = key
     return tuple(stages)
+
+
+def _stage_key(cfg: ExperimentConfig, parent_key: str, index: int, defense: str,
+               epochs: int) -> tuple[dict[str, Any], str]:
+    """A stage's resolved settings and its key: everything before it and all it does."""
+    from art_study.defenses import DEFENSES
+
+    settings = resolve_settings(cfg, defense)
+    settings_model = DEFENSES[defense].settings
+    material = {"parent": parent_key, "index": index, "defense": defense,
+                "settings": _key_settings(settings_model, settings), "epochs": epochs}
+    implementation = settings_model.implementation
+    if implementation > 1:  # absent at 1, so keys made before versions existed stay valid
+        material["implementation"] = implementation
+    return settings, stable_hash(material)
 
 
 def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSpec]:

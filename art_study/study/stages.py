@@ -62,10 +62,22 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
                        incoming_trained=stage.parent is not None,
                        step_offset=step_offset(stage), progress=progress)
     defense = DEFENSES[stage.defense]
+    settings = defense.settings(**stage.settings)
     t0 = time.perf_counter()
-    model = defense.train(model, ctx, stage.epochs, defense.settings(**stage.settings))
+    extra = {}
+    if stage.plain_key is not None and cache.has(stage.plain_key):
+        # Its training is the control's first stage, done already: replay that stage's epochs
+        # into this run and apply the rest of the defense (the same model, bit for bit).
+        plain = cache.record(stage.plain_key)
+        model = compile_model(cache.load_model(stage.plain_key), cfg.train)
+        for epoch in plain.history:
+            ctx.log_epoch(epoch)
+        model = defense.after_plain(model, ctx, settings)
+        extra = {"plain_from": stage.plain_key, "plain_train_time_s": plain.train_time_s}
+    else:
+        model = defense.train(model, ctx, stage.epochs, settings)
     record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
-                         time.perf_counter() - t0, {})
+                         time.perf_counter() - t0, extra)
     cache.save(model, record)
     return cache.record(stage.key)  # as saved: with its checksum (or a concurrent writer's)
 
