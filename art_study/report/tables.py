@@ -172,12 +172,19 @@ def missing_table(status: pd.DataFrame) -> pd.DataFrame:
 
 # -- the headline: robust accuracy, the per-image worst case over attacks --------------------
 ROBUST_METRIC = re.compile(r"^metrics\.robust/accuracy_eps_([^/]+)$")
+ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/([^/]+)/accuracy_eps_([^/]+)$")
 
 
 def robust_columns(finished: pd.DataFrame) -> dict[str, str]:
-    """ε as written in the metric name → its worst-case column, for the ε any run logged."""
+    """ε as written in the metric name → its worst-case column, for the ε at which a run logged
+    the worst case *and* an attack beyond FGSM (``attack/…`` or ``transfer/…``): where only
+    FGSM ran, the "worst case" is FGSM again, and a column of it beside a real worst case reads
+    as if robustness came back at a larger ε."""
+    attacked = {m.group(3) for c in finished.columns
+                if (m := ATTACK_METRIC.match(c)) and finished[c].notna().any()}
     found = {m.group(1): c for c in finished.columns
-             if (m := ROBUST_METRIC.match(c)) and finished[c].notna().any()}
+             if (m := ROBUST_METRIC.match(c)) and finished[c].notna().any()
+             and m.group(1) in attacked}
     return dict(sorted(found.items(), key=lambda kv: float(kv[0])))
 
 
@@ -215,7 +222,6 @@ def headline_table(data: StudyData, eps_star: float) -> tuple[pd.DataFrame, bool
 
 
 # -- beyond FGSM: stronger attacks, their components and cost, the masking verdict -------------
-ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/([^/]+)/accuracy_eps_([^/]+)$")
 # A component of an ensemble attack (AutoAttack): the robust accuracy left after it and every
 # component before it, e.g. ``attack/autoattack-standard/apgd-t/accuracy_eps_0.3``.
 COMPONENT_METRIC = re.compile(r"^metrics\.attack/([^/]+)/([^/]+)/accuracy_eps_([^/]+)$")
