@@ -9,7 +9,12 @@ The reference is ART's ``FastGradientMethod`` on ART's stock ``KerasClassifier``
 directly: not through ``art_study.models.to_art`` or ``art_study.estimator``, which may wrap
 the model in art-study's own faster estimator and would then not measure ART.
 
+With ``--sweep``: the evaluation's FGSM sweep instead, our one-gradient ``FGSM.sweep`` over the
+study's six ε against one ``FGSM.generate`` per ε (what the evaluation did before), checked
+bit-identical.
+
     .venv/bin/python benchmarks/fgsm_throughput.py [--n-conv 2] [--images 10000] [--repeats 5]
+        [--sweep]
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ def main() -> None:
     p = argument_parser(__doc__, images=10_000, batch_size=500)
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sweep", action="store_true",
+                   help="the six-ε sweep: one gradient for all ε vs one per ε")
     args = p.parse_args()
 
     import keras
@@ -44,6 +51,8 @@ def main() -> None:
                              targeted=False, num_random_init=0, batch_size=args.batch_size,
                              minimal=False)
     ours.warm_up()
+    if args.sweep:
+        return sweep(ours, x, y, args)
     art.generate(x=x[:10], y=y[:10])  # warm ART's path too
 
     out: dict[str, np.ndarray] = {}
@@ -64,6 +73,29 @@ def main() -> None:
           f"({cpu_art:6.0f} per CPU-second)")
     print(f"  ratio ours/ART: {best_ours / best_art:.2f}x wall, {cpu_ours / cpu_art:.2f}x CPU "
           f"(target ≥ 2.5x)   max|Δ| between them: {max_diff:.1g}")
+
+
+def sweep(ours, x, y, args) -> None:
+    """One gradient for every ε against one per ε, the study's six ε, same images."""
+    import numpy as np
+
+    eps_values = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    ours.sweep(x[:10], y[:10], eps_values)  # trace the gradient-only function too
+    out: dict[str, dict] = {}
+    wall, cpu = interleaved(
+        {"one gradient": lambda: out.__setitem__("one", ours.sweep(x, y, eps_values)),
+         "one per ε": lambda: out.__setitem__(
+             "per", {e: ours.generate(x, y, e) for e in eps_values})},
+        args.repeats, print_round)
+    same = all(np.array_equal(out["one"][e], out["per"][e]) for e in eps_values)
+    print(f"paper CNN, {args.n_conv} conv, {len(x)} images × {len(eps_values)} ε, batch "
+          f"{args.batch_size}, best of {args.repeats}; {machine_line()}")
+    for name in wall:
+        print(f"  {name:13s} {min(wall[name]):6.2f} s wall  {min(cpu[name]):6.2f} s CPU")
+    print(f"  speed-up: {min(wall['one per ε']) / min(wall['one gradient']):.2f}x wall, "
+          f"{min(cpu['one per ε']) / min(cpu['one gradient']):.2f}x CPU; bit-identical "
+          f"images: {same}")
+
 
 if __name__ == "__main__":
     main()
