@@ -175,8 +175,8 @@ def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
     doc.heading("Headline: robust accuracy")
     if worst_case:
         doc.para("Robust accuracy is the **per-image worst case over every attack** a run "
-                 "evaluated at that ε (metric `robust/accuracy_eps_<ε>`), at each ε where an "
-                 "attack stronger than FGSM ran: an image counts only "
+                 "evaluated at that ε (metric `robust/accuracy_eps_<ε>`), at each ε where one "
+                 "of the config's attacks beyond FGSM ran: an image counts only "
                  "if the model classifies it correctly, clean and under each attack. This is "
                  "the number a leaderboard reports and the one to compare defenses by. FGSM at "
                  "the largest of these ε is shown beside it: the gap is what FGSM alone "

@@ -177,11 +177,12 @@ ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/([^/]+)/accuracy_eps_([
 
 def robust_columns(finished: pd.DataFrame) -> dict[str, str]:
     """ε as written in the metric name → its worst-case column, for the ε at which a run logged
-    the worst case *and* an attack beyond FGSM (``attack/…`` or ``transfer/…``): where only
-    FGSM ran, the "worst case" is FGSM again, and a column of it beside a real worst case reads
-    as if robustness came back at a larger ε."""
+    the worst case *and* one of the config's attacks (``attack/…``: PGD, APGD, Square, ...) ran.
+    Where only FGSM and transfer FGSM ran, the "worst case" is a single-step attack again, and a
+    column of it beside a real worst case reads as if robustness came back at a larger ε."""
     attacked = {m.group(3) for c in finished.columns
-                if (m := ATTACK_METRIC.match(c)) and finished[c].notna().any()}
+                if (m := ATTACK_METRIC.match(c)) and m.group(1) == "attack"
+                and finished[c].notna().any()}
     found = {m.group(1): c for c in finished.columns
              if (m := ROBUST_METRIC.match(c)) and finished[c].notna().any()
              and m.group(1) in attacked}
