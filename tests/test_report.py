@@ -280,6 +280,32 @@ def test_significance_rows_report_each_seed() -> None:
     assert P_VALUE.match(row["McNemar p over seeds"]) and row["seeds · images"] == "2 · 100"
 
 
+def test_significance_on_the_worst_case_uses_its_verdicts() -> None:
+    """measure="robust": the worst case's accuracies and per-image verdicts, not FGSM's."""
+    scores = pd.DataFrame([
+        {"run_id": f"{seq}{seed}", "sequence": seq, "depth": 2, "seed": seed, "eps_0.3": fg,
+         "robust_eps_0.3": worst, "fingerprint": "same"}
+        for seq, rows in (("none", ((30.0, 0.0), (32.0, 1.0))),
+                          ("trades", ((95.0, 88.0), (94.0, 86.0))))
+        for seed, (fg, worst) in zip((0, 1), rows, strict=True)])
+    summary = report.summarise(scores.assign(clean=99.0), [0.3])
+    rng = np.random.default_rng(1)
+    correct = {rid: {"fgsm_eps_0.3": rng.random(200) < 0.5,
+                     "robust_eps_0.3": rng.random(200) < (0.88 if rid[0] == "t" else 0.01)}
+               for rid in scores["run_id"]}
+    [row] = report.significance_table(scores, summary, correct, [(2, "trades", "none")], 0.3,
+                                      "robust").to_dict("records")
+    assert row["A %"].startswith("87.00 ±") and row["B %"].startswith("0.50 ±")
+    a, b = correct["trades0"]["robust_eps_0.3"], correct["none0"]["robust_eps_0.3"]
+    assert row["A✓B✗ / A✗B✓ per seed"].startswith(
+        f"s0: {int(np.sum(a & ~b))} / {int(np.sum(~a & b))}")
+    [fgsm] = report.significance_table(scores, summary, correct, [(2, "trades", "none")],
+                                       0.3).to_dict("records")
+    assert fgsm["A %"].startswith("94.50 ±") and fgsm != row
+    with pytest.raises(ValueError, match="measure"):
+        report.significance_table(scores, summary, correct, [(2, "trades", "none")], 0.3, "pgd")
+
+
 def test_confidence_interval_and_formatting() -> None:
     assert report.fmt_ci(pd.Series({"mean": 97.0, "half": np.nan, "n": 1})) == "97.00 (n=1)"
     assert report.fmt_ci(pd.Series({"mean": 97.0, "half": 1.5, "n": 3})) == "97.00 ± 1.50"
@@ -372,6 +398,10 @@ def test_headline_is_the_worst_case_and_autoattack_shows_its_components(syntheti
     assert control["worst case ε=0.3 %"].startswith("30.00") and \
         control["worst case ε=0.3 %"].endswith("(FGSM only)")
     assert md.index("## Headline") < md.index("## Comparison ε")
+
+    worst_vs_control = {r["A"]: r for r in table_after(
+        md, "### Each defense vs the control: worst case over attacks")}
+    assert worst_vs_control["distillation"]["A %"] == dd["worst case ε=0.3 %"]
 
     beyond = {r["sequence"]: r for r in table_after(
         md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}["distillation"]

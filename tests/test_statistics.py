@@ -84,6 +84,10 @@ def test_mcnemar_over_seeds_counts_images_not_seed_image_pairs() -> None:
     p, how = statistics.clustered_mcnemar([small])
     assert how == "exact" and p == pytest.approx(stats.binomtest(9, 10, 0.5).pvalue)
     assert statistics.clustered_mcnemar([small, _seed(1, [0], [], n=100)]) is None
+    # One discordant image (a robust model against a broken one on a small slice): McNemar's
+    # exact p, 1 (scipy's permutation test refuses a single observation).
+    single = statistics.clustered_mcnemar([_seed(0, [3], [])])
+    assert single == (1.0, "exact") and stats.binomtest(1, 1, 0.5).pvalue == 1.0
 
 
 def test_mcnemar_over_seeds_is_the_sign_flip_test_of_net_discordance() -> None:

@@ -161,11 +161,15 @@ def metric_names(eps: list[float]) -> list[str]:
 
 
 def seed_scores(finished: pd.DataFrame, eps: list[float]) -> pd.DataFrame:
-    """One row per finished run: accuracies in % (clean, ours-FGSM per ε) and cross-checks."""
+    """One row per finished run: accuracies in % (clean, ours-FGSM per ε, the worst case over
+    attacks per ε as ``robust_eps_<ε>`` where logged) and cross-checks."""
     out = finished[["run_id", "sequence", "depth", "seed"]].copy()
     out["clean"] = finished["metrics.clean/accuracy"] * 100
     for e in eps:
         out[eps_key(e)] = finished[f"metrics.fgsm_custom/accuracy_{eps_key(e)}"] * 100
+        worst = f"metrics.robust/accuracy_{eps_key(e)}"
+        if worst in finished:  # the per-image worst case over attacks, where runs logged it
+            out[f"robust_{eps_key(e)}"] = finished[worst] * 100
     for col, metric in (("xcheck", "xcheck/max_abs_diff"),
                         ("repeat", "xcheck/repeat_max_abs_diff")):
         out[col] = finished.get(f"metrics.{metric}", np.nan)

@@ -94,8 +94,8 @@ def clustered_mcnemar(per_seed: list[SeedDiscordance]) -> tuple[float, str] | No
         return None
     net = sum(s.a_only.astype(int) - s.b_only.astype(int) for s in per_seed)
     d = net[net != 0].astype(float)
-    if d.size == 0:
-        return 1.0, "exact"
+    if d.size < 2:  # no discordant image, or one: both sign patterns are as extreme, p = 1
+        return 1.0, "exact"  # (scipy's permutation test refuses a single observation)
     if d.size >= EXACT_MCNEMAR_BELOW:
         return float(stats.chi2.sf(d.sum() ** 2 / np.sum(d * d), 1)), "clustered χ²"
     result = stats.permutation_test((d,), lambda x, axis: np.sum(x, axis=axis),

@@ -371,10 +371,19 @@ def seed_discordance(pairs: list[tuple[pd.Series, pd.Series]], correct: dict[str
 
 def significance_table(scores: pd.DataFrame, summary: pd.DataFrame,
                        correct: dict[str, dict | None], pairs: list[tuple[int, str, str]],
-                       eps_star: float) -> pd.DataFrame:
+                       eps_star: float, measure: str = "fgsm") -> pd.DataFrame:
     """Both tests for each (depth, A, B) at the comparison ε, one row per pair: McNemar per
-    seed, and over seeds with images as the unit (:func:`clustered_mcnemar`), never pooled."""
-    metric, key = eps_key(eps_star), f"fgsm_{eps_key(eps_star)}"
+    seed, and over seeds with images as the unit (:func:`clustered_mcnemar`), never pooled.
+
+    ``measure``: ``fgsm`` (our FGSM, the paper's measure) or ``robust`` (the per-image worst
+    case over every attack, ``robust_eps_<ε>`` in ``scores`` and in each run's per-image
+    verdicts): the accuracy a defense should be judged by where stronger attacks ran."""
+    if measure not in ("fgsm", "robust"):
+        raise ValueError(f"measure must be fgsm or robust, got {measure!r}")
+    metric = eps_key(eps_star) if measure == "fgsm" else f"robust_{eps_key(eps_star)}"
+    key = f"{measure}_{eps_key(eps_star)}"
+    if measure == "robust":
+        summary = summarise_seeds(scores, [metric])
     rows = []
     for depth, a, b in pairs:
         ma, mb = lookup(summary, depth, a, metric), lookup(summary, depth, b, metric)
