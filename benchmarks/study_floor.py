@@ -89,8 +89,8 @@ def measure_plain_epochs(depths: list[int], data, cfg, images: int, rounds: int
 
 
 def stages_from_store(uri: str, study: str | None, seed: int, runs_by_key: dict) -> dict:
-    """The seed's runs in the study: real training time per trained stage key, evaluation
-    time, the summed wall time of its finished runs, and the study's wall time."""
+    """The seed's runs in the study: real training time per trained stage key; the summed wall
+    time of its finished runs, with their training and evaluation; the study's wall time."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -108,25 +108,28 @@ def stages_from_store(uri: str, study: str | None, seed: int, runs_by_key: dict)
                                   f"tags.seed = '{seed}'", max_results=5000)
     trained: dict[str, float] = {}
     unmatched = 0
-    evaluation = runs_s = 0.0
+    # The split of the seed's run time: finished runs only, so a running run's trained stage
+    # is not counted as training inside a run time that leaves it out.
+    split = {"runs_s": 0.0, "training_s": 0.0, "evaluation_s": 0.0}
     statuses = collections.Counter(c.info.status for c in children)
     for child in children:
-        if child.info.status == "FINISHED":
-            runs_s += (child.info.end_time - child.info.start_time) / 1000
         spec = runs_by_key.get(child.data.tags.get("run_key"))
         m = child.data.metrics
-        evaluation += m.get("eval/time_s", 0.0)
-        for i in range(1, 4):
-            if m.get(f"stage{i}/cached") == 0.0 and f"stage{i}/time_s" in m:
-                if spec is None:
-                    unmatched += 1
-                else:
-                    trained[spec.stages[i - 1].key] = m[f"stage{i}/time_s"]
+        trained_here = {i: m[f"stage{i}/time_s"] for i in range(1, 4)
+                        if m.get(f"stage{i}/cached") == 0.0 and f"stage{i}/time_s" in m}
+        for i, t in trained_here.items():
+            if spec is None:
+                unmatched += 1
+            else:
+                trained[spec.stages[i - 1].key] = t
+        if child.info.status == "FINISHED":
+            split["runs_s"] += (child.info.end_time - child.info.start_time) / 1000
+            split["training_s"] += sum(trained_here.values())
+            split["evaluation_s"] += m.get("eval/time_s", 0.0)
     end = parent.info.end_time or time.time() * 1000
     return {"name": parent.data.tags.get("study", parent.info.run_name),
             "status": parent.info.status, "children": dict(statuses), "trained": trained,
-            "unmatched": unmatched, "evaluation_s": evaluation, "runs_s": runs_s,
-            "wall_s": (end - parent.info.start_time) / 1000}
+            "unmatched": unmatched, **split, "wall_s": (end - parent.info.start_time) / 1000}
 
 
 def stages_from_cache(cache_dir: Path, keys: set[str]) -> dict[str, float]:
@@ -183,11 +186,12 @@ def main() -> None:
     for d in depths:
         print(f"  plain epoch at depth {d}: {plain[d]:6.1f} s (full training set)")
 
-    floor = {k: s.epochs * plain[depth_of[k]] * multiple(s, set(stages))
-             for k, s in stages.items()}
+    planned = set(stages)
+    mult = {k: multiple(s, planned) for k, s in stages.items()}
+    floor = {k: s.epochs * plain[depth_of[k]] * mult[k] for k, s in stages.items()}
     groups: dict[tuple, list[str]] = collections.defaultdict(list)
     for k, s in stages.items():
-        groups[(depth_of[k], s.defense, s.index, multiple(s, set(stages)))].append(k)
+        groups[(depth_of[k], s.defense, s.index, mult[k])].append(k)
     print("floor by stage kind (depth, defense, position, multiple):")
     for (d, defense, index, mult), keys in sorted(groups.items()):
         epochs = sum(stages[k].epochs for k in keys)
@@ -205,10 +209,10 @@ def main() -> None:
         print(f"store {args.tracking_uri}: study {found['name']!r} ({found['status']}), "
               f"children {found['children']}, {len(found['trained'])} stages trained there"
               + (f", {found['unmatched']} not in this plan" if found["unmatched"] else ""))
-        trained_s = sum(found["trained"].values())
-        other_s = found["runs_s"] - trained_s - found["evaluation_s"]
-        print(f"  seed {args.seed}: its finished runs took {found['runs_s'] / 60:.1f} min = "
-              f"training {trained_s / 60:.1f} + evaluation {found['evaluation_s'] / 60:.1f} + "
+        other_s = found["runs_s"] - found["training_s"] - found["evaluation_s"]
+        print(f"  seed {args.seed}: its {found['children'].get('FINISHED', 0)} finished runs took "
+              f"{found['runs_s'] / 60:.1f} min = training {found['training_s'] / 60:.1f} + "
+              f"evaluation {found['evaluation_s'] / 60:.1f} + "
               f"the rest (loading, transfer examples, logging) {other_s / 60:.1f} min; the "
               f"study's parent run: {found['wall_s'] / 60:.1f} min (all seeds, with the pauses "
               "of a resumed study)")
