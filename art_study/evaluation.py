@@ -148,14 +148,15 @@ def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: Evaluation
 
     ours = FGSM(model, batch_size=cfg.batch_size, progress=progress)
     classifier = to_art(model)
-    ours.warm_up()  # trace once so the timings measure throughput, not tracing
+    one_gradient = not draws_randomness_in_inference(model)  # then one serves every ε
+    ours.warm_up(sweep=one_gradient)  # trace once so the timings measure throughput
     t_ours = t_art = 0.0
     top, x_top = max(cfg.eps), None
     clean = result.correct["clean"]
     n_x = len(x) if cfg.xcheck_images is None else min(cfg.xcheck_images, len(x))
     m["xcheck/n_images"] = float(n_x)
     swept = None
-    if not draws_randomness_in_inference(model):  # one gradient serves every ε, bit for bit
+    if one_gradient:  # bit for bit the images of one generate() per ε
         t0 = time.perf_counter()
         swept = ours.sweep(x, y1h, list(cfg.eps))
         t_ours = time.perf_counter() - t0

@@ -60,9 +60,14 @@ class FGSM:
 
         self._step, self._signs = step, signs
 
-    def warm_up(self) -> None:
-        """Trace the compiled step now, so later timings measure throughput only."""
-        self._step(tf.zeros((1, *INPUT_SHAPE)), tf.zeros((1, N_CLASSES)), tf.constant(0.0))
+    def warm_up(self, *, sweep: bool = False) -> None:
+        """Trace the compiled step now (and, with ``sweep``, :meth:`sweep`'s gradient), so later
+        timings measure throughput only. Each trace is a call: on a model with gradient noise
+        it draws noise, so trace the sweep only where it will be used."""
+        x, y = tf.zeros((1, *INPUT_SHAPE)), tf.zeros((1, N_CLASSES))
+        self._step(x, y, tf.constant(0.0))
+        if sweep:
+            self._signs(x, y)
 
     def sweep(self, x: np.ndarray, y_onehot: np.ndarray, eps_values: list[float]
               ) -> dict[float, np.ndarray]:
@@ -108,7 +113,10 @@ def draws_randomness_in_inference(model: keras.Model) -> bool:
     inference-mode forward or backward pass: any layer holding a Keras ``SeedGenerator`` other
     than the training-only ones above (dropout, Gaussian noise), e.g. gradient masking's
     ``GradientNoise`` or a user's randomised defense. Conservative: an unknown random layer
-    counts as random, which costs speed (:meth:`FGSM.sweep` is not used), never correctness."""
+    counts as random, which costs speed (:meth:`FGSM.sweep` is not used), never correctness;
+    so does every model if Keras no longer keeps a layer's generators in ``_seed_generators``."""
+    if not hasattr(model, "_seed_generators"):
+        return True
     stack = list(model.layers)
     while stack:
         layer = stack.pop()
