@@ -90,3 +90,35 @@ def test_the_sweep_takes_one_gradient_only_where_the_model_draws_no_noise(
     calls.update(sweep=0, generate=0)
     evaluate(noisy, x, y, cfg, progress=False)
     assert calls == {"sweep": 0, "generate": 3}  # one per ε, then the repeat check
+
+
+def test_randomness_no_layer_declares_is_caught_by_two_gradients(
+        trained_model, small_mnist, monkeypatch) -> None:
+    """tf.random inside a Lambda holds no SeedGenerator: the layer check misses it, the repeat
+    of one batch's gradient catches it, and the evaluation attacks once per ε."""
+    import keras
+    import tensorflow as tf
+
+    from art_study.attacks import draws_randomness_in_inference
+    from art_study.config import TrainConfig
+    from art_study.models import INPUT_SHAPE, compile_model
+
+    noisy = compile_model(keras.Sequential([
+        keras.Input(INPUT_SHAPE),
+        keras.layers.Lambda(lambda x: x + tf.random.normal(tf.shape(x), stddev=0.1)),
+        trained_model]), TrainConfig())
+    x, y1h = small_mnist.x_test[:50], one_hot(small_mnist.y_test[:50])
+    assert not draws_randomness_in_inference(noisy)
+    assert not FGSM(noisy).gradient_repeats(x, y1h)
+    assert FGSM(trained_model).gradient_repeats(x, y1h)
+
+    calls = {"sweep": 0}
+    original = FGSM.sweep
+
+    def counted(self, *args):
+        calls["sweep"] += 1
+        return original(self, *args)
+    monkeypatch.setattr(FGSM, "sweep", counted)
+    cfg = EvaluationConfig(eps=[0.1, 0.3], n_attack=100, batch_size=100, xcheck_images=50)
+    evaluate(noisy, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
+    assert calls["sweep"] == 0

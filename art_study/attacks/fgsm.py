@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from art_study.models import INPUT_SHAPE, N_CLASSES
 
 
-def signed_gradient(model: keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """sign(∇ₓ loss(y, model(x))) with the model in inference mode.
+def input_gradient(model: keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """∇ₓ loss(y, model(x)) with the model in inference mode.
 
     The loss is unreduced (one value per image) and the tape sums it, so each image's gradient is
     its own loss gradient, the same quantity ART's ``loss_gradient`` computes.
@@ -25,7 +25,12 @@ def signed_gradient(model: keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor) -> 
     with tf.GradientTape() as tape:
         tape.watch(x)
         loss = loss_fn(y, model(x, training=False))
-    return tf.sign(tape.gradient(loss, x))
+    return tape.gradient(loss, x)
+
+
+def signed_gradient(model: keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """sign(∇ₓ loss(y, model(x))) with the model in inference mode (:func:`input_gradient`)."""
+    return tf.sign(input_gradient(model, loss_fn, x, y))
 
 
 class FGSM:
@@ -55,10 +60,10 @@ class FGSM:
             tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
             tf.TensorSpec((None, N_CLASSES), tf.float32),
         ])
-        def signs(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-            return signed_gradient(model, loss_fn, x, y)
+        def gradient(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+            return input_gradient(model, loss_fn, x, y)
 
-        self._step, self._signs = step, signs
+        self._step, self._gradient = step, gradient
 
     def warm_up(self, *, sweep: bool = False) -> None:
         """Trace the compiled step now (and, with ``sweep``, :meth:`sweep`'s gradient), so later
@@ -67,7 +72,15 @@ class FGSM:
         x, y = tf.zeros((1, *INPUT_SHAPE)), tf.zeros((1, N_CLASSES))
         self._step(x, y, tf.constant(0.0))
         if sweep:
-            self._signs(x, y)
+            self._gradient(x, y)
+
+    def gradient_repeats(self, x: np.ndarray, y_onehot: np.ndarray) -> bool:
+        """Whether two input gradients of the same images agree bit for bit: the test, beside
+        :func:`draws_randomness_in_inference`, that :meth:`sweep` gives :meth:`generate`'s
+        images. It catches randomness no layer declares (``tf.random`` inside a ``Lambda`` or a
+        custom layer); on a model it finds random, its two calls have drawn noise."""
+        xb, yb = tf.constant(x), tf.constant(y_onehot)
+        return bool(tf.reduce_all(self._gradient(xb, yb) == self._gradient(xb, yb)))
 
     def sweep(self, x: np.ndarray, y_onehot: np.ndarray, eps_values: list[float]
               ) -> dict[float, np.ndarray]:
@@ -76,8 +89,9 @@ class FGSM:
         FGSM's direction does not depend on ε, so one signed gradient serves the whole sweep:
         a sixth of the gradients for the study's six ε, and bit for bit the images of
         :meth:`generate` (``tests/test_attacks.py``), as long as the model's gradient is a
-        function of its input. Use it only then (:func:`draws_randomness_in_inference`): a
-        model that draws noise in its gradients gets fresh noise per ε from :meth:`generate`.
+        function of its input. Use it only then (:func:`draws_randomness_in_inference` and
+        :meth:`gradient_repeats`): a model that draws noise in its gradients gets fresh noise per
+        ε from :meth:`generate`.
         """
         out = {eps: np.empty_like(x, dtype=np.float32) for eps in eps_values}
         eps_t = [tf.constant(eps, tf.float32) for eps in eps_values]
@@ -86,7 +100,7 @@ class FGSM:
                       disable=not self.progress, leave=False):
             e = s + self.batch_size
             xb = tf.constant(x[s:e])
-            direction = self._signs(xb, tf.constant(y_onehot[s:e]))
+            direction = tf.sign(self._gradient(xb, tf.constant(y_onehot[s:e])))
             for eps, et in zip(eps_values, eps_t, strict=True):
                 out[eps][s:e] = tf.clip_by_value(xb + et * direction, 0.0, 1.0).numpy()
         return out
