@@ -428,3 +428,18 @@ def test_headline_falls_back_to_fgsm_and_says_so(synthetic_store, tmp_path) -> N
     assert not any(c.startswith("worst case") for c in head["adversarial_training"])
     assert head["adversarial_training"][f"FGSM ε={eps_star} %"].startswith("90.50 ±")
     assert "distillation from a T = 1 teacher" not in md  # no X → distillation row
+
+
+def test_headline_says_on_how_many_images_worst_case_and_fgsm_were_measured() -> None:
+    """The headline sets the worst case (first 1 000 images) beside FGSM (all 10 000): its
+    text says so; a worst case only FGSM-type attacks made (ε 0.1 here) is not counted."""
+    from art_study.report.document import _images_note
+
+    finished = pd.DataFrame({
+        "metrics.robust/accuracy_eps_0.3": [0.9], "metrics.robust/n_images_eps_0.3": [1000.0],
+        "metrics.attack/pgd/accuracy_eps_0.3": [0.92],
+        "metrics.robust/accuracy_eps_0.1": [0.95], "metrics.robust/n_images_eps_0.1": [10000.0],
+        "metrics.transfer/fgsm/accuracy_eps_0.1": [0.97], "metrics.eval/n_images": [10000.0]})
+    assert "first 1 000 test images" in _images_note(finished)
+    assert "FGSM on 10 000" in _images_note(finished)
+    assert _images_note(finished.assign(**{"metrics.robust/n_images_eps_0.3": [10000.0]})) == ""

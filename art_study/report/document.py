@@ -38,6 +38,7 @@ from art_study.report.tables import (
     headline_table,
     missing_table,
     results_table,
+    robust_columns,
     sequence_order,
     significance_table,
     summarise,
@@ -167,6 +168,24 @@ def intro(doc: Doc, data: StudyData, uri: str) -> None:
              "masking, not of robustness.")
 
 
+def _images_note(finished: pd.DataFrame | None) -> str:
+    """On how many test images the worst case and FGSM were measured, when they differ: the
+    headline's gap between them then also mixes two image sets."""
+    if finished is None or finished.empty:
+        return ""
+
+    def counts(columns: list[str]) -> str:
+        values = sorted({int(v) for c in columns for v in finished[c].dropna()})
+        return "/".join(f"{v:,}".replace(",", " ") for v in values)
+    worst = counts([f"metrics.robust/n_images_eps_{eps}" for eps in robust_columns(finished)
+                    if f"metrics.robust/n_images_eps_{eps}" in finished])
+    fgsm = counts([c for c in finished.columns if c == "metrics.eval/n_images"])
+    if not worst or not fgsm or worst == fgsm:
+        return ""
+    return (f" The worst case is measured on the first {worst} test images of each run (those "
+            f"every attack ran on), FGSM on {fgsm}: their gap also mixes the two image sets.")
+
+
 def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
     """The number to compare defenses by: the worst case over attacks when the runs logged it,
     else FGSM, saying which."""
@@ -182,7 +201,7 @@ def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
                  "the number a leaderboard reports and the one to compare defenses by. FGSM at "
                  "the largest of these ε is shown beside it: the gap is what FGSM alone "
                  "overstates. A cell marked `(FGSM only)` comes from runs evaluated before the "
-                 "worst case was logged.")
+                 "worst case was logged." + _images_note(data.finished))
     else:
         doc.para("No run logged a worst case over attacks (`robust/accuracy_eps_<ε>`), so the "
                  f"headline falls back to **FGSM at ε = {cmp.eps:g}** (the comparison ε), "
