@@ -76,11 +76,15 @@ def main() -> None:
 
 
 def sweep(ours, x, y, args) -> None:
-    """One gradient for every ε against one per ε, the study's six ε, same images."""
+    """One gradient for every ε against one per ε, the study's default ε, same images."""
     import numpy as np
 
-    eps_values = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
-    ours.sweep(x[:10], y[:10], eps_values)  # trace the gradient-only function too
+    from art_study.config import DEFAULT_EPS
+
+    eps_values = list(DEFAULT_EPS)
+    ours.warm_up(sweep=True)  # trace the gradient-only function too
+    if not ours.gradient_repeats(x[: args.batch_size], y[: args.batch_size]):
+        raise SystemExit("the model's gradient is not a function of its input: no sweep")
     out: dict[str, dict] = {}
     wall, cpu = interleaved(
         {"one gradient": lambda: out.__setitem__("one", ours.sweep(x, y, eps_values)),

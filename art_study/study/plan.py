@@ -57,7 +57,9 @@ def stable_hash(obj: Any) -> str:
 
 
 def _canonical(value: Any) -> str:
-    """The stable text of a value JSON cannot encode (see :func:`stable_hash`)."""
+    """The stable text of a value JSON cannot encode (see :func:`stable_hash`). A closure is
+    named by its function, not by what it captures (``_apgd("ce")`` and ``_apgd("dlr")`` read
+    alike): what it captures must enter the key through another field (the attack's ``key``)."""
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{value.__module__}.{value.__qualname__}"
     text = str(value)
