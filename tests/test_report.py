@@ -345,6 +345,8 @@ def _accuracies(clean: float, fgsm: float, **more: float) -> dict[str, float]:
 AA = "attack/autoattack-standard"
 #: per seed: FGSM, worst case, and AutoAttack after APGD-CE, APGD-T, Square (cumulative)
 WORST_CASE_RUNS = [(0.80, 0.10, 0.30, 0.12, 0.10), (0.84, 0.14, 0.34, 0.16, 0.14)]
+#: worst case by ε (seed 0; seed 1 adds 2 points): both fall to 0 at 0.3, not at 0.1
+TWO_EPS = {"none": {"0.1": 0.05, "0.3": 0.0}, "distillation": {"0.1": 0.6, "0.3": 0.0}}
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +374,10 @@ def synthetic_store(tmp_path_factory) -> str:
     log_study("fgsm-only", [(seq, seed, _accuracies(0.99, fgsm + 0.01 * seed))
                             for seq, fgsm in (("none", 0.29), ("adversarial_training", 0.9))
                             for seed in (0, 1)])
+    log_study("two-eps", [(seq, seed, _accuracies(0.99, 0.5, **{
+        f"{m}/accuracy_eps_{eps}": worst[eps] + 0.02 * seed
+        for m in ("attack/pgd", "robust") for eps in ("0.1", "0.3")}))
+        for seq, worst in TWO_EPS.items() for seed in (0, 1)])
     yield uri
     mlflow.set_tracking_uri(previous)
 
@@ -400,8 +406,9 @@ def test_headline_is_the_worst_case_and_autoattack_shows_its_components(syntheti
     assert md.index("## Headline") < md.index("## Comparison ε")
 
     worst_vs_control = {r["A"]: r for r in table_after(
-        md, "### Each defense vs the control: worst case over attacks")}
+        md, "### Each defense vs the control: worst case over attacks, ε = 0.3")}
     assert worst_vs_control["distillation"]["A %"] == dd["worst case ε=0.3 %"]
+    assert "worst case over attacks, ε = 0.1" not in md  # only FGSM-type attacks ran there
 
     beyond = {r["sequence"]: r for r in table_after(
         md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}["distillation"]
@@ -415,6 +422,21 @@ def test_headline_is_the_worst_case_and_autoattack_shows_its_components(syntheti
     assert ("`adversarial_training>distillation`: **distillation from a T = 1 teacher**"
             in md)
     assert "`gradient_masking>distillation`: the first stage's model was trained further" in md
+
+
+def test_significance_tests_the_worst_case_at_every_attacked_eps(synthetic_store,
+                                                                   tmp_path) -> None:
+    """Where every defense falls to 0 at the comparison ε, the worst case at a smaller attacked
+    ε still separates them: the significance section tests it at each such ε, then FGSM."""
+    md = report.write_report("two-eps", tracking_uri=synthetic_store, out_dir=tmp_path / "out",
+                             log=False, examples=False).markdown.read_text(encoding="utf-8")
+    heads = re.findall(r"^### Each defense vs the control: (.+)$", md, flags=re.M)
+    assert heads[:2] == ["worst case over attacks, ε = 0.1", "worst case over attacks, ε = 0.3"]
+    at = {eps: table_after(md, f"### Each defense vs the control: worst case over attacks, "
+                               f"ε = {eps}")[0] for eps in ("0.1", "0.3")}
+    assert at["0.1"]["A %"].startswith("61.00 ±") and at["0.1"]["Δ (A−B) pp"] == "+55.00"
+    assert at["0.3"]["Δ (A−B) pp"] == "+0.00"
+    assert "### Each defense vs the control: FGSM, ε = 0.3" in md
 
 
 def test_headline_falls_back_to_fgsm_and_says_so(synthetic_store, tmp_path) -> None:
