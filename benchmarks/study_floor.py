@@ -153,7 +153,7 @@ def main() -> None:
                    help="plain full-epoch seconds per depth, e.g. 2:24,3:27,4:34,5:42, instead "
                    "of measuring them (figures from an idle machine, or the study's own)")
     p.add_argument("--tracking-uri", help="an MLflow store holding the study's runs")
-    p.add_argument("--study", help="the study's name in that store (default: the most recent)")
+    p.add_argument("--study", help="the study's name in that store (default: the config's name)")
     p.add_argument("--cache-dir", type=Path, help="a stage cache holding the study's stages")
     p.add_argument("--data-dir", default=os.environ.get("ART_STUDY_DATA_DIR"))
     args = p.parse_args()
@@ -203,7 +203,7 @@ def main() -> None:
 
     real: dict[str, float] = {}
     if args.tracking_uri:
-        found = stages_from_store(args.tracking_uri, args.study, args.seed,
+        found = stages_from_store(args.tracking_uri, args.study or cfg.name, args.seed,
                                   {r.key: r for r in runs})
         real.update(found["trained"])
         print(f"store {args.tracking_uri}: study {found['name']!r} ({found['status']}), "
