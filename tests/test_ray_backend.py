@@ -80,6 +80,43 @@ def test_ray_gives_the_same_runs_and_metrics_as_in_process(tmp_path, mnist_dir, 
             assert hist[0] == hist[1] and len(hist[0]) == 2
 
 
+def test_runs_are_submitted_in_plan_order_a_window_ahead(tmp_path, mnist_dir,
+                                                          ray_cluster) -> None:
+    """Ray queues a task when its inputs are ready, so submitting a whole study at once let its
+    last runs' parentless stages overtake its first runs' evaluations (the robust study trained
+    depth 3 while depth 2 waited to be evaluated). Runs go in plan order instead, at most
+    ``lookahead`` (two per task slot: 4 on 2 CPUs) ahead of the run being logged."""
+    from art_study.study.cache import StageCache
+    from art_study.study.execute import load_data
+    from art_study.study.plan import plan_runs
+    from art_study.study.ray_backend import RayExecutor
+
+    _, cfg = tiny(tmp_path, mnist_dir)
+    data = load_data(cfg, [0])
+    runs = plan_runs(cfg, {0: data[0].fingerprint})
+    assert len(runs) == 10
+    executor = RayExecutor(cfg, data, StageCache(tmp_path / "cache"), False, RayOptions())
+    submitted: list[str] = []
+
+    def record(spec) -> None:  # what _submit_run does to the bookkeeping, without the tasks
+        submitted.append(spec.key)
+        executor._eval_refs[spec.key] = spec.key
+
+    executor._submit_run = record
+    try:
+        assert executor.lookahead == 4
+        executor.start(runs)
+        assert submitted == [r.key for r in runs[:4]]
+        executor._advance(runs[0])  # logging the first run submits nothing more
+        assert len(submitted) == 4
+        executor._advance(runs[3])
+        assert submitted == [r.key for r in runs[:7]]
+        executor._advance(runs[8])  # a run not yet submitted: everything up to it, then ahead
+        assert submitted == [r.key for r in runs]
+    finally:
+        executor.close()
+
+
 def test_killed_worker_is_retried(tmp_path, mnist_dir, ray_cluster) -> None:
     """SIGKILL the worker process training the first stage: Ray runs the task again and the
     study ends with its run present once and FINISHED."""

@@ -80,8 +80,14 @@ def import_ray() -> Any:
 class RayExecutor(Executor):
     """The executor whose stages and evaluations are computed by Ray tasks.
 
-    :meth:`start` submits every task of the runs still to do at once; logging a run then waits
-    for its own tasks only (``ray.get``), so the driver logs run 1 while workers train run 5.
+    :meth:`start` submits the tasks of the first runs still to do; logging a run then waits for
+    its own tasks only (``ray.get``), so the driver logs run 1 while workers train run 5. Runs are
+    submitted in plan order, at most :attr:`lookahead` ahead of the one being logged: Ray queues
+    a task when its inputs are ready, so a stage with no parent submitted at the start would
+    overtake every evaluation that became ready later. With all tasks submitted at once, a
+    study's depth-5 stages ran before its depth-2 evaluations and nothing was logged for hours;
+    the window keeps the study near plan order (the priority a study's config sets: its first
+    blocks first) while keeping every task slot busy.
     """
 
     def __init__(self, cfg: ExperimentConfig, data: dict[int, MnistData], cache: StageCache,
@@ -98,6 +104,11 @@ class RayExecutor(Executor):
                            "max_retries": options.max_retries}
         self._threads = None if cpus is None else max(1, int(cpus))
         self._cache_root = str(cache.root.resolve())
+        # Two runs per task slot: enough independent work to fill the slots while a run's
+        # chain (stage → stage → evaluation) waits on itself.
+        slots = int(ray.cluster_resources().get("CPU", 1) // self._resources["num_cpus"])
+        self.lookahead = 2 * max(1, slots)
+        self._pending: list[RunSpec] = []  # runs of start() not yet submitted, in plan order
         self._stage_task = ray.remote(_stage_task)
         self._eval_task = ray.remote(_evaluate_task)
         self._craft_task = ray.remote(_craft_task)
@@ -108,20 +119,37 @@ class RayExecutor(Executor):
         self._counted: set[str] = set()  # stages trained by this invocation, already counted
 
     def start(self, runs: list[RunSpec]) -> None:
-        for spec in runs:
-            data = self._data_ref(spec.seed)
-            for stage in spec.stages:  # each is logged to the run from its record in the cache
-                self._submit(stage, spec.config, data)
-            # The evaluation waits for the run's last stage and, for transfer attacks, for the
-            # examples crafted once on the control of its depth and seed (``spec.reference``,
-            # a stage of an earlier run of the plan) by a task of their own.
-            done = self._submit(spec.stages[-1], spec.config, data)
-            crafted = None
-            if spec.reference is not None and spec.config.evaluation.transfer:
-                crafted = self._craft(spec, data)
-            self._eval_refs[spec.key] = self._eval_task.options(
-                name=f"evaluate:{spec.sequence}:{spec.key[:12]}", **self._resources,
-            ).remote(spec, data, self._cache_root, self._threads, crafted, done)
+        self._pending = list(runs)
+        self._submit_through(self.lookahead)
+
+    def _advance(self, spec: RunSpec) -> None:
+        """The driver is logging ``spec``: submit runs through :attr:`lookahead` from it."""
+        while spec.key not in self._eval_refs and self._pending:
+            self._submit_run(self._pending.pop(0))
+        if spec.key in self._eval_refs:
+            self._submit_through(list(self._eval_refs).index(spec.key) + self.lookahead)
+
+    def _submit_through(self, n: int) -> None:
+        """Submit pending runs, in plan order, until ``n`` runs are submitted."""
+        while self._pending and len(self._eval_refs) < n:
+            self._submit_run(self._pending.pop(0))
+
+    def _submit_run(self, spec: RunSpec) -> None:
+        """The tasks of one run: its stages not yet submitted, the transfer examples its
+        evaluation needs, and its evaluation."""
+        data = self._data_ref(spec.seed)
+        for stage in spec.stages:  # each is logged to the run from its record in the cache
+            self._submit(stage, spec.config, data)
+        # The evaluation waits for the run's last stage and, for transfer attacks, for the
+        # examples crafted once on the control of its depth and seed (``spec.reference``,
+        # a stage of an earlier run of the plan) by a task of their own.
+        done = self._submit(spec.stages[-1], spec.config, data)
+        crafted = None
+        if spec.reference is not None and spec.config.evaluation.transfer:
+            crafted = self._craft(spec, data)
+        self._eval_refs[spec.key] = self._eval_task.options(
+            name=f"evaluate:{spec.sequence}:{spec.key[:12]}", **self._resources,
+        ).remote(spec, data, self._cache_root, self._threads, crafted, done)
 
     def _craft(self, spec: RunSpec, data: Any) -> Any:
         """The task crafting the transfer examples on ``spec``'s control, submitted once per
@@ -155,6 +183,7 @@ class RayExecutor(Executor):
         """The stage's record once its task has finished, logged to the run like the
         in-process backend does: trained by this invocation for the first run that uses it,
         reused from the cache for every other."""
+        self._advance(spec)
         trained = self._get(self._stage_refs[stage.key])
         _require(self.cache, stage.key, "the driver")
         if trained and stage.key not in self._counted:
@@ -166,6 +195,7 @@ class RayExecutor(Executor):
 
     def _evaluate(self, spec: RunSpec, model: keras.Model,
                   data: MnistData) -> tuple[EvaluationResult, float]:
+        self._advance(spec)
         return self._get(self._eval_refs[spec.key])
 
     def _data_ref(self, seed: int) -> Any:
