@@ -149,7 +149,10 @@ def test_killed_worker_is_retried(tmp_path, mnist_dir, ray_cluster) -> None:
 
 
 def stage_workers() -> list[tuple[int, str]]:
-    """Ray worker processes executing a stage task: Ray titles them ``ray::<task name>``."""
+    """This test's Ray worker processes executing a stage task (Ray titles them
+    ``ray::<task name>``): descendants of this process only, which started the test cluster, so
+    a study running on the same machine in its own Ray instance is never touched (this test
+    once killed one's workers)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -158,9 +161,22 @@ def stage_workers() -> list[tuple[int, str]]:
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::stage:"):
+        if title.startswith("ray::stage:") and descends_from(int(entry.name), os.getpid()):
             found.append((int(entry.name), title))
     return found
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is ``pid``'s parent, grandparent, ... (from ``/proc/<pid>/stat``)."""
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the ppid
+        if pid == ancestor:
+            return True
+    return False
 
 
 def test_missing_ray_is_one_line_error(tmp_path, monkeypatch, capsys) -> None:
