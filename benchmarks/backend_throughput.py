@@ -14,7 +14,7 @@ workers are not children of this process, so its CPU time would leave them out. 
 2-conv epoch of this machine (full training set, extrapolated) is printed beside the figures.
 
     .venv/bin/python benchmarks/backend_throughput.py [CONFIG] [--seed 0]
-        [--n-train 6000] [--n-test 2000] [--rounds 1] [--set KEY=VALUE ...]
+        [--n-train 12000] [--n-test 2000] [--rounds 1] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", nargs="?", default="configs/paper.yaml")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=6_000)
+    p.add_argument("--n-train", type=int, default=12_000)
     p.add_argument("--n-test", type=int, default=2_000)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
