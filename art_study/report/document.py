@@ -175,11 +175,11 @@ def _images_note(finished: pd.DataFrame | None) -> str:
         return ""
 
     def counts(columns: list[str]) -> str:
-        values = sorted({int(v) for c in columns for v in finished[c].dropna()})
+        """The distinct image counts logged in ``columns`` (those present), e.g. ``200/500``."""
+        values = sorted({int(v) for c in columns if c in finished for v in finished[c].dropna()})
         return "/".join(f"{v:,}".replace(",", " ") for v in values)
-    worst = counts([f"metrics.robust/n_images_eps_{eps}" for eps in robust_columns(finished)
-                    if f"metrics.robust/n_images_eps_{eps}" in finished])
-    fgsm = counts([c for c in finished.columns if c == "metrics.eval/n_images"])
+    worst = counts([f"metrics.robust/n_images_eps_{eps}" for eps in robust_columns(finished)])
+    fgsm = counts(["metrics.eval/n_images"])
     if not worst or not fgsm or worst == fgsm:
         return ""
     return (f" The worst case is measured on the first {worst} test images of each run (those "
