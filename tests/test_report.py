@@ -252,6 +252,10 @@ def test_export_keeps_markdown_pngs_and_one_csv_row_per_run(study, tmp_path, cap
     run = mlflow.get_run(one["run_id"])
     assert one["metrics.clean/accuracy"] == pytest.approx(run.data.metrics["clean/accuracy"])
     assert str(one["params.model.n_conv"]) == run.data.params["model.n_conv"]
+    # what produced the run: code, versions, platform, and each trained model's hash
+    for tag in ("git_commit", "platform", "version.tensorflow", "stage1.sha256"):
+        assert one[tag] == run.data.tags[tag], tag
+    assert len(one["stage1.sha256"]) == 64
     # nothing logged to the store by an export
     assert {a.path for a in client.list_artifacts(parent, "report")} == logged_before
 

@@ -112,8 +112,21 @@ RUN_TAGS = ("sequence", "depth", "seed", "stages", "gradient_masking_suspected",
             "failure_reason", "data.fingerprint")
 
 
+#: Tags that say what produced a run: its code, the package versions, the platform and the
+#: sha256 of each stage's trained model. A re-run compares its models' hashes with these to
+#: tell "the same training, bit for bit" from "another machine's floating point".
+PROVENANCE_TAGS = ("git_commit", "python", "platform")
+
+
+def is_provenance(tag: str) -> bool:
+    """``git_commit``, ``python``, ``platform``, ``version.<package>``, ``stage<n>.sha256``."""
+    return (tag in PROVENANCE_TAGS or tag.startswith("version.")
+            or (tag.startswith("stage") and tag.endswith(".sha256")))
+
+
 def runs_table(finished: pd.DataFrame) -> pd.DataFrame:
-    """One row per run for ``runs.csv``: what it is (tags), its resolved config (every
+    """One row per run for ``runs.csv``: what it is (tags), what produced it (code commit,
+    package versions, platform, the trained models' sha256), its resolved config (every
     parameter but ``tracking.*``, which says where it was stored, not what it is) and every
     metric, sorted by depth, sequence and seed. MLflow's own tags are left out."""
     if finished.empty:
@@ -124,8 +137,12 @@ def runs_table(finished: pd.DataFrame) -> pd.DataFrame:
                         "data.fingerprint") if c in df]
     params = sorted(c for c in df if c.startswith("params.")
                     and not c.startswith("params.tracking."))
+    provenance = [c for c in df if c.startswith("tags.") and is_provenance(c[len("tags."):])]
+    df = df.rename(columns={c: c[len("tags."):] for c in provenance})
+    provenance = sorted(c[len("tags."):] for c in provenance)
     metrics = sorted(c for c in df if c.startswith("metrics."))
-    out = df[["run_id", "status", "sequence", "depth", "seed", *tags, *params, *metrics]]
+    out = df[["run_id", "status", "sequence", "depth", "seed", *tags, *provenance, *params,
+              *metrics]]
     return out.sort_values(["depth", "sequence", "seed"]).reset_index(drop=True)
 
 
