@@ -163,6 +163,12 @@ def _environment_tags() -> dict[str, str]:
     return tags
 
 
+def is_environment_tag(name: str) -> bool:
+    """Whether ``name`` is one of :func:`environment_tags`' own (MLflow's git tag aside), so a
+    reader of the store (``runs.csv``) keeps exactly what was recorded for reproducing a run."""
+    return name in ("python", "platform", "git_commit") or name.startswith("version.")
+
+
 def git_commit() -> str | None:
     """The commit of the art-study checkout (``+dirty`` if it has uncommitted changes)."""
     root = Path(__file__).resolve().parent.parent

@@ -21,6 +21,7 @@ from art_study.errors import ArtStudyError
 from art_study.evaluation import eps_key
 from art_study.tracking import (
     CORRECT_ARTIFACT,
+    is_environment_tag,
     local_store_path,
     redact,
     resolve_tracking_uri,
@@ -112,16 +113,12 @@ RUN_TAGS = ("sequence", "depth", "seed", "stages", "gradient_masking_suspected",
             "failure_reason", "data.fingerprint")
 
 
-#: Tags that say what produced a run: its code, the package versions, the platform and the
-#: sha256 of each stage's trained model. A re-run compares its models' hashes with these to
-#: tell "the same training, bit for bit" from "another machine's floating point".
-PROVENANCE_TAGS = ("git_commit", "python", "platform")
-
-
 def is_provenance(tag: str) -> bool:
-    """``git_commit``, ``python``, ``platform``, ``version.<package>``, ``stage<n>.sha256``."""
-    return (tag in PROVENANCE_TAGS or tag.startswith("version.")
-            or (tag.startswith("stage") and tag.endswith(".sha256")))
+    """What produced a run: its environment (:func:`art_study.tracking.is_environment_tag`)
+    and each stage's model sha256 (``stage<n>.sha256``). A re-run compares its models' hashes
+    with these to tell "the same training, bit for bit" from "another machine's floating
+    point"."""
+    return is_environment_tag(tag) or (tag.startswith("stage") and tag.endswith(".sha256"))
 
 
 def runs_table(finished: pd.DataFrame) -> pd.DataFrame:
@@ -137,9 +134,9 @@ def runs_table(finished: pd.DataFrame) -> pd.DataFrame:
                         "data.fingerprint") if c in df]
     params = sorted(c for c in df if c.startswith("params.")
                     and not c.startswith("params.tracking."))
-    provenance = [c for c in df if c.startswith("tags.") and is_provenance(c[len("tags."):])]
-    df = df.rename(columns={c: c[len("tags."):] for c in provenance})
-    provenance = sorted(c[len("tags."):] for c in provenance)
+    provenance = sorted(c.removeprefix("tags.") for c in df
+                        if c.startswith("tags.") and is_provenance(c.removeprefix("tags.")))
+    df = df.rename(columns={f"tags.{c}": c for c in provenance})
     metrics = sorted(c for c in df if c.startswith("metrics."))
     out = df[["run_id", "status", "sequence", "depth", "seed", *tags, *provenance, *params,
               *metrics]]
