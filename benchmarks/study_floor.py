@@ -49,6 +49,9 @@ from pathlib import Path
 
 from _common import interleaved, machine_line, print_round
 
+#: Task time over wall time above which a seed's tasks count as having run side by side.
+SIDE_BY_SIDE = 1.05
+
 
 def multiple(stage, planned: set[str] = frozenset()) -> int:
     """The stage's inherent cost in plain epochs per epoch (see the module docstring);
@@ -205,7 +208,7 @@ def main() -> None:
           f"{sum(s.epochs for s in stages.values())} epochs")
 
     real: dict[str, float] = {}
-    found_concurrency, apportioned_train_s = 1.0, 0.0  # tasks at once; training's wall share
+    concurrency, train_s = 1.0, 0.0  # tasks at once and their training time, from the store
     if args.tracking_uri:
         found = stages_from_store(args.tracking_uri, args.study or cfg.name, args.seed,
                                   {r.key: r for r in runs})
@@ -216,15 +219,14 @@ def main() -> None:
         runs_s, train_s, eval_s = found["runs_s"], found["training_s"], found["evaluation_s"]
         n_done = found["children"].get("FINISHED", 0)
         concurrency = (train_s + eval_s) / runs_s if runs_s else 0.0
-        if concurrency > 1.05:
-            found_concurrency, apportioned_train_s = concurrency, train_s / concurrency
+        if concurrency > SIDE_BY_SIDE:
             # Stages and evaluations ran side by side (--backend ray): each logged time is its
             # own task's wall time on shared cores, so they add up to more than the wall clock.
             # The wall is split between training and evaluation in proportion to task time.
             print(f"  seed {args.seed}: its {n_done} finished runs took {runs_s / 60:.1f} min of "
                   f"wall time, tasks side by side: training {train_s / 60:.1f} + evaluation "
                   f"{eval_s / 60:.1f} task-minutes, {concurrency:.2f} tasks at once on average; "
-                  f"apportioned to the wall: training ≈ {apportioned_train_s / 60:.1f} + "
+                  f"apportioned to the wall: training ≈ {train_s / concurrency / 60:.1f} + "
                   f"evaluation ≈ {eval_s / concurrency / 60:.1f} min")
         else:
             other_s = runs_s - train_s - eval_s
@@ -243,11 +245,11 @@ def main() -> None:
         spent = sum(real.values())
         print(f"real training time of the {len(real)} stages found: {spent / 60:.1f} min vs "
               f"their floor {covered / 60:.1f} min: {spent / covered:.2f}× (target ≤ 1.15×)")
-        if found_concurrency > 1.05:
-            print(f"  (tasks ran side by side, {found_concurrency:.2f} at once: each stage's "
+        if concurrency > SIDE_BY_SIDE:
+            share = train_s / concurrency
+            print(f"  (tasks ran side by side, {concurrency:.2f} at once: each stage's "
                   "time is its task's wall on shared cores; the training share of the wall, "
-                  f"≈ {apportioned_train_s / 60:.1f} min, is {apportioned_train_s / covered:.2f}× "
-                  "the floor)")
+                  f"≈ {share / 60:.1f} min, is {share / covered:.2f}× the floor)")
         by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
         for k, t in real.items():
             kind = f"{stages[k].defense} @ depth {depth_of[k]}"
