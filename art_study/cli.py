@@ -148,6 +148,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the study's runs and stages and its predicted wall time on each node count."""
+    import pandas as pd
+
+    from art_study.config import load_config
+    from art_study.study.plan import distinct_stages, plan_runs
+    from art_study.study.schedule import render, study_graph
+
+    cfg = load_config(args.config, list(args.set or []))
+    import_tensorflow()  # planning checks the attacks on a throw-away model
+    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
+    runs = plan_runs(cfg, {s: f"seed {s}" for s in seeds})  # the tree's shape, not its data
+    times = None
+    if args.times is not None:
+        if not args.times.is_file():
+            raise ArtStudyError(f"--times: no such file {args.times} (a runs.csv export)")
+        times = pd.read_csv(args.times)
+        missing = {"sequence", "depth", "seed"} - set(times.columns)
+        if missing:
+            raise ArtStudyError(f"--times: {args.times} lacks {', '.join(sorted(missing))}: "
+                                "not a runs.csv of `art-study report --export`")
+    graph, modelled = study_graph(runs, times, args.plain_epoch_s)
+    print(f"study {cfg.name}: {len(runs)} runs, {len(distinct_stages(runs))} distinct stages")
+    print(render(graph, args.nodes, modelled))
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     import_tensorflow()  # art_study.tracking imports Keras
     from art_study.inventory import inventory, render
@@ -210,6 +237,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"pruned {len(removed)} entries and {len(leftovers)} leftovers ({freed / mb:.1f} MB); "
           f"kept {len(entries) - len(removed)}")
     return 0
+
+
+def _node_counts(text: str) -> list[int]:
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected node counts >= 1 like 1,2,4, got {text!r}")
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "layers); only for files you trust")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=cmd_evaluate)
+
+    plan = sub.add_parser("plan", help="a study's runs and stages, and its predicted wall time "
+                          "on N nodes")
+    plan.add_argument("config", type=Path, help="YAML config, e.g. configs/paper.yaml")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="override a config value (repeatable)")
+    plan.add_argument("--nodes", type=_node_counts, default=[1, 2, 4, 8, 16],
+                      help="node counts to predict, comma-separated (default: 1,2,4,8,16)")
+    plan.add_argument("--times", type=Path, metavar="RUNS_CSV",
+                      help="task times from a finished study's runs.csv (art-study report "
+                           "--export); runs it lacks use the cost model")
+    plan.add_argument("--plain-epoch-s", type=float, default=13.0, metavar="S",
+                      help="seconds of a plain 2-conv epoch, for the cost model (default 13)")
+    plan.set_defaults(func=cmd_plan)
 
     runs = sub.add_parser("runs", help="list a store's studies, their runs and verdicts, and "
                                        "evaluation-only runs")
