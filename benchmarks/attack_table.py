@@ -2,8 +2,8 @@
 
 Evaluates each given stage's model with a config's ``evaluation`` section (the FGSM sweep, the
 stronger attacks, transfer from the first model given, the diagnostics) and prints one table:
-accuracy per attack and ε, each attack's wall time, and the gradient-masking verdict. Used for
-issue 4's closing note on the study's fully trained models::
+accuracy per attack and ε, each attack's wall time, and the gradient-masking verdict, e.g. on
+the study's fully trained models::
 
     python benchmarks/attack_table.py --config configs/paper.yaml \\
         --cache-dir /root/art-study-runs/stage-cache control=KEY at=KEY dd=KEY gm=KEY

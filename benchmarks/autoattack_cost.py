@@ -5,7 +5,7 @@ iterations, APGD-T 9 × 100 and Square 5 000 queries on nearly every image. Prin
 CPU time of each component with the images it attacked and the robust accuracy after it, the
 throughput (image-iterations per second), the bound if *no* image fell (every component on every
 image at the measured throughput), and the machine's plain 2-conv epoch time beside them (the
-unit issue 12 states costs in). Issue 12's target: ≤ 10 minutes. Tracing the compiled loops
+unit costs are stated in, see docs/benchmarks.md). Tracing the compiled loops
 (a few seconds) is part of the measured time, as it is in an evaluation.
 
     PYTHONPATH=. python benchmarks/autoattack_cost.py --model /work/runs-shared/robust-2conv.keras

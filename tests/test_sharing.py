@@ -1,4 +1,4 @@
-"""Safe to share (issue 17): a study is owned by one process at a time (a lease in the store),
+"""Safe to share: a study is owned by one process at a time (a lease in the store),
 the stage cache checks itself, no credentials are recorded, Ray listens on loopback only."""
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ class StageContext:
 
     ``model_cfg`` lets a stage build a fresh network of the same architecture (the student of
     defensive distillation). ``metric_prefix`` and ``step_offset`` place the stage's per-epoch
-    metrics in the run (``stage1/loss`` at steps 0..3, ``stage2/loss`` at 4..6).
+    metrics in the run: every stage logs under ``train/`` (``train/loss``, …), the first at steps
+    0..3, the second at 4..6 (the paper's 4 + 3 epochs).
     """
 
     x_train: np.ndarray

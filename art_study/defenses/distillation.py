@@ -59,8 +59,9 @@ class Settings(DefenseSettings):
     """T for the teacher's training, the soft labels and the student's soft term. 20 lies in
     the range Papernot et al. (2016) swept on MNIST (T = 1 … 100), past the low temperatures
     where their defence is still weak; it is the brief's default and strong enough to show the
-    defence's signature here (at T = 20 a student trained on 2000 images has 40–50 % of test
-    images with an exactly-zero loss gradient, tests/test_defenses.py). T = 1 is no defence."""
+    defence's signature here (at T = 20 a student trained on 2000 images has a fifth or more of
+    test images with an exactly-zero loss gradient, tests/test_defenses.py). T = 1 is no
+    defence."""
 
     alpha: float = Field(0.1, ge=0.0, le=1.0)
     """Weight of the hard-label term; 1-α weighs the T²-scaled soft term. The paper has the

@@ -31,7 +31,7 @@ PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cach
 # trained models stay valid). Bump it whenever the evaluation code changes what a logged number
 # means, so a resumed study re-evaluates its runs instead of mixing old and new numbers.
 #   1: (implicit, before the constant) FGSM sweep, ART attacks, transfer, diagnostics.
-#   2: issue 16's evaluation: APGD with the reference step schedule and any-iterate success,
+#   2: APGD with the reference step schedule and any-iterate success,
 #      robust = clean-correct and not fooled for every attack, the per-image worst case over
 #      attacks, diagnostics on common images and exact ε keys.
 EVALUATION_VERSION = 2
