@@ -185,3 +185,23 @@ def to_tensorflow_v2(model: keras.Model):
         loss_object=keras.losses.CategoricalCrossentropy(from_logits=True),
         clip_values=(0.0, 1.0),
     )
+
+
+class Estimators(dict):
+    """The ART estimators an attack may ask for by kind, all on the very same Keras model, each
+    built the first time it is asked for (and kept: its compiled functions trace once).
+
+    ``keras``: :class:`CompiledKerasClassifier` on cross-entropy; ``keras-dlr``: the same on the
+    DLR loss; ``tensorflow``: ART's ``TensorFlowV2Classifier`` (:func:`to_tensorflow_v2`).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, kind: str):
+        makers = {"keras": lambda: CompiledKerasClassifier(self.model),
+                  "keras-dlr": lambda: CompiledKerasClassifier(self.model, loss="dlr"),
+                  "tensorflow": lambda: to_tensorflow_v2(self.model)}
+        self[kind] = makers[kind]()
+        return self[kind]

@@ -26,10 +26,13 @@ clean image). Success is always untargeted: the prediction differs from the true
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from art_study.attacks.base import Attack, Outcome
 from art_study.models import INPUT_SHAPE, N_CLASSES
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -245,3 +248,47 @@ def _predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.argmax(_logits(model, x, batch_size), axis=1)
 
 
+
+
+class APGDCE(Attack):
+    """APGD-CE as an :class:`~art_study.attacks.base.Attack`, with the settings' names of ART's
+    ``AutoProjectedGradientDescent`` (the class it is cross-checked against). L∞ only."""
+
+    loss: ClassVar[str] = "ce"
+
+    def __init__(self, model: keras.Model, *, max_iter: int = 100, nb_random_init: int = 1,
+                 norm=np.inf, batch_size: int = 500):
+        if norm not in (np.inf, "inf"):
+            raise ValueError(f"art-study's APGD is L∞ only, got norm={norm!r}")
+        self.apgd = APGD(model, loss=self.loss, n_iter=max_iter, n_restarts=nb_random_init,
+                         batch_size=batch_size)
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        fooled, x_adv = self.apgd.attack(x, y, eps)
+        return Outcome(x_adv, fooled)
+
+
+class APGDDLR(APGDCE):
+    """APGD on the DLR loss (untargeted)."""
+
+    loss: ClassVar[str] = "dlr"
+
+
+class APGDT(APGDCE):
+    """APGD-T: targeted DLR towards the ``n_target_classes`` most likely wrong classes."""
+
+    loss: ClassVar[str] = "dlr-targeted"
+
+    def __init__(self, model: keras.Model, *, max_iter: int = 100, nb_random_init: int = 1,
+                 norm=np.inf, n_target_classes: int = 9, batch_size: int = 500):
+        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= 9:
+            raise ValueError(
+                f"n_target_classes must be an integer in 1..9, got {n_target_classes!r}")
+        super().__init__(model, max_iter=max_iter, nb_random_init=nb_random_init, norm=norm,
+                         batch_size=batch_size)
+        self.n_target_classes = n_target_classes
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        fooled, x_adv = apgd_targeted(self.apgd, x, y, eps,
+                                      n_target_classes=self.n_target_classes)
+        return Outcome(x_adv, fooled)

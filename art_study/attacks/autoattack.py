@@ -15,20 +15,25 @@ only, and its APGD starts at the configured ``eps_step`` rather than 2·ε.
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import keras
 import numpy as np
 
 from art_study.attacks.apgd import APGD, _predict, apgd_targeted
+from art_study.attacks.base import Attack, Outcome
 from art_study.attacks.square import Square
 
 #: The components in the order they run (the names in metric keys).
 COMPONENTS = ("apgd-ce", "apgd-t", "square")
 
 
-class AutoAttackStandard:
+class AutoAttackStandard(Attack):
     """The cascade with the reference's budgets by default: 100 APGD iterations, 9 target
     classes, 5 000 Square queries with ``p_init`` 0.8, one restart each."""
+
+    note: ClassVar[str] = "APGD-CE, APGD-T, Square as a cascade; no FAB-T (ART has no FAB)"
+    budget: ClassVar[dict[str, float]] = {"fab_target_classes": 0.0}  # ART has no FAB
 
     def __init__(self, model: keras.Model, *, max_iter: int = 100, n_target_classes: int = 9,
                  n_queries: int = 5000, p_init: float = 0.8, batch_size: int = 500):
@@ -64,6 +69,10 @@ class AutoAttackStandard:
             after[name] = fooled.copy()
             self.costs[name] = (time.perf_counter() - t0, time.process_time() - c0, len(todo))
         return fooled, x_adv, after
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        fooled, x_adv, after = self.cascade(x, y, eps)
+        return Outcome(x_adv, fooled, after)
 
     def _component(self, name: str, x: np.ndarray, y: np.ndarray, eps: float):
         if name == "apgd-ce":

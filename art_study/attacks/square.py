@@ -17,11 +17,13 @@ a misclassified image is frozen. ``tests/test_square.py`` checks it against ART'
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from art_study.attacks.base import Attack, Outcome
 from art_study.models import INPUT_SHAPE, N_CLASSES
 
 #: Iteration thresholds after which ``p`` halves (the reference's ``p_selection``).
@@ -45,12 +47,15 @@ def square_sizes(n_queries: int, p_init: float, rescale: bool = False) -> np.nda
                      for i in range(n_queries)], np.int32)
 
 
-class Square:
+class Square(Attack):
     """L∞ Square attack with ``n_queries`` iterations (one model query each, plus the start).
 
     ``rescale_schedule``: stretch the ``p`` schedule to ``n_queries`` (AutoAttack keeps it off;
     on, it is ART's schedule, which the cross-check test uses).
     """
+
+    blackbox: ClassVar[bool] = True
+    iterative: ClassVar[bool] = False
 
     def __init__(self, model: keras.Model, *, n_queries: int = 5000, p_init: float = 0.8,
                  rescale_schedule: bool = False, batch_size: int = 1000, chunk: int = 250):
@@ -126,6 +131,10 @@ class Square:
                                    eps_t, tf.constant(first), tf.constant(last), seed)
                 x_best[idx], margin_min[idx] = xb.numpy(), mm.numpy()
         return margin_min <= 0.0, x_best
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        fooled, x_adv = self.attack(x, y, eps)
+        return Outcome(x_adv, fooled)
 
     def _margin(self, x: np.ndarray, y1h: np.ndarray) -> np.ndarray:
         logits = self.model(x, training=False).numpy()

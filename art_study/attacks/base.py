@@ -1,0 +1,157 @@
+"""The attack protocol: settings in the constructor, data in the call (as in Foolbox 3).
+
+An :class:`Attack` is built once with its settings (keyword-only) on a model and called with
+images, their integer labels and a budget ε; it says per image whether it fooled the model and
+returns the adversarial images (:class:`Outcome`). art-study's hand-written attacks
+(:mod:`.apgd`, :mod:`.square`, :mod:`.autoattack`) implement it directly; ART's evasion attacks
+come through one adapter (:mod:`.art_attacks`). The registry (:mod:`.registry`) maps a name to a
+factory of either kind (:class:`AttackFactory`): a hand-written attack enters it as
+``HandWritten(TheClass)``, its settings are its constructor's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+#: Arguments art-study sets itself; a config must not.
+RESERVED = frozenset({"estimator", "classifier", "eps", "eps_step", "verbose", "attacks",
+                      "batch_size"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attack did to a batch: ``x_adv``, the adversarial images; ``fooled``, the images
+    it knows it fooled (any iterate counts, not only the returned one: an attack that only
+    returns a point reports none and is scored on ``x_adv``); ``after``, for a cascade, the
+    cumulative ``fooled`` after each component, in the order they ran."""
+
+    x_adv: np.ndarray
+    fooled: np.ndarray
+    after: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Attack(ABC):
+    """An L∞ attack with its settings fixed at construction; ``attack(x, y, eps)`` runs it.
+
+    The class attributes tell the evaluation how to read the attack: ``bounded`` (it stays in
+    the ε-ball; else it is a minimal-perturbation attack called with ``eps=None`` and scored by
+    the size of its perturbation), ``blackbox`` (it never asks for a gradient), ``iterative``
+    (it iterates within the ball: what must do at least as well as FGSM), ``note`` (what the
+    logged budget should say beyond its numbers) and ``budget`` (fixed figures logged with it).
+    """
+
+    bounded: ClassVar[bool] = True
+    blackbox: ClassVar[bool] = False
+    iterative: ClassVar[bool] = True
+    note: ClassVar[str] = ""
+    budget: ClassVar[dict[str, float]] = {}
+
+    @abstractmethod
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        """Attack images ``x`` with integer labels ``y`` at budget ``eps``."""
+
+
+@dataclass(frozen=True)
+class AtEpsilon:
+    """An attack at one ε with ART's ``generate(x, y)``, for callers written against ART's API
+    (crafting transfer examples)."""
+
+    attack: Attack
+    eps: float | None
+
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs) -> np.ndarray:
+        if y is None:
+            raise ValueError("art-study's attacks need the true labels")
+        y = np.asarray(y)
+        labels = y.argmax(axis=1) if y.ndim == 2 else y
+        return self.attack(np.asarray(x, np.float32), labels, self.eps).x_adv
+
+
+class AttackFactory(Protocol):
+    """What the registry maps a name to: the attack's settings, how it is read, and how to
+    build it on an ART estimator (:class:`HandWritten`, or ART's through
+    :class:`~art_study.attacks.art_attacks.ArtAttack`)."""
+
+    cls: type
+    defaults: dict[str, Any]
+    step: float | None
+    estimator: str
+    what: str
+    bounded: bool
+    blackbox: bool
+    iterative: bool
+    note: str
+
+    def parameters(self) -> list[str]:
+        """The settings a config may give."""
+
+    def budget(self) -> dict[str, float]:
+        """Figures logged with the attack beyond its settings."""
+
+    def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> Attack:
+        """The attack on ``estimator`` with ``settings``."""
+
+    def build(self, estimator, eps: float | None, batch_size: int,
+              settings: dict[str, Any]) -> Any:
+        """An object with ART's ``generate`` at budget ``eps``: ART's own attack object for an
+        ART class (its parameter checks run here)."""
+
+
+def settable(signature: inspect.Signature) -> list[str]:
+    """The arguments of a constructor a config may set: neither the model nor what art-study
+    sets itself, nor ``**kwargs``."""
+    params = signature.parameters
+    return sorted(p for p in params if p not in {"self", "model", *RESERVED}
+                  and params[p].kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+@dataclass(frozen=True)
+class HandWritten:
+    """A registry entry for one of art-study's own attacks: ``cls`` is built on the Keras model
+    of the estimator it is given, with the batch size and the configured settings."""
+
+    cls: type[Attack]
+    estimator: str = "keras"
+    step: float | None = None
+    what: str = "art-study's compiled version"
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The constructor's defaults of every setting (logged with the budget)."""
+        params = inspect.signature(self.cls).parameters
+        return {p: params[p].default for p in self.parameters()
+                if params[p].default is not inspect.Parameter.empty}
+
+    @property
+    def bounded(self) -> bool:
+        return self.cls.bounded
+
+    @property
+    def blackbox(self) -> bool:
+        return self.cls.blackbox
+
+    @property
+    def iterative(self) -> bool:
+        return self.cls.iterative
+
+    @property
+    def note(self) -> str:
+        return self.cls.note
+
+    def parameters(self) -> list[str]:
+        return settable(inspect.signature(self.cls))
+
+    def budget(self) -> dict[str, float]:
+        return dict(self.cls.budget)
+
+    def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> Attack:
+        return self.cls(estimator.model, batch_size=batch_size, **settings)
+
+    def build(self, estimator, eps: float | None, batch_size: int,
+              settings: dict[str, Any]) -> AtEpsilon:
+        return AtEpsilon(self.attack(estimator, batch_size, settings), eps)
