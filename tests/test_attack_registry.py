@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from art_study.attacks import FGSM
+from art_study.attacks.base import Attack, HandWritten, Outcome
 from art_study.attacks.registry import ALIASES, Estimators, resolve, validate_attacks
 from art_study.config import AttackConfig, EvaluationConfig
 from art_study.errors import ConfigError
 from art_study.evaluation import craft_transfer, eps_key, evaluate
+from art_study.models import one_hot, predict_labels
 
 
 def _cfg() -> EvaluationConfig:
@@ -121,23 +124,31 @@ def test_apgd_by_class_name_starts_at_the_references_step() -> None:
         Estimators(_tiny_model())["keras"], 0.3, batch_size=10)
     assert [a.eps_step for a in aa.attacks[:2]] == [pytest.approx(0.6)] * 2
     # the aliases run art-study's compiled APGD (any iterate counts)
-    from art_study.attacks.registry import OwnAttack
+    from art_study.attacks.apgd import APGD
 
-    for name in ("apgd-ce", "apgd-dlr", "apgd-t", "autoattack-standard"):
-        assert isinstance(resolve(AttackConfig(name=name), [0.3]).build(
-            Estimators(_tiny_model())["keras"], 0.3, batch_size=10), OwnAttack)
+    for name in ("apgd-ce", "apgd-dlr", "apgd-t"):
+        built = resolve(AttackConfig(name=name), [0.3]).build(
+            Estimators(_tiny_model())["keras"], 0.3, batch_size=10)
+        assert isinstance(built.attack.apgd, APGD) and built.attack.apgd.n_iter == 100
 
 
 def _tiny_model():
-    from art_study.attacks.registry import _throwaway_model
+    from art_study.attacks.validation import throwaway_model
 
-    return _throwaway_model()
+    return throwaway_model()
 
 
-def test_every_alias_resolves_to_an_art_class_and_passes_arts_checks() -> None:
+def test_every_alias_resolves_to_its_class_and_passes_its_checks() -> None:
+    """ART's aliases run ART's class, the others art-study's own (an Attack, no ART class)."""
+    from art_study.attacks.base import Attack
+
+    own = {"apgd-ce", "apgd-dlr", "apgd-t", "autoattack-standard"}
     for name in ALIASES:
-        r = resolve(AttackConfig(name=name), [0.3])
-        assert r.cls.__module__.startswith("art.attacks.evasion")
+        cls = resolve(AttackConfig(name=name), [0.3]).cls
+        if name in own:
+            assert issubclass(cls, Attack) and cls.__module__.startswith("art_study.attacks")
+        else:
+            assert cls.__module__.startswith("art.attacks.evasion")
     resolved = validate_attacks(EvaluationConfig(attacks=[{"name": n} for n in ALIASES]))
     assert [r.key for r in resolved] == list(ALIASES)
     assert {r.key for r in resolved if not r.bounded} == {"cw-linf", "deepfool", "hopskipjump"}
@@ -180,3 +191,44 @@ def test_dlr_estimator_is_scale_invariant(trained_model, small_mnist) -> None:
     np.testing.assert_allclose(keras.ops.convert_to_numpy(dlr_loss(y1h, 20 * logits)), expected,
                                rtol=1e-4, atol=1e-6)
     assert np.abs(est.loss_gradient(x, y1h)).max() > 0
+
+
+class SignStep(Attack):
+    """FGSM written against the protocol: one signed-gradient step of ``scale × ε``."""
+
+    iterative = False
+
+    def __init__(self, model, *, scale: float = 1.0, batch_size: int = 500):
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.fgsm, self.scale = FGSM(model, batch_size=batch_size), scale
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        return Outcome(self.fgsm.generate(x, one_hot(y), self.scale * eps),
+                       np.zeros(len(x), bool))
+
+
+def test_a_hand_written_attack_is_its_class_and_one_registry_line(
+        monkeypatch, trained_model, small_mnist) -> None:
+    """No ART class of its name: checked, built, run and scored like any other attack, its
+    verdicts those of the same step taken by the FGSM sweep."""
+    monkeypatch.setitem(ALIASES, "sign-step", HandWritten(SignStep))
+    with pytest.raises(ConfigError, match=r"does not take steps; it takes: scale \("):
+        validate_attacks(EvaluationConfig(attacks=[{"name": "sign-step", "args": {"steps": 2}}]))
+    with pytest.raises(ConfigError, match="attack 'sign-step': scale must be positive"):
+        validate_attacks(EvaluationConfig(attacks=[{"name": "sign-step", "args": {"scale": 0}}]))
+    cfg = EvaluationConfig(eps=[0.1, 0.3], attacks=[{"name": "Sign-Step", "n_images": 60}])
+    [r] = validate_attacks(cfg)
+    assert (r.bounded, r.iterative, r.blackbox, r.kwargs) == (True, False, False, {"scale": 1.0})
+    assert r.budget() == {"n_images": 60.0}
+    x, y = small_mnist.x_test[:60], small_mnist.y_test[:60]
+    est = Estimators(trained_model)["keras"]
+    robust = r.run(est, x, y, batch_size=50)
+    fgsm, clean = FGSM(trained_model), predict_labels(trained_model, x) == y
+    for eps in (0.1, 0.3):
+        x_fgsm = fgsm.generate(x, one_hot(y), eps)
+        expected = clean & (predict_labels(trained_model, x_fgsm) == y)
+        np.testing.assert_array_equal(robust[eps], expected)
+        # ART's generate() for callers written against ART (crafting transfer examples)
+        np.testing.assert_array_equal(r.build(est, eps, 50).generate(x, one_hot(y)), x_fgsm)
+    assert robust[0.1].sum() > robust[0.3].sum() and robust[0.3].sum() < clean.sum()
