@@ -126,7 +126,7 @@ class ArtAttack:
     def parameters(self) -> list[str]:
         return settable(inspect.signature(self.cls.__init__))
 
-    def budget(self) -> dict[str, float]:
+    def budget(self, settings: dict[str, Any]) -> dict[str, float]:
         """The step, when the class takes one and ε bounds it."""
         if self.bounded and "eps_step" in self._params():
             return {"eps_step_over_eps": float(self.step or 0.1)}

@@ -33,7 +33,10 @@ class AutoAttackStandard(Attack):
     classes, 5 000 Square queries with ``p_init`` 0.8, one restart each."""
 
     note: ClassVar[str] = "APGD-CE, APGD-T, Square as a cascade; no FAB-T (ART has no FAB)"
-    budget: ClassVar[dict[str, float]] = {"fab_target_classes": 0.0}  # ART has no FAB
+
+    @classmethod
+    def budget(cls, settings: dict) -> dict[str, float]:
+        return {"fab_target_classes": 0.0}  # ART has no FAB
 
     def __init__(self, model: keras.Model, *, max_iter: int = 100, n_target_classes: int = 9,
                  n_queries: int = 5000, p_init: float = 0.8, batch_size: int = 500):

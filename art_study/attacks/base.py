@@ -41,15 +41,19 @@ class Attack(ABC):
     The class attributes tell the evaluation how to read the attack: ``bounded`` (it stays in
     the ε-ball; else it is a minimal-perturbation attack called with ``eps=None`` and scored by
     the size of its perturbation), ``blackbox`` (it never asks for a gradient), ``iterative``
-    (it iterates within the ball: what must do at least as well as FGSM), ``note`` (what the
-    logged budget should say beyond its numbers) and ``budget`` (fixed figures logged with it).
+    (it iterates within the ball: what must do at least as well as FGSM) and ``note`` (what the
+    logged budget should say beyond its numbers); :meth:`budget`, figures logged with it.
     """
 
     bounded: ClassVar[bool] = True
     blackbox: ClassVar[bool] = False
     iterative: ClassVar[bool] = True
     note: ClassVar[str] = ""
-    budget: ClassVar[dict[str, float]] = {}
+
+    @classmethod
+    def budget(cls, settings: dict[str, Any]) -> dict[str, float]:
+        """Figures logged with the attack's budget beyond its numeric settings (none here)."""
+        return {}
 
     @abstractmethod
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
@@ -90,8 +94,8 @@ class AttackFactory(Protocol):
     def parameters(self) -> list[str]:
         """The settings a config may give."""
 
-    def budget(self) -> dict[str, float]:
-        """Figures logged with the attack beyond its settings."""
+    def budget(self, settings: dict[str, Any]) -> dict[str, float]:
+        """Figures logged with the attack beyond its numeric settings."""
 
     def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> Attack:
         """The attack on ``estimator`` with ``settings``."""
@@ -146,8 +150,8 @@ class HandWritten:
     def parameters(self) -> list[str]:
         return settable(inspect.signature(self.cls))
 
-    def budget(self) -> dict[str, float]:
-        return dict(self.cls.budget)
+    def budget(self, settings: dict[str, Any]) -> dict[str, float]:
+        return self.cls.budget(settings)
 
     def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> Attack:
         return self.cls(estimator.model, batch_size=batch_size, **settings)

@@ -61,7 +61,7 @@ class ResolvedAttack:
 
     def budget(self) -> dict[str, float]:
         """The evaluation budget: images, iterations, restarts, queries (whatever applies)."""
-        out = {"n_images": float(self.cfg.n_images), **self.factory.budget()}
+        out = {"n_images": float(self.cfg.n_images), **self.factory.budget(self.kwargs)}
         for name in BUDGET_SETTINGS:
             if isinstance(self.kwargs.get(name), int | float):
                 out[name] = float(self.kwargs[name])
