@@ -121,8 +121,9 @@ class HandWritten:
 
     cls: type[Attack]
     estimator: str = "keras"
-    step: float | None = None
-    what: str = "art-study's compiled version"
+    #: no ``eps_step`` to derive: the attack sets its own steps
+    step = None
+    what = "art-study's compiled version"
 
     @property
     def defaults(self) -> dict[str, Any]:
