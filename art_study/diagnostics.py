@@ -29,10 +29,26 @@ A check that lacks its inputs (no black-box attack configured) is *not evaluated
 by default. A model failing any check is tagged ``gradient_masking_suspected=true`` with the
 reasons; the test suite shows the checks flag a distilled or noisy-gradient model and pass an
 undefended one.
+
+AutoAttack's own checks (``autoattack/checks.py``, Croce & Hein 2020) are kept apart, each a
+small function with the reference's threshold and message, evaluated where their inputs exist:
+
+- ``autoattack_square`` (``check_square_sr``): Square, run after the white-box components of an
+  AutoAttack cascade, lowers robust accuracy by more than 0.2 points. This is the verdict
+  ``evaluation_unreliable`` (the cascade escalates to stronger settings when it fires; the
+  detail gives both figures);
+- warnings that add to the checks above: ``autoattack_output_not_probability`` (the model outputs
+  a softmax, not logits: ``check_range_output``), ``autoattack_no_zero_gradient`` (*any* image
+  with an exactly zero gradient, where check 5 asks for most: ``check_zero_gradients``),
+  ``autoattack_deterministic_output`` (five forward passes agree: ``check_randomized``) and
+  ``autoattack_static_model`` (inference changes no weight and does not depend on the rest of
+  the batch: the Keras counterpart of ``check_dynamic``, which the reference leaves undone for
+  TensorFlow models). They are tagged ``autoattack_warnings``, as the reference warns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +61,18 @@ VANISHING_SHARE = 0.5
 ZERO_GRADIENT = 1e-12
 CHANCE = 0.1  # ten classes
 
+#: check_square_sr: Square may lower robust accuracy after the white-box components by this much.
+SQUARE_ALPHA = 0.002
+#: check_range_output: outputs within this of [0, 1], rows summing to 1 within it, are a softmax.
+RANGE_ALPHA = 1e-5
+#: check_randomized: forward passes, and the largest L2 distance between their L2-normalised
+#: outputs beyond which the model is randomised.
+RANDOM_CALLS, RANDOM_ALPHA = 5, 1e-4
+#: The static-model check: an image's logits alone and in a batch, or before and after a
+#: forward pass, may differ by this much relative to the largest logit (float32 round-off).
+DYNAMIC_RTOL = 1e-4
+#: Where the reference's messages send the reader (AutoAttack's repository).
+FLAGS_DOC = "see flags_doc.md in AutoAttack's repository"
 
 
 @dataclass
@@ -61,26 +89,46 @@ class Diagnosis:
     """All checks of one model, and the overall verdict."""
 
     checks: list[Check] = field(default_factory=list)
+    #: AutoAttack's checks: the Square check (the ``evaluation_unreliable`` verdict) first, then
+    #: the reference's warnings
+    reference: list[Check] = field(default_factory=list)
 
     @property
     def suspected(self) -> bool:
         return any(c.passed is False for c in self.checks)
 
+    @property
+    def unreliable(self) -> bool:
+        """AutoAttack's Square check failed: the white-box figure is not to be trusted."""
+        return any(c.passed is False for c in self.reference if c.name == "autoattack_square")
+
+    def warnings(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.reference
+                if c.passed is False and c.name != "autoattack_square"]
+
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if c.passed is False]
 
     def metrics(self) -> dict[str, float]:
-        out = {f"diag/{c.name}": float(c.passed) for c in self.checks if c.passed is not None}
+        out = {f"diag/{c.name}": float(c.passed) for c in [*self.checks, *self.reference]
+               if c.passed is not None}
         out["diag/gradient_masking_suspected"] = float(self.suspected)
+        if any(c.name == "autoattack_square" and c.passed is not None for c in self.reference):
+            out["diag/evaluation_unreliable"] = float(self.unreliable)
         return out
 
     def tags(self) -> dict[str, str]:
         tags = {"gradient_masking_suspected": str(self.suspected).lower()}
-        for c in self.checks:
+        for c in [*self.checks, *self.reference]:
             verdict = "not evaluated" if c.passed is None else ("pass" if c.passed else "FAIL")
             tags[f"diag.{c.name}"] = f"{verdict}: {c.detail}"[:500]
         if self.suspected:
             tags["gradient_masking_reasons"] = "; ".join(self.reasons())[:5000]
+        square = [c for c in self.reference if c.name == "autoattack_square"]
+        if square and square[0].passed is not None:
+            tags["evaluation_unreliable"] = str(self.unreliable).lower()
+        if self.warnings():
+            tags["autoattack_warnings"] = "; ".join(self.warnings())[:5000]
         return tags
 
 
@@ -105,12 +153,29 @@ class Evidence:
     iterative: frozenset[str] = frozenset()
     blackbox: frozenset[str] = frozenset()
     counterparts: dict[str, str] = field(default_factory=dict)
+    #: AutoAttack cascades: ``attack → {ε: {component: robust accuracy after it}}`` in the
+    #: order the components ran (the figures the evaluation logs per component)
+    cascades: dict[str, dict[float, dict[str, float]]] = field(default_factory=dict)
+    #: images whose loss gradient is exactly zero (``None``: not measured)
+    grad_zero_count: int | None = None
+    #: what :func:`probe_model` found (``None``: not probed)
+    probe: ModelProbe | None = None
 
     def verdict(self, name: str, eps: float) -> np.ndarray | None:
         """An attack's per-image verdict at ε (``fgsm`` falls back to the sweep)."""
         if name in self.attacks:
             return self.attacks[name].get(eps)
         return self.fgsm.get(eps) if name == "fgsm" else None
+
+
+@dataclass
+class ModelProbe:
+    """What AutoAttack's model checks measure on a batch of test images."""
+
+    outputs: np.ndarray  # the model's outputs (inference mode) on the batch
+    random_max_diff: float  # largest L2 distance of normalised outputs over the repeated passes
+    random_correct_differs: bool  # the repeated passes classify different numbers correctly
+    dynamic_detail: str  # empty if the model looks static, else what changed
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
@@ -203,7 +268,137 @@ def diagnose(ev: Evidence, cfg: DiagnosticsConfig) -> Diagnosis:
     d.checks.append(Check("gradients_deterministic", ev.repeat_max_abs_diff == 0.0,
                           "the same FGSM twice (largest ε) differs by max |Δ| "
                           f"{ev.repeat_max_abs_diff:.3g}"))
+
+    d.reference.append(square_checks(ev.cascades))
+    d.reference.append(zero_gradient_check(ev.grad_zero_count))
+    d.reference += probe_checks(ev.probe)
     return d
+
+
+def square_check(accuracies: Mapping[str, float]) -> Check:
+    """``check_square_sr``: on one cascade's table of robust accuracy after each component (and
+    ``clean``, optionally), Square must not lower the lowest white-box figure by more than
+    :data:`SQUARE_ALPHA`. Escalation components (``plus-…``) are not part of the table."""
+    before = [v for k, v in accuracies.items()
+              if k not in ("square", "clean") and not k.startswith("plus-")]
+    if "square" not in accuracies or not before:
+        return Check("autoattack_square", None, "no Square after white-box components")
+    drop = min(before) - accuracies["square"]
+    if accuracies["square"] < min(before) - SQUARE_ALPHA:  # the reference's comparison
+        return Check("autoattack_square", False,
+                     f"Square Attack has decreased the robust accuracy of {drop:.2%}. This "
+                     "might indicate that the robustness evaluation using AutoAttack is "
+                     "unreliable. Consider running Square Attack with more iterations and "
+                     f"restarts or an adaptive attack ({FLAGS_DOC})")
+    return Check("autoattack_square", True,
+                 f"Square lowers robust accuracy by {drop:.2%} (≤ {SQUARE_ALPHA:.1%})")
+
+
+def square_checks(cascades: Mapping[str, Mapping[float, Mapping[str, float]]]) -> Check:
+    """:func:`square_check` on every cascade at every ε: fails if any fails (evaluation
+    unreliable), saying where, and what the escalation found (``plus-square``, if it ran)."""
+    passed, failed, message = [], [], ""
+    for name, by_eps in sorted(cascades.items()):
+        for eps, table in sorted(by_eps.items()):
+            c = square_check(table)
+            where = f"{name} at ε {eps:g}"
+            if c.passed is True:
+                passed.append(f"{where}: {c.detail}")
+            elif c.passed is False:
+                message = c.detail
+                line = f"{where}: after Square {table['square']:.1%}"
+                if "plus-square" in table:
+                    line += f", after the escalation {table['plus-square']:.1%}"
+                failed.append(line)
+    if failed:
+        return Check("autoattack_square", False,
+                     f"evaluation unreliable: {'; '.join(failed)}. {message}")
+    if passed:
+        return Check("autoattack_square", True, "; ".join(passed))
+    return Check("autoattack_square", None, "no AutoAttack cascade ran")
+
+
+def zero_gradient_check(count: int | None) -> Check:
+    """``check_zero_gradients``: no image at all with an exactly zero loss gradient."""
+    if count is None:
+        return Check("autoattack_no_zero_gradient", None, "gradients not measured")
+    if count:
+        return Check("autoattack_no_zero_gradient", False,
+                     f"there are {count} points with zero gradient! This might lead to "
+                     f"unreliable evaluation with gradient-based attacks ({FLAGS_DOC})")
+    return Check("autoattack_no_zero_gradient", True, "no image has a zero loss gradient")
+
+
+def output_check(outputs: np.ndarray) -> Check:
+    """``check_range_output``: outputs in [0, 1] summing to 1 per image are probabilities."""
+    outputs = np.asarray(outputs, np.float64)
+    softmax = (outputs.max() < 1.0 + RANGE_ALPHA and outputs.min() > -RANGE_ALPHA
+               and bool(np.all(np.abs(outputs.sum(-1) - 1.0) < RANGE_ALPHA)))
+    if softmax:
+        return Check("autoattack_output_not_probability", False,
+                     "it seems that the output is a probability distribution, please be sure "
+                     f"that the logits are used! ({FLAGS_DOC})")
+    return Check("autoattack_output_not_probability", True, "the model outputs logits")
+
+
+def random_check(max_diff: float, correct_differs: bool) -> Check:
+    """``check_randomized``: repeated forward passes give the same outputs."""
+    if correct_differs or max_diff > RANDOM_ALPHA:
+        return Check("autoattack_deterministic_output", False,
+                     f"it seems to be a randomized defense! (outputs differ by {max_diff:.3g} "
+                     f"over {RANDOM_CALLS} passes; evaluate with EOT) ({FLAGS_DOC})")
+    return Check("autoattack_deterministic_output", True,
+                 f"{RANDOM_CALLS} forward passes agree (max {max_diff:.3g})")
+
+
+def dynamic_check(detail: str) -> Check:
+    """``check_dynamic``, for a Keras model: inference changes nothing and sees one image."""
+    if detail:
+        return Check("autoattack_static_model", False,
+                     f"it seems to be a dynamic defense! The evaluation with AutoAttack might be "
+                     f"insufficient ({detail}) ({FLAGS_DOC})")
+    return Check("autoattack_static_model", True,
+                 "inference changes no weight and each image's output ignores the batch")
+
+
+def probe_checks(probe: ModelProbe | None) -> list[Check]:
+    names = ("autoattack_output_not_probability", "autoattack_deterministic_output",
+             "autoattack_static_model")
+    if probe is None:
+        return [Check(n, None, "model not probed") for n in names]
+    return [output_check(probe.outputs),
+            random_check(probe.random_max_diff, probe.random_correct_differs),
+            dynamic_check(probe.dynamic_detail)]
+
+
+def probe_model(model, x: np.ndarray, y: np.ndarray) -> ModelProbe:
+    """Run the model as AutoAttack's checks do: :data:`RANDOM_CALLS` passes over ``x`` (the
+    randomness check, on L2-normalised outputs), then each of the first images alone against
+    its row of the batch, and every weight before and after (the static-model check)."""
+    before = [np.array(v) for v in model.variables]
+    outs = [np.asarray(model(x, training=False)) for _ in range(RANDOM_CALLS)]
+    after = [np.array(v) for v in model.variables]
+    normed = [o / (np.linalg.norm(o, axis=1, keepdims=True) + 1e-10) for o in outs]
+    diff = max((float(np.linalg.norm(a - b, axis=1).max()) for i, a in enumerate(normed)
+                for b in normed[i + 1:]), default=0.0)
+    correct = {int((o.argmax(1) == y).sum()) for o in outs}
+    scale = float(np.abs(outs[0]).max()) + 1e-12
+    changes = []
+    moved = sum(not np.allclose(a, b, rtol=0.0, atol=DYNAMIC_RTOL * (np.abs(a).max() + 1e-12))
+                for a, b in zip(before, after, strict=True))
+    if moved:
+        changes.append(f"{moved} weight tensors changed during inference")
+    alone = np.concatenate([np.asarray(model(x[i: i + 1], training=False)) for i in
+                            range(min(len(x), 8))])
+    gap = float(np.abs(alone - outs[0][: len(alone)]).max()) / scale
+    if gap > DYNAMIC_RTOL:
+        changes.append(f"an image's output alone and in the batch differ by {gap:.2g} relative")
+    return ModelProbe(outs[0], diff, len(correct) > 1, "; ".join(changes))
+
+
+def zero_gradient_count(grads: np.ndarray) -> int:
+    """Images whose loss gradient is exactly zero (the reference's ``|g|₁ == 0``)."""
+    return int(np.sum(np.abs(grads.reshape(len(grads), -1)).sum(axis=1) == 0))
 
 
 def gradient_zero_share(grads: np.ndarray) -> float:

@@ -27,9 +27,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from art_study.attacks import FGSM, art_fgsm, draws_randomness_in_inference
+from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
 from art_study.attacks.registry import Estimators, ResolvedAttack, resolve
 from art_study.config import AttackConfig, EvaluationConfig
-from art_study.diagnostics import Evidence, diagnose, gradient_zero_share
+from art_study.diagnostics import (
+    Evidence,
+    diagnose,
+    gradient_zero_share,
+    probe_model,
+    zero_gradient_count,
+)
 from art_study.models import one_hot, predict_labels, to_art
 
 
@@ -294,6 +301,10 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
     m = result.metrics
     m["diag/grad_zero_share"] = gradient_zero_share(grads)
     m["diag/grad_l1_median"] = float(np.median(np.abs(grads.reshape(n, -1)).sum(axis=1)))
+    # AutoAttack's Square check reads each cascade's logged per-component accuracies
+    cascades = {a.key: {e: {c: m[k] for c in (*COMPONENTS, *PLUS_COMPONENTS)
+                            if (k := f"attack/{a.key}/{c}/accuracy_{eps_key(e)}") in m}
+                        for e in a.eps} for a in attacks or []}
 
     resolved = {a.key: a for a in attacks or []}
     names, kinds = {}, {"iterative": set(), "blackbox": set()}
@@ -325,6 +336,9 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
         iterative=frozenset(kinds["iterative"]),
         blackbox=frozenset(kinds["blackbox"]),
         counterparts=counterparts,
+        cascades={a: t for a, t in cascades.items() if any(t.values())},
+        grad_zero_count=zero_gradient_count(grads),
+        probe=probe_model(model, x[:n], y[:n]),
     )
     diagnosis = diagnose(evidence, d)
     m.update(diagnosis.metrics())
