@@ -185,7 +185,8 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float, int]:
 
 
 def diagnose(ev: Evidence, cfg: DiagnosticsConfig) -> Diagnosis:
-    """Run the six checks on what the evaluation measured."""
+    """Run the six checks, then AutoAttack's (:attr:`Diagnosis.reference`), on what the
+    evaluation measured."""
     tol = cfg.tolerance
     d = Diagnosis()
 

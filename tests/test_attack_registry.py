@@ -104,15 +104,15 @@ def test_worst_case_over_every_attack_per_image(evaluated) -> None:
         assert m[f"robust/accuracy_{k}"] <= min(float(np.mean(c[name][:n])) for name in names)
 
 
-def test_autoattack_standard_logs_its_components_and_says_there_is_no_fab(evaluated) -> None:
+def test_autoattack_standard_logs_its_components_with_fab_t(evaluated) -> None:
     m, base = evaluated.metrics, "attack/autoattack-standard"
-    steps = [m[f"{base}/{c}/accuracy_eps_0.1"] for c in ("apgd-ce", "apgd-t", "square")]
+    steps = [m[f"{base}/{c}/accuracy_eps_0.1"] for c in ("apgd-ce", "apgd-t", "fab-t", "square")]
     assert steps == sorted(steps, reverse=True)  # cumulative: each only removes images
     assert m[f"{base}/accuracy_eps_0.1"] == steps[-1]
     assert steps[0] <= float(np.mean(evaluated.correct["clean"][:40]))
-    assert m[f"{base}/fab_target_classes"] == 0
+    assert m[f"{base}/fab_target_classes"] == 2
     assert m[f"{base}/n_queries"] == 20 and m[f"{base}/n_target_classes"] == 2
-    assert "no FAB" in evaluated.tags["attack.autoattack-standard.budget"]
+    assert "FAB-T" in evaluated.tags["attack.autoattack-standard.budget"]
 
 
 def test_apgd_by_class_name_starts_at_the_references_step() -> None:
