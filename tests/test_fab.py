@@ -4,6 +4,8 @@ other checks on models built to trip them."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -83,7 +85,7 @@ def test_the_projection_is_the_minimal_linf_step_onto_hyperplane_and_box() -> No
         # reaching w·z = b from one side is the half-space on the far side of t
         side = 1.0 if b > w[0] @ t[0] else -1.0
         truth = _linf_to_halfspace(t[0].astype(np.float64), side * w[0], -side * b)
-        assert 0.0 <= t[0].min() and (t[0] + d).min() >= -1e-6 and (t[0] + d).max() <= 1 + 1e-6
+        assert t[0].min() >= 0.0 and (t[0] + d).min() >= -1e-6 and (t[0] + d).max() <= 1 + 1e-6
         if np.isfinite(truth):
             assert abs(w[0] @ (t[0] + d) - b) < 1e-4
             assert np.abs(d).max() == pytest.approx(truth, rel=1e-4, abs=1e-6)
@@ -119,7 +121,7 @@ def test_fab_t_on_the_cnn_scores_like_autoattack(cnn, small_mnist) -> None:
     gives every ε's verdict; and FAB-T breaks images of a briefly trained CNN at ε 0.1."""
     x, y = small_mnist.x_test[:24], small_mnist.y_test[:24]
     fab = FABT(cnn, n_iter=20, batch_size=24)  # the scoring, not the search, is under test
-    dist, x_adv = fab.minimal(x, y)
+    dist, _ = fab.minimal(x, y)
     fooled, xa = fab.attack(x, y, 0.1)
     np.testing.assert_array_equal(fooled, dist <= 0.1)
     assert 0 < fooled.sum() < len(x)
@@ -149,7 +151,7 @@ def test_the_cascade_is_an_and_over_its_components(cnn, small_mnist, monkeypatch
     assert tuple(after) == COMPONENTS
     assert after["apgd-t"].sum() > after["apgd-ce"].sum()  # APGD-T broke images of its own
     np.testing.assert_array_equal(after["fab-t"], after["apgd-t"])
-    for a, b in zip(COMPONENTS, COMPONENTS[1:], strict=False):
+    for a, b in itertools.pairwise(COMPONENTS):
         assert (after[b] >= after[a]).all()
         assert seen[b] == (~after[a]).sum()
     np.testing.assert_array_equal(fooled, after["square"])
