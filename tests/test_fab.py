@@ -163,7 +163,7 @@ def test_the_cascade_is_an_and_over_its_components(cnn, small_mnist, monkeypatch
 def test_the_square_check_fires_on_the_references_threshold() -> None:
     """check_square_sr: Square below the lowest white-box figure by more than 0.2 points."""
     table = {"clean": 0.95, "apgd-ce": 0.91, "apgd-t": 0.905, "fab-t": 0.905}
-    assert square_check({**table, "square": 0.892}).passed is False  # PGD-AT seed 1's drop
+    assert square_check({**table, "square": 0.892}).passed is False  # 1.3 points
     assert square_check({**table, "square": 0.904}).passed is True  # 0.1 point
     assert square_check({**table, "square": 0.905}).passed is True
     assert square_check({"clean": 0.95, "square": 0.5}).passed is None  # no white-box before
@@ -206,6 +206,51 @@ def test_escalation_runs_only_when_the_square_check_fires(linear, small_mnist, m
         assert fooled.sum() == after["square"].sum() + 2  # the headline is the lower figure
     else:
         np.testing.assert_array_equal(fooled, after["square"])
+
+
+def test_the_escalations_own_attacks_run_on_what_is_left(linear, small_mnist,
+                                                         monkeypatch) -> None:
+    """The check forced to fire, the real plus components (tiny budgets) attack only the images
+    still robust and can only lower the figure; every image counted broken has its point."""
+    import art_study.attacks.autoattack as aa_module
+    from art_study.diagnostics import Check
+
+    monkeypatch.setattr(aa_module, "square_check",
+                        lambda table: Check("autoattack_square", False, "forced"))
+    x, y, eps = small_mnist.x_test[:60], small_mnist.y_test[:60], 0.03
+    aa = AutoAttackStandard(linear, max_iter=5, n_target_classes=2, n_queries=20, batch_size=60)
+    np.random.seed(0)
+    fooled, x_adv, after = aa.cascade(x, y, eps)
+    assert aa.escalated and tuple(after) == (*COMPONENTS, *PLUS_COMPONENTS)
+    steps = list(after.values())
+    assert all((b >= a).all() for a, b in itertools.pairwise(steps))
+    assert aa.costs["plus-apgd-ce"][2] == (~after["square"]).sum() > 0
+    np.testing.assert_array_equal(fooled, after["plus-square"])
+    assert (_predict(linear, x_adv, 100)[fooled] != y[fooled]).all()
+    assert np.abs(x_adv - x).max() <= eps + 1e-6
+
+
+def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mnist) -> None:
+    """An evaluation with ``autoattack-standard`` logs FAB-T's figure and gives the Square
+    check (read from the logged per-component figures) and the model checks a verdict."""
+    from art_study.config import EvaluationConfig
+    from art_study.evaluation import evaluate
+
+    cfg = EvaluationConfig(
+        eps=[0.1], n_attack=40, batch_size=40,
+        attacks=[{"name": "autoattack-standard", "n_images": 40,
+                  "args": {"max_iter": 5, "n_target_classes": 2, "n_queries": 20}}],
+        transfer=[], diagnostics={"n_images": 40, "pgd_steps": 2})
+    np.random.seed(0)
+    result = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
+    m, tags = result.metrics, result.tags
+    assert "attack/autoattack-standard/fab-t/accuracy_eps_0.1" in m
+    assert tags["diag.autoattack_square"].split(":")[0] in ("pass", "FAIL")
+    assert "autoattack-standard at ε 0.1" in tags["diag.autoattack_square"]
+    assert tags["evaluation_unreliable"] in ("true", "false")
+    for name in ("output_not_probability", "deterministic_output", "static_model"):
+        assert tags[f"diag.autoattack_{name}"].startswith("pass")
+    assert m["diag/autoattack_no_zero_gradient"] in (0.0, 1.0)
 
 
 def test_the_references_other_checks_flag_models_built_to_trip_them(linear, small_mnist) -> None:
