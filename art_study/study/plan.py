@@ -34,7 +34,9 @@ PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cach
 #   2: APGD with the reference step schedule and any-iterate success,
 #      robust = clean-correct and not fooled for every attack, the per-image worst case over
 #      attacks, diagnostics on common images and exact ε keys.
-EVALUATION_VERSION = 2
+#   3: AutoAttack's standard cascade with FAB-T, its Square check and escalation, and the
+#      reference's model checks.
+EVALUATION_VERSION = 3
 # Settings that change how fast a stage trains, never its weights (tested bit for bit): left
 # out of stage and study keys, so a cached stage or a resumed study serves any value of them.
 SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}
