@@ -95,7 +95,7 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
         environment_tags,
         failure_reason,
         local_store_path,
-        log_correctness,
+        log_evaluation,
         log_keras_model,
         prepare_store,
         redact,
@@ -152,7 +152,7 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
             metrics = {**result.metrics, "eval/time_s": time.perf_counter() - t0}
             mlflow.log_metrics(metrics)
             mlflow.set_tags(result.tags)
-            log_correctness(result.correct)
+            log_evaluation(result)
             if cfg.tracking.log_model:
                 log_keras_model(prepared.model, data.x_test[:2])
         except BaseException as exc:

@@ -12,13 +12,15 @@ An image is robust under an attack only if the model classifies it correctly cle
 attack did not fool it, for every attack alike (FGSM, ART's and our bounded attacks,
 minimal-perturbation attacks, transfer, diagnostics): accuracy under an attack never exceeds
 clean accuracy on the same images.
-Every number is returned as a flat ``metric name → value`` dict ready for MLflow, with the tags
-of the verdict, and which test images the model got right under each attack and ε, for paired
-per-example tests.
+Every number is returned as data (:class:`art_study.results.EvaluationResult`): one row per
+(attack, component, ε) with its budget, images, accuracy, wall time and per-image verdicts (for
+paired per-example tests), the cross-checks, the diagnosis and its tags. Metric names are made
+from that table in :mod:`art_study.results` only.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -38,15 +40,17 @@ from art_study.diagnostics import (
     zero_gradient_count,
 )
 from art_study.models import one_hot, predict_labels, to_art
+from art_study.results import (
+    CrossCheck,
+    EvaluationResult,
+    GradientFigures,
+    Kind,
+    Outcome,
+    eps_key,
+)
 
-
-@dataclass(frozen=True)
-class CrossCheck:
-    """How far our FGSM and ART's FGSM are from each other on the same inputs."""
-
-    max_abs_diff: float
-    pixel_diff_share: float
-    prediction_agreement: float
+__all__ = ["CrossCheck", "EvaluationResult", "TransferSet", "craft_transfer", "cross_check",
+           "eps_key", "evaluate"]
 
 
 def cross_check(x_ours: np.ndarray, x_art: np.ndarray, pred_ours: np.ndarray,
@@ -59,32 +63,6 @@ def cross_check(x_ours: np.ndarray, x_art: np.ndarray, pred_ours: np.ndarray,
         pixel_diff_share=float(np.mean(diff > 0)),
         prediction_agreement=float(np.mean(pred_ours == pred_art)),
     )
-
-
-def eps_key(eps: float) -> str:
-    """Metric-name suffix for an ε (``0.1`` → ``eps_0.1``)."""
-    return f"eps_{eps:g}"
-
-
-@dataclass
-class EvaluationResult:
-    """All figures of one evaluation, named as they are logged to MLflow.
-
-    ``correct`` holds one boolean per evaluated image: ``clean``, ``fgsm_eps_<ε>`` (ours), each
-    attack's ``<prefix>/<key>_eps_<ε>`` and the worst case ``robust_eps_<ε>``, so two models
-    evaluated on the same images can be compared image by image (McNemar's test).
-    ``verdicts`` holds the same per-image verdicts keyed by the exact configured ε
-    (``verdicts[name][ε]``, ``name`` ``fgsm`` or ``<prefix>/<key>``), so nothing downstream has
-    to parse an ε back out of a metric name (8/255 does not survive ``f"{ε:g}"``).
-    """
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    correct: dict[str, np.ndarray] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    verdicts: dict[str, dict[float, np.ndarray]] = field(default_factory=dict, repr=False)
-
-    def fgsm_accuracy(self, eps: float, impl: str = "custom") -> float:
-        return self.metrics[f"fgsm_{impl}/accuracy_{eps_key(eps)}"]
 
 
 @dataclass
@@ -135,7 +113,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     attacks = [resolve(a, cfg.eps) for a in cfg.attacks]  # validated when the plan was made
     estimators = Estimators(model)
     for attack in tqdm(attacks, desc="attacks", disable=not progress, leave=False):
-        run_attack(attack, estimators, x, y, cfg, result, prefix="attack")
+        run_attack(attack, estimators, x, y, cfg, result, Kind.ATTACK)
     if transfer_set is not None:
         transfer(model, transfer_set, y, result)
     worst_case(result)
@@ -148,10 +126,9 @@ def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: Evaluation
                result: EvaluationResult, progress: bool) -> None:
     """Clean accuracy; our FGSM at every ε; ART's on the first ``xcheck_images``; cross-check."""
     y1h = one_hot(y)
-    m = result.metrics
-    result.correct["clean"] = predict_labels(model, x) == y
-    m["clean/accuracy"] = float(np.mean(result.correct["clean"]))
-    m["eval/n_images"] = float(len(x))
+    clean = predict_labels(model, x) == y
+    result.outcomes.append(Outcome(Kind.CLEAN, "", math.nan, float(np.mean(clean)), len(x),
+                                   verdict=clean))
 
     ours = FGSM(model, batch_size=cfg.batch_size, progress=progress)
     classifier = to_art(model)
@@ -164,16 +141,14 @@ def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: Evaluation
         one_gradient = ours.gradient_repeats(x[: cfg.batch_size], y1h[: cfg.batch_size])
     t_ours = t_art = 0.0
     top, x_top = max(cfg.eps), None
-    clean = result.correct["clean"]
     n_x = len(x) if cfg.xcheck_images is None else min(cfg.xcheck_images, len(x))
-    m["xcheck/n_images"] = float(n_x)
     swept = None
     if one_gradient:  # bit for bit the images of one generate() per ε
         t0 = time.perf_counter()
         swept = ours.sweep(x, y1h, list(cfg.eps))
         t_ours = time.perf_counter() - t0
+    sweep: list[tuple[Outcome, Outcome]] = []
     for eps in tqdm(cfg.eps, desc="FGSM sweep (ours + ART)", disable=not progress, leave=False):
-        k = eps_key(eps)
         t0 = time.perf_counter()
         x_ours = ours.generate(x, y1h, eps) if swept is None else swept[eps]
         t1 = time.perf_counter()
@@ -185,95 +160,84 @@ def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: Evaluation
         # robust = clean-correct and not fooled, for ours and ART's alike (like with like)
         pred_ours, pred_art = predict_labels(model, x_ours), predict_labels(model, x_art)
         ok = clean & (pred_ours == y)
-        result.correct[f"fgsm_{k}"] = ok
-        result.verdicts.setdefault("fgsm", {})[eps] = ok
-        m[f"fgsm_custom/accuracy_{k}"] = float(np.mean(ok))
-        m[f"fgsm_art/accuracy_{k}"] = float(np.mean(clean[:n_x] & (pred_art == y[:n_x])))
-        cc = cross_check(x_ours[:n_x], x_art, pred_ours[:n_x], pred_art)
-        m[f"xcheck/max_abs_diff_{k}"] = cc.max_abs_diff
-        m[f"xcheck/pixel_diff_share_{k}"] = cc.pixel_diff_share
-        m[f"xcheck/prediction_agreement_{k}"] = cc.prediction_agreement
+        ok_art = clean[:n_x] & (pred_art == y[:n_x])
+        sweep.append((Outcome(Kind.FGSM, "fgsm", eps, float(np.mean(ok)), len(x), verdict=ok),
+                      Outcome(Kind.FGSM_ART, "fgsm", eps, float(np.mean(ok_art)), n_x,
+                              verdict=ok_art)))
+        result.cross_checks[eps] = cross_check(x_ours[:n_x], x_art, pred_ours[:n_x], pred_art)
+    for ours_row, art_row in sweep:  # the sweep's wall time, once it is known
+        ours_row.seconds, art_row.seconds = t_ours, t_art
+    result.outcomes += [row for pair in zip(*sweep, strict=True) for row in pair]
 
     # Our FGSM again on the same inputs: on a deterministic model it is bit-identical. When it
     # is not, the model's gradients are randomised (e.g. a gradient-noise layer), and any
     # disagreement with ART above comes from the model, not from either implementation. At the
     # largest ε: at ε = 0 FGSM is the identity and would hide any randomness.
     repeat = ours.generate(x, y1h, top)
-    m["xcheck/repeat_max_abs_diff"] = float(np.abs(repeat - x_top).max())
-
-    m["fgsm_custom/images_per_s"] = len(x) * len(cfg.eps) / max(t_ours, 1e-9)
-    m["fgsm_art/images_per_s"] = n_x * len(cfg.eps) / max(t_art, 1e-9)
-    m["xcheck/max_abs_diff"] = max(m[f"xcheck/max_abs_diff_{eps_key(e)}"] for e in cfg.eps)
+    result.repeat_max_abs_diff = float(np.abs(repeat - x_top).max())
 
 
 def run_attack(attack: ResolvedAttack, estimators: dict, x: np.ndarray, y: np.ndarray,
-               cfg: EvaluationConfig, result: EvaluationResult, prefix: str) -> None:
+               cfg: EvaluationConfig, result: EvaluationResult, kind: Kind) -> None:
     """One attack on the first ``n_images``: accuracy per ε, its wall time and budget; for a
-    cascade (``autoattack-standard``) also the cumulative accuracy after each component,
-    ``<prefix>/<key>/<component>/accuracy_eps_<ε>``."""
+    cascade (``autoattack-standard``) also the cumulative accuracy after each component."""
     n = min(attack.cfg.n_images, len(x))
     t0 = time.perf_counter()
     components: dict[str, dict[float, np.ndarray]] = {}
     correct = attack.run(estimators[attack.estimator], x[:n], y[:n], cfg.batch_size,
                          components=components)
-    name = f"{prefix}/{attack.key}"
-    record(result, name, correct, time.perf_counter() - t0,
-           attack.budget() | {"n_images": float(n)})
+    budget = attack.budget()
+    budget.pop("n_images", None)
+    record(result, kind, attack.key, correct, time.perf_counter() - t0, n, budget)
     for component, by_eps in components.items():
         for eps, ok in by_eps.items():
-            result.metrics[f"{name}/{component}/accuracy_{eps_key(eps)}"] = float(np.mean(ok))
+            result.outcomes.append(Outcome(kind, attack.key, eps, float(np.mean(ok)), len(ok),
+                                           component=component, verdict=np.asarray(ok, bool)))
     if attack.note:
-        result.tags[f"{name.replace('/', '.')}.budget"] = attack.note
+        result.tags[f"{kind}.{attack.key}.budget"] = attack.note
 
 
-def record(result: EvaluationResult, name: str, correct: dict[float, np.ndarray],
-           seconds: float, budget: dict[str, float]) -> None:
-    """Log ``<name>/accuracy_eps_<ε>``, ``<name>/time_s`` and the budget; keep the per-image
-    verdicts under ``<name>_eps_<ε>`` for McNemar's test and in ``result.verdicts[name]``.
+def record(result: EvaluationResult, kind: Kind, key: str, correct: dict[float, np.ndarray],
+           seconds: float, n_images: int, budget: dict[str, float]) -> None:
+    """One row per ε of an attack, with its per-image verdicts.
 
     Every verdict is ANDed with clean correctness here too, whatever produced it."""
-    m = result.metrics
-    clean = result.correct["clean"]
+    clean = result.clean()
     for eps, ok in correct.items():
         ok = np.asarray(ok, bool) & clean[: len(ok)]
-        m[f"{name}/accuracy_{eps_key(eps)}"] = float(np.mean(ok))
-        result.correct[f"{name}_{eps_key(eps)}"] = ok
-        result.verdicts.setdefault(name, {})[eps] = ok
-    m[f"{name}/time_s"] = seconds
-    m.update({f"{name}/{k}": v for k, v in budget.items()})
+        result.outcomes.append(Outcome(kind, key, eps, float(np.mean(ok)), n_images, seconds,
+                                       budget=budget, verdict=ok))
 
 
 def transfer(model: keras.Model, crafted: TransferSet, y: np.ndarray,
              result: EvaluationResult) -> None:
-    """The examples crafted on the control, evaluated on ``model`` (black box). ``time_s`` is
-    this model's share; ``craft_time_s`` the one-off crafting on the control."""
+    """The examples crafted on the control, evaluated on ``model`` (black box). ``seconds`` is
+    this model's share; the budget's ``craft_time_s`` the one-off crafting on the control."""
     for key, by_eps in crafted.examples.items():
         n = len(next(iter(by_eps.values())))
         t0 = time.perf_counter()
-        clean = result.correct["clean"][:n]
+        clean = result.clean()[:n]
         correct = {eps: clean & (predict_labels(model, xa) == y[:n])
                    for eps, xa in by_eps.items()}
-        record(result, f"transfer/{key}", correct, time.perf_counter() - t0,
-               {"n_images": float(n), "craft_time_s": crafted.seconds[key]})
+        record(result, Kind.TRANSFER, key, correct, time.perf_counter() - t0, n,
+               {"craft_time_s": crafted.seconds[key]})
 
 
 def worst_case(result: EvaluationResult) -> None:
     """Per image, robust at ε only if robust under every attack run at ε: our FGSM, each
     configured attack and each transfer attack, on the first images all of them ran on.
 
-    Logs ``robust/accuracy_eps_<ε>`` and ``robust/n_images_eps_<ε>`` and keeps the verdicts as
-    ``correct["robust_eps_<ε>"]``. ART's FGSM (a cross-check of ours) and the diagnostics' PGD
-    runs (checks sized by ``diagnostics.n_images``, which would shrink the common prefix) are
-    left out.
+    ART's FGSM (a cross-check of ours) and the diagnostics' PGD runs (checks sized by
+    ``diagnostics.n_images``, which would shrink the common prefix) are left out.
     """
-    names = [n for n in result.verdicts if n == "fgsm" or n.startswith(("attack/", "transfer/"))]
-    for eps in sorted({e for n in names for e in result.verdicts[n]}):
-        masks = [result.verdicts[n][eps] for n in names if eps in result.verdicts[n]]
+    rows = [o for o in result.outcomes if o.component == ""
+            and o.kind in (Kind.FGSM, Kind.ATTACK, Kind.TRANSFER)]
+    for eps in sorted({o.eps for o in rows}):
+        masks = [o.verdict for o in rows if o.eps == eps]
         n = min(len(mask) for mask in masks)
         robust = np.logical_and.reduce([mask[:n] for mask in masks])
-        result.metrics[f"robust/accuracy_{eps_key(eps)}"] = float(np.mean(robust))
-        result.metrics[f"robust/n_images_{eps_key(eps)}"] = float(n)
-        result.correct[f"robust_{eps_key(eps)}"] = robust
+        result.outcomes.append(Outcome(Kind.WORST_CASE, "", eps, float(np.mean(robust)), n,
+                                       verdict=robust))
 
 
 def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarray,
@@ -296,43 +260,45 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
     for label, (eps, steps) in runs.items():
         attack = resolve(AttackConfig(name="pgd", eps=eps, n_images=n,
                                       args={"max_iter": steps}, label=label), cfg.eps)
-        run_attack(attack, estimators, x, y, cfg, result, prefix="diag")
+        run_attack(attack, estimators, x, y, cfg, result, Kind.DIAG)
     grads = estimators["keras"].loss_gradient(x[:n], one_hot(y[:n]))
-    m = result.metrics
-    m["diag/grad_zero_share"] = gradient_zero_share(grads)
-    m["diag/grad_l1_median"] = float(np.median(np.abs(grads.reshape(n, -1)).sum(axis=1)))
-    # AutoAttack's Square check reads each cascade's logged per-component accuracies
-    cascades = {a.key: {e: {c: m[k] for c in (*COMPONENTS, *PLUS_COMPONENTS)
-                            if (k := f"attack/{a.key}/{c}/accuracy_{eps_key(e)}") in m}
-                        for e in a.eps} for a in attacks or []}
+    result.gradients = GradientFigures(
+        zero_share=gradient_zero_share(grads),
+        l1_median=float(np.median(np.abs(grads.reshape(n, -1)).sum(axis=1))))
+    # AutoAttack's Square check reads each cascade's robust accuracy after each component
+    order = (*COMPONENTS, *PLUS_COMPONENTS)
+    cascades = {a.key: {e: {o.component: o.accuracy for o in sorted(
+        (o for o in result.outcomes if o.kind == Kind.ATTACK and o.attack == a.key
+         and o.eps == e and o.component in order), key=lambda o: order.index(o.component))}
+        for e in a.eps} for a in attacks or []}
 
     resolved = {a.key: a for a in attacks or []}
-    names, kinds = {}, {"iterative": set(), "blackbox": set()}
+    rows = [o for o in result.outcomes if o.component == "" and o.kind in
+            (Kind.ATTACK, Kind.TRANSFER, Kind.DIAG)]
+    names = {Kind.ATTACK: "{}", Kind.TRANSFER: "transfer-{}", Kind.DIAG: "diag-{}"}
+    verdicts: dict[str, dict[float, np.ndarray]] = {}
+    kinds: dict[str, set[str]] = {"iterative": set(), "blackbox": set()}
     counterparts: dict[str, str] = {}
-    for full in result.verdicts:
-        prefix, _, key = full.partition("/")
-        if prefix == "attack":
-            names[full] = key
-            r = resolved.get(key)
-            if r is not None and r.iterative:
-                kinds["iterative"].add(key)
-            if r is not None and r.blackbox:
-                kinds["blackbox"].add(key)
-        elif prefix == "transfer":
-            names[full] = f"transfer-{key}"
-            kinds["blackbox"].add(names[full])
-            counterparts[names[full]] = key if f"attack/{key}" in result.verdicts else "fgsm"
-        elif prefix == "diag":
-            names[full] = f"diag-{key}"
-            kinds["iterative"].add(names[full])
+    ran = {o.attack for o in rows if o.kind == Kind.ATTACK}
+    for o in rows:
+        name = names[o.kind].format(o.attack)
+        verdicts.setdefault(name, {})[o.eps] = o.verdict
+        r = resolved.get(o.attack) if o.kind == Kind.ATTACK else None
+        if o.kind == Kind.DIAG or (r is not None and r.iterative):
+            kinds["iterative"].add(name)
+        if o.kind == Kind.TRANSFER or (r is not None and r.blackbox):
+            kinds["blackbox"].add(name)
+        if o.kind == Kind.TRANSFER:
+            counterparts[name] = o.attack if o.attack in ran else "fgsm"
+    fgsm = [o for o in result.outcomes if o.kind == Kind.FGSM]
     evidence = Evidence(
-        fgsm=result.verdicts["fgsm"],
-        fgsm_sweep={e: m[f"fgsm_custom/accuracy_{eps_key(e)}"] for e in cfg.eps},
-        attacks={names[k]: v for k, v in result.verdicts.items() if k in names},
+        fgsm={o.eps: o.verdict for o in fgsm},
+        fgsm_sweep={o.eps: o.accuracy for o in fgsm},
+        attacks=verdicts,
         pgd_steps=(f"diag-pgd{d.pgd_steps}", f"diag-pgd{5 * d.pgd_steps}"),
         pgd_destroy="diag-pgd_destroy",
-        grad_zero_share=m["diag/grad_zero_share"],
-        repeat_max_abs_diff=m["xcheck/repeat_max_abs_diff"],
+        grad_zero_share=result.gradients.zero_share,
+        repeat_max_abs_diff=result.repeat_max_abs_diff,
         iterative=frozenset(kinds["iterative"]),
         blackbox=frozenset(kinds["blackbox"]),
         counterparts=counterparts,
@@ -340,6 +306,5 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
         grad_zero_count=zero_gradient_count(grads),
         probe=probe_model(model, x[:n], y[:n]),
     )
-    diagnosis = diagnose(evidence, d)
-    m.update(diagnosis.metrics())
-    result.tags.update(diagnosis.tags())
+    result.diagnosis = diagnose(evidence, d)
+    result.tags.update(result.diagnosis.tags())

@@ -32,11 +32,11 @@ from mlflow.models import infer_signature
 from pydantic import BaseModel
 
 from art_study.errors import TrackingError, TrainingError
+from art_study.results import RESULTS_ARTIFACT, EvaluationResult, write_table
 
 DEFAULT_STORE_DIR = Path("mlruns")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
-CORRECT_ARTIFACT = "eval/correct.npz"  # per-image correctness, for McNemar's test
 _PACKAGES = ("art-study", "tensorflow", "keras", "adversarial-robustness-toolbox", "mlflow",
              "numpy", "pandas")
 
@@ -233,9 +233,9 @@ def failure_reason(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {text[0] if text else ''}")[:4000]
 
 
-def log_correctness(correct: dict[str, np.ndarray]) -> None:
-    """Log which test images the run got right as ``eval/correct.npz``, for McNemar's test."""
+def log_evaluation(result: EvaluationResult) -> None:
+    """Log an evaluation's table and per-image verdicts as ``eval/results.parquet`` and
+    ``eval/verdicts.npz`` (:mod:`art_study.results`); its metrics are logged with the run's."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(CORRECT_ARTIFACT).name
-        np.savez_compressed(path, **{k: np.asarray(v, dtype=bool) for k, v in correct.items()})
-        mlflow.log_artifact(str(path), artifact_path=str(Path(CORRECT_ARTIFACT).parent))
+        for path in write_table(result, Path(tmp)):
+            mlflow.log_artifact(str(path), artifact_path=str(Path(RESULTS_ARTIFACT).parent))

@@ -70,7 +70,7 @@ def instrument() -> None:
     for name in dir(MlflowClient):
         if not name.startswith("_") and callable(getattr(MlflowClient, name)):
             setattr(MlflowClient, name, timed(f"MlflowClient.{name}", getattr(MlflowClient, name)))
-    for name in ("prepare_store", "log_keras_model", "log_correctness", "environment_tags"):
+    for name in ("prepare_store", "log_keras_model", "log_evaluation", "environment_tags"):
         wrapped = timed(f"art_study.{name}", getattr(tracking, name))
         for module in (execute, executor, tracking, base, gm):  # the helpers are imported by name
             if hasattr(module, name):

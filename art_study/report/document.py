@@ -18,31 +18,25 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from art_study.evaluation import eps_key
+from art_study.report import paper
 from art_study.report.figures import draw_figures
-from art_study.report.reading import (
-    StudyData,
-    find_study,
-    gather,
-    load_correctness,
-    open_store,
-    runs_table,
-)
+from art_study.report.reading import StudyData, find_study, gather, open_store, runs_table
 from art_study.report.statistics import EXACT_MCNEMAR_BELOW
 from art_study.report.tables import (
-    Comparison,
     attack_cost_table,
     attack_table,
-    choose_comparison_eps,
+    attacked_eps,
     comparison_pairs,
     headline_table,
     missing_table,
+    reference_eps,
     results_table,
-    robust_columns,
+    select,
     sequence_order,
     significance_table,
     summarise,
 )
+from art_study.results import Kind
 from art_study.tracking import DEFAULT_STORE_DIR, redact
 
 REPORT_ARTIFACT_DIR = "report"
@@ -159,37 +153,36 @@ def intro(doc: Doc, data: StudyData, uri: str) -> None:
              f"{', '.join(f'{e:g}' for e in data.eps) or '—'}.")
     doc.para("Accuracies are in % on the evaluated test images, as mean ± half-width of the 95 % "
              "Student-t confidence interval over seeds (one seed: the value and n=1, no "
-             "interval). FGSM is ours (the paper's `tf.GradientTape` attack, metric "
+             "interval). FGSM is ours (a `tf.GradientTape` attack, metric "
              "`fgsm_custom/accuracy_eps_<ε>`), white-box against each model with the true "
-             "labels. ★ marks the ε used for comparing with the paper. `ours vs ART max|Δ|` is "
+             "labels. ★ marks the reference ε, at which the depth plot and the significance "
+             "tests compare FGSM accuracies. `ours vs ART max|Δ|` is "
              "the largest pixel difference between our FGSM and ART's on the same inputs; "
              "`repeat max|Δ|` is ours run twice: non-zero means the model's gradients are "
              "randomised (gradient noise), so the attack itself is noisy — a sign of gradient "
              "masking, not of robustness.")
 
 
-def _images_note(finished: pd.DataFrame | None) -> str:
+def _images_note(results: pd.DataFrame) -> str:
     """On how many test images the worst case and FGSM were measured, when they differ: the
     headline's gap between them then also mixes two image sets."""
-    if finished is None or finished.empty:
-        return ""
-
-    def counts(columns: list[str]) -> str:
-        """The distinct image counts logged in ``columns`` (those present), e.g. ``200/500``."""
-        values = sorted({int(v) for c in columns if c in finished for v in finished[c].dropna()})
+    def counts(rows: pd.DataFrame) -> str:
+        """The distinct image counts of ``rows``, e.g. ``200/500``."""
+        values = sorted({int(v) for v in rows["n_images"].dropna()})
         return "/".join(f"{v:,}".replace(",", " ") for v in values)
-    worst = counts([f"metrics.robust/n_images_eps_{eps}" for eps in robust_columns(finished)])
-    fgsm = counts(["metrics.eval/n_images"])
+    worst = counts(results[(results["kind"] == Kind.WORST_CASE)
+                           & results["eps"].isin(attacked_eps(results))])
+    fgsm = counts(select(results, Kind.CLEAN))
     if not worst or not fgsm or worst == fgsm:
         return ""
     return (f" The worst case is measured on the first {worst} test images of each run (those "
             f"every attack ran on), FGSM on {fgsm}: their gap also mixes the two image sets.")
 
 
-def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
+def headline_section(doc: Doc, data: StudyData, eps_star: float) -> None:
     """The number to compare defenses by: the worst case over attacks when the runs logged it,
     else FGSM, saying which."""
-    table, worst_case = headline_table(data, cmp.eps)
+    table, worst_case = headline_table(data.results, data.status, eps_star)
     if table.empty:
         return
     doc.heading("Headline: robust accuracy")
@@ -201,10 +194,10 @@ def headline_section(doc: Doc, data: StudyData, cmp: Comparison) -> None:
                  "the number a leaderboard reports and the one to compare defenses by. FGSM at "
                  "the largest of these ε is shown beside it: the gap is what FGSM alone "
                  "overstates. A cell marked `(FGSM only)` comes from runs evaluated before the "
-                 "worst case was logged." + _images_note(data.finished))
+                 "worst case was logged." + _images_note(data.results))
     else:
         doc.para("No run logged a worst case over attacks (`robust/accuracy_eps_<ε>`), so the "
-                 f"headline falls back to **FGSM at ε = {cmp.eps:g}** (the comparison ε), "
+                 f"headline falls back to **FGSM at ε = {eps_star:g}** (the reference ε), "
                  "which overstates the robustness of a defense that hides its gradients: see "
                  "the stronger attacks and the gradient-masking verdict below.")
     doc.table(table)
@@ -242,7 +235,7 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
     if data.finished is None or data.finished.empty:
         return
     order = sequence_order(data.status)
-    tables = [(d, attack_table(data.finished, int(d), order))
+    tables = [(d, attack_table(data.results, data.finished, int(d), order))
               for d in sorted(data.status["depth"].unique())]
     tables = [(d, t) for d, t in tables if t is not None]
     if not tables:
@@ -261,7 +254,7 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)
-    cost = attack_cost_table(data.finished)
+    cost = attack_cost_table(data.results)
     if cost is not None:
         doc.heading("Evaluation budget and wall time", level=3)
         doc.para("What each attack was given and what it cost, per evaluated model (`diag` are "
@@ -272,21 +265,19 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
         doc.table(cost)
 
 
-def significance_section(doc: Doc, data: StudyData, summary: pd.DataFrame,
-                         cmp: Comparison) -> None:
+def significance_section(doc: Doc, data: StudyData, eps_star: float) -> None:
     """Paired t-test over seeds and McNemar over images, defense vs control and between
-    defenses, at the comparison ε."""
-    vs_control, between = comparison_pairs(data.scores, data.status)
-    correct = {rid: load_correctness(rid) for rid in data.scores["run_id"]}
-    # The worst case at every ε where attacks beyond FGSM ran, not only at the comparison ε:
-    # where every defense falls to 0 there (the paper study at 0.3), a smaller ε still tells
-    # them apart. FGSM, the paper's measure, at the comparison ε.
-    attacked = sorted(float(e) for e in robust_columns(data.finished)) \
-        if data.finished is not None and not data.finished.empty else []
-    measures = [("robust", eps, f"worst case over attacks, ε = {eps:g}") for eps in attacked
-                if f"robust_{eps_key(eps)}" in data.scores
-                and data.scores[f"robust_{eps_key(eps)}"].notna().any()]
-    measures.append(("fgsm", cmp.eps, f"FGSM, ε = {cmp.eps:g}"))
+    defenses: on the worst case at each attacked ε, then on FGSM at the reference ε."""
+    vs_control, between = comparison_pairs(data.results, data.status)
+    fingerprints = dict(zip(data.finished["run_id"],
+                            data.finished.get("tags.data.fingerprint",
+                                              pd.Series(None, index=data.finished.index)),
+                            strict=True))
+    # The worst case at every ε where attacks beyond FGSM ran, not only at the reference ε:
+    # where every defense falls to 0 there, a smaller ε still tells them apart.
+    measures = [(Kind.WORST_CASE, eps, f"worst case over attacks, ε = {eps:g}")
+                for eps in attacked_eps(data.results)]
+    measures.append((Kind.FGSM, eps_star, f"FGSM, ε = {eps_star:g}"))
     doc.heading("Significance")
     doc.para("Paired t-test: the accuracies of A and B paired by seed (same seed, same data "
              "order and test images), two-sided; it needs at least 2 seeds. McNemar's test: on "
@@ -301,25 +292,24 @@ def significance_section(doc: Doc, data: StudyData, summary: pd.DataFrame,
              "below. With one seed it is McNemar's test. p-values are not corrected for the "
              "number of comparisons. Where the runs logged the per-image worst case over "
              "attacks, the tests are made on it first (the accuracy to judge a defense by), at "
-             "each ε where attacks beyond FGSM ran, then on FGSM at the comparison ε (the "
-             "paper's measure).")
-    for measure, eps, label in measures:
+             "each ε where attacks beyond FGSM ran, then on FGSM at the reference ε.")
+    for kind, eps, label in measures:
         for title, pairs in (("Each defense vs the control", vs_control),
                              ("Between defenses", between)):
             doc.heading(f"{title}: {label}", 3)
             if pairs:
-                doc.table(significance_table(data.scores, summary, correct, pairs, eps,
-                                             measure))
+                doc.table(significance_table(data.results, data.verdicts, pairs, eps, kind,
+                                             fingerprints))
             else:
                 doc.para("No pair of sequences with finished runs.")
 
 
-def plots_section(doc: Doc, data: StudyData, summary: pd.DataFrame, cmp: Comparison,
+def plots_section(doc: Doc, data: StudyData, summary: pd.DataFrame, eps_star: float,
                   out_dir: Path, data_dir: str | None, examples: bool) -> list[Path]:
     """The figures of ``figures.py``, in order; a line instead of one that could not be drawn."""
     doc.heading("Plots")
     written = []
-    for figure in draw_figures(data, summary, cmp, out_dir, data_dir, examples):
+    for figure in draw_figures(data, summary, eps_star, out_dir, data_dir, examples):
         if figure.path is None:
             doc.para(figure.caption)
         else:
@@ -335,29 +325,25 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
     doc = Doc(f"art-study report: {data.name}")
     intro(doc, data, uri)
     pngs: list[Path] = []
-    if data.scores.empty:
+    if data.results.empty:
         doc.para("No run of this study has finished yet: no results to show.")
     else:
-        summary = summarise(data.scores, data.eps)
-        cmp = choose_comparison_eps(summary, data.eps)
-        headline_section(doc, data, cmp)
-        doc.heading("Comparison ε")
-        doc.para(cmp.reason)
-        if not cmp.sweep.empty:
-            doc.table(cmp.sweep)
+        summary = summarise(data.results)
+        cmp = (paper.choose_comparison_eps(summary, data.eps)
+               if paper.applies(data.results["sequence"]) else None)
+        eps_star = cmp.eps if cmp is not None else reference_eps(data.eps)
+        headline_section(doc, data, eps_star)
+        if cmp is not None:  # the optional section: a study of the paper's defenses
+            paper.section(doc, summary, data.status, cmp)
         for depth in sorted(data.status["depth"].unique()):
             doc.heading(f"Results: {depth} conv layers")
-            doc.table(results_table(summary, data.scores, data.status, int(depth), data.eps,
-                                    cmp.eps))
-        doc.para("Paper numbers (Kim 2025, section 4) at the comparison ε: control 29.15 %, "
-                 "adversarial training 88.5 % (2 conv) and 97.9 % (5 conv), distillation "
-                 "33.12 %, gradient masking 47.52 %, gradient masking + adversarial training "
-                 "85.56 % (order not stated: shown for both orders), clean control 99.5 %.")
+            doc.table(results_table(summary, data.finished, data.status, int(depth), data.eps,
+                                    eps_star))
         note = teacher_note(data.finished)
         if note:
             doc.para(note)
         attacks_section(doc, data)
-        significance_section(doc, data, summary, cmp)
+        significance_section(doc, data, eps_star)
     doc.heading("Missing or failed runs")
     missing = missing_table(data.status)
     if missing.empty:
@@ -368,8 +354,8 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
                  "only (see the seed counts). Once the study has stopped, rerunning its command "
                  "resumes it: finished runs are kept, the others are run again.")
         doc.table(missing)
-    if not data.scores.empty:
-        pngs = plots_section(doc, data, summary, cmp, out_dir, data_dir, examples)
+    if not data.results.empty:
+        pngs = plots_section(doc, data, summary, eps_star, out_dir, data_dir, examples)
     return doc, pngs
 
 

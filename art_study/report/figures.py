@@ -18,17 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from art_study.errors import ArtStudyError
-from art_study.evaluation import eps_key
-from art_study.report.reading import StudyData, metric_names
-from art_study.report.tables import (
-    CONTROL,
-    PAPER_CLEAN,
-    PAPER_CONTROL_FGSM,
-    PAPER_FGSM,
-    Comparison,
-    lookup,
-    sequence_order,
-)
+from art_study.report.reading import StudyData
+from art_study.report.tables import CONTROL, attacked_eps, lookup, select, sequence_order
+from art_study.results import Kind
 
 N_EXAMPLES = 8
 
@@ -42,38 +34,42 @@ class Drawn:
     caption: str
 
 
-def draw_figures(data: StudyData, summary: pd.DataFrame, cmp: Comparison, out_dir: Path,
+def draw_figures(data: StudyData, summary: pd.DataFrame, eps_star: float, out_dir: Path,
                  data_dir: str | None, examples: bool) -> list[Drawn]:
-    """Robustness curves per depth, accuracy vs depth, and the adversarial examples grid."""
+    """Robustness curves per depth, accuracy vs depth, and the adversarial examples grid;
+    ``eps_star`` the reference ε (marked in the curves, the depth plot's and the examples')."""
     drawn = []
     order = sequence_order(data.status)
-    for depth in sorted(data.scores["depth"].unique()):
+    worst = attacked_eps(data.results)
+    for depth in sorted(data.results["depth"].unique()):
         path = out_dir / f"robustness_depth{depth}.png"
-        plot_robustness(summary, int(depth), order, data.eps, cmp.eps, path)
-        drawn.append(Drawn(path, f"Accuracy vs FGSM ε, {depth} conv layers "
-                                 "(bands: 95 % CI over seeds)"))
+        plot_robustness(summary, int(depth), order, data.eps, worst, eps_star, path)
+        drawn.append(Drawn(path, f"Accuracy vs ε, {depth} conv layers: our FGSM (lines)"
+                           + (", the worst case over every attack where attacks beyond FGSM "
+                              "ran (squares, dashed)" if worst else "")
+                           + " (bands and bars: 95 % CI over seeds)"))
     path = out_dir / "depth.png"
-    plot_depth(summary, order, cmp.eps, path)
-    drawn.append(Drawn(path, f"Accuracy vs number of conv layers, clean and at ε = {cmp.eps:g} "
-                             "(control and single defenses; crosses: the paper)"))
+    plot_depth(summary, order, eps_star, path)
+    drawn.append(Drawn(path, f"Accuracy vs number of conv layers, clean and under FGSM at "
+                             f"ε = {eps_star:g} (control and single defenses)"))
     if examples:
-        drawn.append(examples_figure(data, summary, cmp, out_dir, data_dir))
+        drawn.append(examples_figure(data, summary, eps_star, out_dir, data_dir))
     return drawn
 
 
-def examples_figure(data: StudyData, summary: pd.DataFrame, cmp: Comparison, out_dir: Path,
+def examples_figure(data: StudyData, summary: pd.DataFrame, eps_star: float, out_dir: Path,
                     data_dir: str | None) -> Drawn:
     """The examples grid, or the line saying why it is missing (no model logged, no MNIST)."""
-    models = example_models(data.scores, summary, cmp)
+    models = example_models(data.results, summary, eps_star)
     path = out_dir / "examples.png"
     try:
         if not models:
             raise ArtStudyError("no finished control run")
-        plot_examples(models, cmp.eps, data_dir, path)
+        plot_examples(models, eps_star, data_dir, path)
     except Exception as exc:  # an optional figure: say why it is missing, keep the report
         return Drawn(None, f"Example images skipped: {type(exc).__name__}: {exc}.")
     return Drawn(path, f"The first {N_EXAMPLES} test images, clean and after our FGSM at ε = "
-                       f"{cmp.eps:g} against each model (rows: " + "; ".join(
+                       f"{eps_star:g} against each model (rows: " + "; ".join(
                            m.label for m in models) + "); titles: the model's prediction, "
                        "green right, red wrong")
 
@@ -85,58 +81,68 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _curve(summary: pd.DataFrame, depth: int, seq: str, kind: Kind, eps: list[float]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """ε, mean and CI half-width of one sequence's accuracy under ``kind`` (clean at ε = 0
+    for our FGSM), at the ε where it was logged."""
+    points = [(0.0, lookup(summary, depth, seq, Kind.CLEAN))] if kind == Kind.FGSM else []
+    points += [(e, lookup(summary, depth, seq, kind, e)) for e in eps]
+    pts = [(x, r["mean"], r["half"]) for x, r in points if r is not None]
+    if not pts:
+        return None
+    return tuple(np.array(v, dtype=float) for v in zip(*pts, strict=True))
+
+
 def plot_robustness(summary: pd.DataFrame, depth: int, order: list[str], eps: list[float],
-                    eps_star: float, path: Path) -> None:
-    """Accuracy vs ε (clean at ε = 0), one line per sequence, 95 % CI bands with ≥ 2 seeds:
-    how fast each defense gives way as the budget grows."""
+                    worst_eps: list[float], eps_star: float, path: Path) -> None:
+    """Accuracy vs ε (clean at ε = 0), one colour per sequence: our FGSM as a line with 95 %
+    CI bands, the per-image worst case over every attack as squares on a dashed line at each ε
+    where attacks beyond FGSM ran: how fast each defense gives way, and how much of its FGSM
+    robustness is real."""
     fig = new_figure(8, 5)
     ax = fig.add_subplot()
-    xs = [0.0, *eps]
     for i, seq in enumerate(order):
-        rows = [lookup(summary, depth, seq, m) for m in metric_names(eps)]
-        pts = [(x, r["mean"], r["half"]) for x, r in zip(xs, rows, strict=True) if r is not None]
-        if not pts:
-            continue
-        x, mean, half = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
-        style = "--" if ">" in seq else "-"
-        (line,) = ax.plot(x, mean, style, marker="o", color=f"C{i % 10}", label=seq)
-        if np.isfinite(half).any():
-            half = np.nan_to_num(half)
-            ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+        colour = f"C{i % 10}"
+        fgsm = _curve(summary, depth, seq, Kind.FGSM, eps)
+        if fgsm is not None:
+            x, mean, half = fgsm
+            ax.plot(x, mean, "-", marker="o", color=colour, label=seq)
+            if np.isfinite(half).any():
+                half = np.nan_to_num(half)
+                ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.15)
+        worst = _curve(summary, depth, seq, Kind.WORST_CASE, worst_eps)
+        if worst is not None:
+            x, mean, half = worst
+            ax.errorbar(x, mean, yerr=np.nan_to_num(half), fmt="--s", color=colour, capsize=3,
+                        label=f"{seq}, worst case")
     ax.axvline(eps_star, color="grey", lw=0.8, ls=":")
-    ax.axhline(PAPER_CONTROL_FGSM, color="grey", lw=0.8, ls="-.", label="paper control 29.15 %")
-    ax.set(xlabel="FGSM ε (pixel scale [0, 1]; 0 = clean)", ylabel="accuracy %",
-           title=f"Robustness, {depth} conv layers (ours FGSM; dotted: comparison ε)",
-           ylim=(0, 101))
+    ax.set(xlabel="ε (pixel scale [0, 1]; 0 = clean)", ylabel="accuracy %",
+           title=f"Robustness, {depth} conv layers (lines: our FGSM; squares: worst case over "
+                 "attacks; dotted: reference ε)", ylim=(0, 101))
     ax.legend(fontsize=7, loc="lower left")
     fig.savefig(path)
 
 
 def plot_depth(summary: pd.DataFrame, order: list[str], eps_star: float, path: Path) -> None:
-    """Accuracy vs depth for the control and each single defense, clean and at the comparison ε,
-    with the paper's numbers as crosses: does depth buy robustness, as the paper says?"""
+    """Accuracy vs depth for the control and each single defense, clean and under FGSM at the
+    reference ε: does depth buy robustness?"""
     singles = [s for s in order if ">" not in s]
     depths = sorted(int(d) for d in summary["depth"].unique())
     fig = new_figure(10, 4.5)
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, metric, paper, title in (
-            (axes[0], "clean", PAPER_CLEAN, "clean"),
-            (axes[1], eps_key(eps_star), PAPER_FGSM, f"FGSM ε={eps_star:g}")):
+    for ax, (kind, eps), title in ((axes[0], (Kind.CLEAN, None), "clean"),
+                                   (axes[1], (Kind.FGSM, eps_star), f"FGSM ε={eps_star:g}")):
         for i, seq in enumerate(singles):
-            sel = summary[(summary["sequence"] == seq) & (summary["metric"] == metric)]
-            sel = sel.sort_values("depth")
+            sel = select(summary, kind, eps, sequence=seq).sort_values("depth")
             dodge = 0.06 * (i - (len(singles) - 1) / 2)  # keep error bars apart
             if not sel.empty:
                 ax.errorbar(sel["depth"].astype(float) + dodge, sel["mean"],
                             yerr=sel["half"].fillna(0), marker="o", capsize=3,
                             color=f"C{i % 10}", label=seq)
-            for d in depths:
-                if (seq, d) in paper:
-                    ax.plot(d + dodge, paper[(seq, d)], "x", ms=9, mew=2, color=f"C{i % 10}")
         ax.set(xlabel="conv layers", title=title, ylim=(0, 101),
                xlim=(depths[0] - 0.5, depths[-1] + 0.5))
         ax.set_xticks(depths)
-    axes[0].set_ylabel("accuracy % (mean ± 95 % CI; × = paper)")
+    axes[0].set_ylabel("accuracy % (mean ± 95 % CI)")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.savefig(path)
 
@@ -149,19 +155,21 @@ class ExampleModel:
     label: str
 
 
-def example_models(scores: pd.DataFrame, summary: pd.DataFrame, cmp: Comparison
+def example_models(results: pd.DataFrame, summary: pd.DataFrame, eps: float
                    ) -> list[ExampleModel]:
-    """The control and the most robust defended sequence at the base depth, same seed (so the
-    same test images)."""
-    depth = cmp.base_depth
-    if depth is None:
+    """The control and the defended sequence most robust to FGSM at ``eps``, at the smallest
+    depth with a control, same seed (so the same test images)."""
+    runs = results.drop_duplicates("run_id")
+    controls = runs[runs["sequence"] == CONTROL]
+    if controls.empty:
         return []
-    at_depth = scores[scores["depth"] == depth]
+    depth = int(controls["depth"].min())
+    at_depth = runs[runs["depth"] == depth]
     control = at_depth[at_depth["sequence"] == CONTROL].sort_values("seed")
-    metric = eps_key(cmp.eps)
-    ranked = (summary[(summary["depth"] == depth) & (summary["sequence"] != CONTROL)
-                      & (summary["metric"] == metric)].sort_values("mean", ascending=False))
+    ranked = select(summary, Kind.FGSM, eps, depth=depth).sort_values("mean", ascending=False)
     for seq in ranked["sequence"]:
+        if seq == CONTROL:
+            continue
         for _, c in control.iterrows():
             other = at_depth[(at_depth["sequence"] == seq) & (at_depth["seed"] == c["seed"])]
             if not other.empty:

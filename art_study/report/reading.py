@@ -1,26 +1,38 @@
-"""Reading a study back from MLflow: its parent run, plan, child runs and per-seed scores.
+"""Reading a study back from MLflow: its parent run, plan, child runs and their results.
 
-``mlflow.search_runs`` returns one pandas row per run (tags, status, every metric); the rest of
-the report works on those frames, gathered once into a :class:`StudyData`. Runs record which
-test image they got right in ``eval/correct.npz`` (``tracking.log_correctness``), so two models
-can be compared image by image (:func:`load_correctness`).
+``mlflow.search_runs`` returns one pandas row per run (tags, status, params, metrics). Each run's
+evaluation is its table (``eval/results.parquet``, :mod:`art_study.results`), read into one long
+frame for the study (:func:`study_results`); a run logged before the table existed gets its
+table rebuilt from its metrics. The per-image verdicts beside the table (``eval/verdicts.npz``,
+or ``eval/correct.npz`` before it) are read when a test needs them (:class:`Verdicts`).
+Everything is gathered once into a :class:`StudyData`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.exceptions import MlflowException
 
 from art_study.errors import ArtStudyError
-from art_study.evaluation import eps_key
+from art_study.results import (
+    LEGACY_VERDICTS_ARTIFACT,
+    RESULTS_ARTIFACT,
+    VERDICTS_ARTIFACT,
+    Kind,
+    legacy_key,
+    outcomes_from_metrics,
+    read_table,
+)
 from art_study.tracking import (
-    CORRECT_ARTIFACT,
     is_environment_tag,
     local_store_path,
     redact,
@@ -96,16 +108,97 @@ def load_plan(parent_run_id: str) -> pd.DataFrame | None:
     return plan[["sequence", "depth", "seed", "run_key"]].astype({"depth": int, "seed": int})
 
 
-def load_correctness(run_id: str) -> dict[str, np.ndarray] | None:
-    """The run's ``eval/correct.npz`` as arrays; None for runs recorded before it existed."""
+def _download(run_id: str, artifact: str, tmp: str) -> Path | None:
+    """A run's artifact, downloaded into ``tmp``; None where the run has none."""
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id,
-                                                       artifact_path=CORRECT_ARTIFACT, dst_path=tmp)
-            with np.load(path) as npz:
-                return {k: npz[k] for k in npz.files}
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
+                                                        dst_path=tmp))
     except (MlflowException, OSError):
         return None
+
+
+def configured_eps(run: pd.Series) -> list[float]:
+    """Every ε a run's config names (the sweep, each attack's, the diagnostics' ``destroy_eps``),
+    from its logged params: the ε of a run logged before the table, exactly as configured."""
+    found: list[float] = []
+
+    def param(name: str):
+        value = run.get(f"params.{name}")
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) \
+            else yaml.safe_load(str(value))
+
+    found += [float(e) for e in param("evaluation.eps") or []]
+    for attack in param("evaluation.attacks") or []:
+        found += [float(e) for e in (attack or {}).get("eps") or []]
+    destroy = param("evaluation.diagnostics.destroy_eps")
+    if isinstance(destroy, int | float):
+        found.append(float(destroy))
+    return sorted(set(found))
+
+
+def run_table(run: pd.Series) -> pd.DataFrame:
+    """One run's table: ``eval/results.parquet``, or for a run logged before it, the table
+    rebuilt from its metrics (``row`` -1: no verdicts by row)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _download(run["run_id"], RESULTS_ARTIFACT, tmp)
+        if path is not None:
+            return read_table(path).assign(source="table")
+    metrics = {c.removeprefix("metrics."): v for c, v in run.items()
+               if c.startswith("metrics.")}
+    return outcomes_from_metrics(metrics, configured_eps(run)).assign(source="metrics")
+
+
+RUN_COLUMNS = ["run_id", "sequence", "depth", "seed"]
+
+
+def study_results(finished: pd.DataFrame) -> pd.DataFrame:
+    """Every finished run's table in one long frame: the run (id, sequence, depth, seed) and
+    its rows (kind, attack, component, ε, images, accuracy, seconds, budget, row)."""
+    tables = [run_table(run).assign(**{c: run[c] for c in RUN_COLUMNS})
+              for _, run in finished.iterrows()]
+    if not tables:
+        return pd.DataFrame(columns=[*RUN_COLUMNS, "kind", "attack", "component", "eps",
+                                     "n_images", "accuracy", "seconds", "budget", "row"])
+    return pd.concat(tables, ignore_index=True)
+
+
+@dataclass
+class Verdicts:
+    """The per-image verdicts of a study's runs, read from each run's artifacts on first use:
+    ``eval/verdicts.npz`` by row of its table, else the legacy ``eval/correct.npz`` by name."""
+
+    results: pd.DataFrame
+    _cache: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict, repr=False)
+
+    def __call__(self, run_id: str, kind: Kind, eps: float) -> np.ndarray | None:
+        """Which images run ``run_id`` got right under ``kind`` (clean, fgsm, worst_case) at
+        ε; None where it logged no verdicts."""
+        rows = self.results[(self.results["run_id"] == run_id) & (self.results["kind"] == kind)
+                            & (self.results["component"] == "") & (self.results["eps"] == eps)]
+        if rows.empty:
+            return None
+        row = rows.iloc[0]
+        arrays = self._arrays(run_id, row["row"] >= 0)
+        if arrays is None:
+            return None
+        key = str(row["row"]) if row["row"] >= 0 else legacy_key(kind, kind, eps)
+        return arrays.get(key)
+
+    def _arrays(self, run_id: str, by_row: bool) -> dict[str, np.ndarray] | None:
+        if run_id not in self._cache:
+            self._cache[run_id] = load_npz(run_id, VERDICTS_ARTIFACT if by_row
+                                           else LEGACY_VERDICTS_ARTIFACT)
+        return self._cache[run_id]
+
+
+def load_npz(run_id: str, artifact: str) -> dict[str, np.ndarray] | None:
+    """A run's ``.npz`` artifact as arrays; None where it has none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _download(run_id, artifact, tmp)
+        if path is None:
+            return None
+        with np.load(path) as npz:
+            return {k: npz[k] for k in npz.files}
 
 
 #: Tags of a run that say what it is (``runs.csv``): its place in the plan and its verdict.
@@ -163,54 +256,36 @@ def run_status(plan: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
-def eps_values(runs: pd.DataFrame) -> list[float]:
-    """The ε sweep, read from the metric names the runs logged (ours: ``fgsm_custom``)."""
-    prefix = "metrics.fgsm_custom/accuracy_eps_"
-    return sorted(float(c[len(prefix):]) for c in runs.columns if c.startswith(prefix))
-
-
-def metric_names(eps: list[float]) -> list[str]:
-    """Column names of the score table: ``clean`` and ``eps_<ε>`` (as in the metric names)."""
-    return ["clean", *(eps_key(e) for e in eps)]
-
-
-def seed_scores(finished: pd.DataFrame, eps: list[float]) -> pd.DataFrame:
-    """One row per finished run: accuracies in % (clean, ours-FGSM per ε, the worst case over
-    attacks per ε as ``robust_eps_<ε>`` where logged) and cross-checks."""
-    out = finished[["run_id", "sequence", "depth", "seed"]].copy()
-    out["clean"] = finished["metrics.clean/accuracy"] * 100
-    for e in eps:
-        out[eps_key(e)] = finished[f"metrics.fgsm_custom/accuracy_{eps_key(e)}"] * 100
-        worst = f"metrics.robust/accuracy_{eps_key(e)}"
-        if worst in finished:  # the per-image worst case over attacks, where runs logged it
-            out[f"robust_{eps_key(e)}"] = finished[worst] * 100
-    for col, metric in (("xcheck", "xcheck/max_abs_diff"),
-                        ("repeat", "xcheck/repeat_max_abs_diff")):
-        out[col] = finished.get(f"metrics.{metric}", np.nan)
-    out["fingerprint"] = finished.get("tags.data.fingerprint")
-    return out.reset_index(drop=True)
+def sweep_eps(results: pd.DataFrame) -> list[float]:
+    """The ε of our FGSM sweep, as the runs' tables hold them."""
+    return sorted(float(e) for e in results.loc[results["kind"] == Kind.FGSM, "eps"].unique())
 
 
 @dataclass
 class StudyData:
-    """Everything the report reads from MLflow, gathered once."""
+    """Everything the report reads from MLflow, gathered once: the plan's runs and their status,
+    the finished runs (tags, params, metrics), their results in one long frame, and the ε of
+    the FGSM sweep."""
 
     parent: mlflow.entities.Run
     name: str
     status: pd.DataFrame
-    scores: pd.DataFrame
+    finished: pd.DataFrame
+    results: pd.DataFrame
     eps: list[float]
-    finished: pd.DataFrame | None = None  # the finished child runs, every metric and tag
+    verdicts: Verdicts | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdicts is None:
+            self.verdicts = Verdicts(self.results)
 
 
 def gather(parent: mlflow.entities.Run) -> StudyData:
-    """The study's plan, child runs and per-seed scores."""
+    """The study's plan, child runs and their results."""
     runs = study_runs(parent.info.run_id)
     status = run_status(load_plan(parent.info.run_id), runs)
     finished_ids = status.loc[status["status"] == "FINISHED", "run_id"]
     finished = runs[runs["run_id"].isin(finished_ids)] if not runs.empty else runs
-    eps = eps_values(finished) if not finished.empty else []
-    scores = (seed_scores(finished, eps) if not finished.empty
-              else pd.DataFrame(columns=["run_id", "sequence", "depth", "seed"]))
+    results = study_results(finished)
     name = parent.data.tags.get("study") or parent.info.run_name
-    return StudyData(parent, name, status, scores, eps, finished)
+    return StudyData(parent, name, status, finished, results, sweep_eps(results))

@@ -31,13 +31,12 @@ def ci95_half_width(values: pd.Series) -> float:
     return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
-def summarise_seeds(scores: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Mean, 95 % CI half-width and seed count per (depth, sequence, column) of a score table
-    with one row per (depth, sequence, seed), in long format (a ``metric`` column)."""
-    long = scores.melt(id_vars=["depth", "sequence", "seed"], value_vars=columns,
-                       var_name="metric", value_name="acc").dropna(subset=["acc"])
-    return (long.groupby(["depth", "sequence", "metric"], sort=False)["acc"]
-                .agg(mean="mean", half=ci95_half_width, n="count").reset_index())
+def summarise_seeds(scores: pd.DataFrame, by: list[str], value: str = "acc") -> pd.DataFrame:
+    """Mean, 95 % CI half-width and seed count of ``value`` per group of ``by`` in a long table
+    with one row per run and measurement (a run that logged no value is not counted; a NaN key,
+    such as the ε of clean accuracy, is a group of its own)."""
+    return (scores.dropna(subset=[value]).groupby(by, sort=False, dropna=False)[value]
+                  .agg(mean="mean", half=ci95_half_width, n="count").reset_index())
 
 
 def paired_t(a: Sequence[float], b: Sequence[float]) -> float | None:

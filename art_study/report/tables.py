@@ -1,21 +1,20 @@
 """The report's tables: formatted cells (mean ± 95 % CI over seeds), one function per table.
 
-Each table is a pandas frame of strings, columns as they should read; ``document.py`` places it.
-Also here: the paper's numbers and the ε at which ours are compared with them (the paper never
-states its ε: the control pins it down, :func:`choose_comparison_eps`).
+Every table is made from the study's long results frame (:func:`art_study.report.reading.
+study_results`: one row per run, kind, attack, component and ε) and its summary over seeds
+(:func:`summarise`), selecting rows by those fields. Each table is a pandas frame of strings,
+columns as they should read; ``document.py`` places it.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import re
-from dataclasses import dataclass
+from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 
-from art_study.evaluation import eps_key
-from art_study.report.reading import StudyData, metric_names
 from art_study.report.statistics import (
     SeedDiscordance,
     ci95_half_width,
@@ -24,40 +23,46 @@ from art_study.report.statistics import (
     paired_t,
     summarise_seeds,
 )
+from art_study.results import Kind
 
 CONTROL = "none"  # the sequence of the undefended model
+KEYS = ["depth", "sequence", "kind", "attack", "component", "eps"]
 
-# -- the paper's numbers ---------------------------------------------------------------------------
-# Kim (2025), section 4: FGSM accuracy (%) per (sequence, depth); the paper gives no ε. The
-# combination "Gradient Masking and Adversarial Training" has no stated order: both orders match.
-PAPER_FGSM: dict[tuple[str, int], float] = {
-    (CONTROL, 2): 29.15,
-    ("adversarial_training", 2): 88.5,
-    ("adversarial_training", 5): 97.9,
-    ("distillation", 2): 33.12,
-    ("gradient_masking", 2): 47.52,
-    ("adversarial_training>gradient_masking", 2): 85.56,
-    ("gradient_masking>adversarial_training", 2): 85.56,
-}
-PAPER_CLEAN: dict[tuple[str, int], float] = {(CONTROL, 2): 99.5}
-PAPER_CONTROL_FGSM = PAPER_FGSM[(CONTROL, 2)]
+#: ``(run_id, kind, ε) → which images it got right``, or None where none were logged
+VerdictOf = Callable[[str, Kind, float], np.ndarray | None]
 
 
 # -- the per-cell summary and its formatting ------------------------------------------------------
-def summarise(scores: pd.DataFrame, eps: list[float]) -> pd.DataFrame:
-    """Mean, 95 % CI half-width and seed count per (depth, sequence, metric), long format."""
-    return summarise_seeds(scores, metric_names(eps))
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy in %: mean, 95 % CI half-width and seed count per (depth, sequence, kind,
+    attack, component, ε), long format."""
+    return summarise_seeds(results.assign(acc=results["accuracy"] * 100), KEYS)
 
 
-def lookup(summary: pd.DataFrame, depth: int, sequence: str, metric: str) -> pd.Series | None:
-    """The summary row of one cell, or None when no run of it finished."""
-    hit = summary[(summary["depth"] == depth) & (summary["sequence"] == sequence)
-                  & (summary["metric"] == metric)]
+def select(frame: pd.DataFrame, kind: Kind, eps: float | None = None, attack: str | None = None,
+           component: str = "", **where) -> pd.DataFrame:
+    """The rows of ``frame`` (results or summary) of one kind (and ε, attack, component, and
+    any other column's value given as a keyword)."""
+    mask = (frame["kind"] == kind) & (frame["component"] == component)
+    if eps is not None:
+        mask &= frame["eps"] == eps
+    if attack is not None:
+        mask &= frame["attack"] == attack
+    for column, value in where.items():
+        mask &= frame[column] == value
+    return frame[mask]
+
+
+def lookup(summary: pd.DataFrame, depth: int, sequence: str, kind: Kind,
+           eps: float | None = None, **more) -> pd.Series | None:
+    """The summary row of one cell, or None when no run of it logged the value."""
+    hit = select(summary, kind, eps, depth=depth, sequence=sequence, **more)
     return None if hit.empty else hit.iloc[0]
 
 
 def _ci_row(values: pd.Series) -> pd.Series | None:
     """A summary row (mean, 95 % CI half-width, n) of per-seed values; None when there are none."""
+    values = values.dropna()
     if values.empty:
         return None
     return pd.Series({"mean": values.mean(), "half": ci95_half_width(values), "n": len(values)})
@@ -88,73 +93,50 @@ def sequence_order(status: pd.DataFrame) -> list[str]:
     return sorted(seqs, key=lambda s: s != CONTROL)
 
 
-def paper_value(table: dict[tuple[str, int], float], sequence: str, depth: int) -> str:
-    """The paper's number for this sequence and depth, or blank where it has none."""
-    value = table.get((sequence, depth))
-    return "" if value is None else f"{value:g}"
+def shown(sequence: str) -> str:
+    """A sequence as a table shows it, the control marked."""
+    return sequence + (" (control)" if sequence == CONTROL else "")
 
 
-# -- the comparison ε ---------------------------------------------------------------------------
-@dataclass
-class Comparison:
-    """The ε at which our numbers are compared with the paper's, and why."""
-
-    eps: float
-    base_depth: int | None
-    sweep: pd.DataFrame
-    reason: str
+def reference_eps(eps: list[float]) -> float:
+    """The ε the headline falls back to and the plots compare depths at: the sweep's largest,
+    unless an optional section (the paper comparison) sets another."""
+    return eps[-1]
 
 
-def choose_comparison_eps(summary: pd.DataFrame, eps: list[float]) -> Comparison:
-    """The ε where the control's mean FGSM accuracy (at the smallest depth with a control) is
-    closest to the paper's 29.15 %: the paper does not state its ε, the control pins it down."""
-    controls = summary[(summary["sequence"] == CONTROL) & (summary["metric"] != "clean")]
-    if controls.empty:
-        reason = (f"No control run finished, so ε cannot be matched to the paper's control "
-                  f"({PAPER_CONTROL_FGSM} %); the largest ε of the sweep, {eps[-1]:g}, is used.")
-        return Comparison(eps[-1], None, pd.DataFrame(), reason)
-    base = int(controls["depth"].min())
-    rows = []
-    for e in eps:
-        row = lookup(summary, base, CONTROL, eps_key(e))
-        if row is not None:
-            rows.append({"ε": f"{e:g}", "control FGSM accuracy %": fmt_ci(row),
-                         "|Δ| to paper (pp)": abs(row["mean"] - PAPER_CONTROL_FGSM),
-                         "_eps": e})
-    sweep = pd.DataFrame(rows)
-    best = sweep.loc[sweep["|Δ| to paper (pp)"].idxmin()]
-    n = int(lookup(summary, base, CONTROL, eps_key(best["_eps"]))["n"])
-    reason = (f"The paper reports FGSM accuracies but never its ε. We compare at ε = "
-              f"{best['_eps']:g}: there the control (no defense, {base} conv, mean over {n} "
-              f"seed{'s' if n > 1 else ''}) has {best['control FGSM accuracy %']} % FGSM "
-              f"accuracy, closest to the paper's {PAPER_CONTROL_FGSM} % among the sweep "
-              f"(|Δ| = {best['|Δ| to paper (pp)']:.2f} pp). Every ε of the sweep is in the "
-              f"tables; the full control sweep:")
-    sweep["|Δ| to paper (pp)"] = sweep["|Δ| to paper (pp)"].map(lambda d: f"{d:.2f}")
-    return Comparison(float(best["_eps"]), base, sweep.drop(columns="_eps"), reason)
+def attacked_eps(results: pd.DataFrame) -> list[float]:
+    """The ε at which a run logged the worst case *and* one of the config's attacks (PGD,
+    APGD, Square, AutoAttack, ...) ran. Where only FGSM and transfer FGSM ran, the "worst case"
+    is a single-step attack again, and a column of it beside a real worst case reads as if
+    robustness came back at a larger ε."""
+    ran = set(select(results, Kind.ATTACK).dropna(subset=["accuracy"])["eps"])
+    worst = set(select(results, Kind.WORST_CASE).dropna(subset=["accuracy"])["eps"])
+    return sorted(float(e) for e in ran & worst)
 
 
 # -- the results tables ---------------------------------------------------------------------------
-def results_table(summary: pd.DataFrame, scores: pd.DataFrame, status: pd.DataFrame,
+def run_metric(finished: pd.DataFrame, metric: str) -> pd.Series:
+    """One figure per finished run that is not an accuracy (the FGSM cross-checks)."""
+    return finished.get(f"metrics.{metric}", pd.Series(np.nan, index=finished.index))
+
+
+def results_table(summary: pd.DataFrame, finished: pd.DataFrame, status: pd.DataFrame,
                   depth: int, eps: list[float], eps_star: float) -> pd.DataFrame:
-    """One row per sequence expected at ``depth``: accuracies (mean ± CI) per ε, seeds, the
-    paper's numbers at the comparison ε, and the cross-checks of our FGSM."""
+    """One row per sequence expected at ``depth``: accuracies (mean ± CI) per ε, seeds, and
+    the cross-checks of our FGSM; ★ marks the reference ε."""
     rows = []
     expected = status[status["depth"] == depth]
     for seq in sequence_order(expected):
-        runs = scores[(scores["depth"] == depth) & (scores["sequence"] == seq)]
-        row = {"sequence": seq + (" (control)" if seq == CONTROL else ""),
+        runs = finished[(finished["depth"] == depth) & (finished["sequence"] == seq)]
+        row = {"sequence": shown(seq),
                "seeds": f"{len(runs)}/{(expected['sequence'] == seq).sum()}",
-               "clean %": fmt_ci(lookup(summary, depth, seq, "clean"))}
+               "clean %": fmt_ci(lookup(summary, depth, seq, Kind.CLEAN))}
         for e in eps:
             mark = " ★" if e == eps_star else ""
-            row[f"FGSM ε={e:g} %{mark}"] = fmt_ci(lookup(summary, depth, seq, eps_key(e)))
-        row[f"paper FGSM % (at ε={eps_star:g})"] = paper_value(PAPER_FGSM, seq, depth)
-        row["paper clean %"] = paper_value(PAPER_CLEAN, seq, depth)
-        row["ours vs ART max|Δ|"] = fmt_diff(runs["xcheck"].max())
-        repeat = runs["repeat"].max()
-        row["repeat max|Δ|"] = fmt_diff(repeat) + (
-            " randomised gradients" if repeat > 0 else "")
+            row[f"FGSM ε={e:g} %{mark}"] = fmt_ci(lookup(summary, depth, seq, Kind.FGSM, e))
+        row["ours vs ART max|Δ|"] = fmt_diff(run_metric(runs, "xcheck/max_abs_diff").max())
+        repeat = run_metric(runs, "xcheck/repeat_max_abs_diff").max()
+        row["repeat max|Δ|"] = fmt_diff(repeat) + (" randomised gradients" if repeat > 0 else "")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -171,140 +153,123 @@ def missing_table(status: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- the headline: robust accuracy, the per-image worst case over attacks --------------------
-ROBUST_METRIC = re.compile(r"^metrics\.robust/accuracy_eps_([^/]+)$")
-ATTACK_METRIC = re.compile(r"^metrics\.(attack|transfer)/([^/]+)/accuracy_eps_([^/]+)$")
-
-
-def robust_columns(finished: pd.DataFrame) -> dict[str, str]:
-    """ε as written in the metric name → its worst-case column, for the ε at which a run logged
-    the worst case *and* one of the config's attacks (``attack/…``: PGD, APGD, Square, ...) ran.
-    Where only FGSM and transfer FGSM ran, the "worst case" is a single-step attack again, and a
-    column of it beside a real worst case reads as if robustness came back at a larger ε."""
-    attacked = {m.group(3) for c in finished.columns
-                if (m := ATTACK_METRIC.match(c)) and m.group(1) == "attack"
-                and finished[c].notna().any()}
-    found = {m.group(1): c for c in finished.columns
-             if (m := ROBUST_METRIC.match(c)) and finished[c].notna().any()
-             and m.group(1) in attacked}
-    return dict(sorted(found.items(), key=lambda kv: float(kv[0])))
-
-
-def _pct(group: pd.DataFrame, column: str) -> pd.Series:
-    return (group[column] if column in group else pd.Series(dtype=float)).dropna() * 100
-
-
-def headline_table(data: StudyData, eps_star: float) -> tuple[pd.DataFrame, bool]:
+def headline_table(results: pd.DataFrame, status: pd.DataFrame, eps_star: float
+                   ) -> tuple[pd.DataFrame, bool]:
     """Clean and robust accuracy per depth and sequence (mean ± 95 % CI over seeds), and
     whether robust means the worst case over attacks (else: FGSM at ``eps_star``)."""
-    finished = data.finished if data.finished is not None else pd.DataFrame()
-    robust = robust_columns(finished) if not finished.empty else {}
+    robust = attacked_eps(results)
     rows = []
-    for depth in sorted(data.status["depth"].unique()):
-        for seq in sequence_order(data.status[data.status["depth"] == depth]):
-            group = finished[(finished["depth"] == depth) & (finished["sequence"] == seq)]
+    for depth in sorted(status["depth"].unique()):
+        for seq in sequence_order(status[status["depth"] == depth]):
+            group = results[(results["depth"] == depth) & (results["sequence"] == seq)]
             if group.empty:
                 continue
-            row = {"depth": int(depth), "sequence": seq + (" (control)" if seq == CONTROL else ""),
-                   "seeds": str(len(group)),
-                   "clean %": fmt_ci(_ci_row(_pct(group, "metrics.clean/accuracy")))}
-            for eps, column in robust.items():
-                values = _pct(group, column)
-                if values.empty:  # runs evaluated before the worst case was logged
-                    fgsm = _pct(group, f"metrics.fgsm_custom/accuracy_eps_{eps}")
-                    cell = "—" if fgsm.empty else f"{fmt_ci(_ci_row(fgsm))} (FGSM only)"
+            row = {"depth": int(depth), "sequence": shown(seq),
+                   "seeds": str(group["run_id"].nunique()),
+                   "clean %": fmt_ci(_pct(group, Kind.CLEAN))}
+            for eps in robust:
+                worst = _pct(group, Kind.WORST_CASE, eps)
+                if worst is None:  # runs evaluated before the worst case was logged
+                    fgsm = _pct(group, Kind.FGSM, eps)
+                    cell = "—" if fgsm is None else f"{fmt_ci(fgsm)} (FGSM only)"
                 else:
-                    cell = fmt_ci(_ci_row(values))
-                row[f"worst case ε={float(eps):g} %"] = cell
-            fgsm_eps = list(robust)[-1] if robust else eps_key(eps_star).removeprefix("eps_")
-            row[f"FGSM ε={float(fgsm_eps):g} %"] = fmt_ci(_ci_row(
-                _pct(group, f"metrics.fgsm_custom/accuracy_eps_{fgsm_eps}")))
+                    cell = fmt_ci(worst)
+                row[f"worst case ε={eps:g} %"] = cell
+            fgsm_eps = robust[-1] if robust else eps_star
+            row[f"FGSM ε={fgsm_eps:g} %"] = fmt_ci(_pct(group, Kind.FGSM, fgsm_eps))
             rows.append(row)
     return pd.DataFrame(rows), bool(robust)
 
 
+def _pct(group: pd.DataFrame, kind: Kind, eps: float | None = None, **more) -> pd.Series | None:
+    """The per-seed accuracies (%) of one measurement in ``group``, summarised."""
+    return _ci_row(select(group, kind, eps, **more)["accuracy"] * 100)
+
+
 # -- beyond FGSM: stronger attacks, their components and cost, the masking verdict -------------
-# A component of an ensemble attack (AutoAttack): the robust accuracy left after it and every
-# component before it, e.g. ``attack/autoattack-standard/apgd-t/accuracy_eps_0.3``.
-COMPONENT_METRIC = re.compile(r"^metrics\.attack/([^/]+)/([^/]+)/accuracy_eps_([^/]+)$")
 # AutoAttack's standard order; components not listed follow alphabetically.
 COMPONENT_ORDER = ("apgd-ce", "apgd-t", "apgd-dlr", "fab", "fab-t", "square")
 
 
-def _component_columns(runs: pd.DataFrame) -> dict[tuple[str, float], list[tuple[str, str]]]:
-    """(ensemble attack, ε) → its components' (name, column), in the order they run."""
-    found: dict[tuple[str, float], list[tuple[str, str]]] = {}
-    for c in runs.columns:
-        m = COMPONENT_METRIC.match(c)
-        if m and runs[c].notna().any():
-            found.setdefault((m.group(1), float(m.group(3))), []).append((m.group(2), c))
+def components(rows: pd.DataFrame) -> dict[tuple[str, float], list[str]]:
+    """(ensemble attack, ε) → its components, in the order they run."""
+    found: dict[tuple[str, float], list[str]] = {}
+    parts = rows[(rows["kind"] == Kind.ATTACK) & (rows["component"] != "")]
+    for (attack, eps), group in parts.groupby(["attack", "eps"], sort=False):
+        found[(attack, float(eps))] = list(dict.fromkeys(group["component"]))
     rank = {name: i for i, name in enumerate(COMPONENT_ORDER)}
-    return {k: sorted(v, key=lambda nc: (rank.get(nc[0], len(rank)), nc[0]))
-            for k, v in found.items()}
+    return {k: sorted(v, key=lambda c: (rank.get(c, len(rank)), c)) for k, v in found.items()}
 
 
-def attack_table(finished: pd.DataFrame, depth: int, order: list[str]) -> pd.DataFrame | None:
+def masking_verdict(group: pd.DataFrame) -> str | None:
+    """Seeds flagged for gradient masking / seeds, with the checks that failed; None where the
+    runs were not checked."""
+    verdict_col = "tags.gradient_masking_suspected"
+    if verdict_col not in group:
+        return None
+    flags = group[verdict_col].dropna()
+    reasons = group.get("tags.gradient_masking_reasons", pd.Series(dtype=str)).dropna()
+    failed = sorted({part.partition(":")[0].strip() for text in reasons
+                     for part in text.split("; ") if ":" in part
+                     and part.partition(":")[0].strip().isidentifier()})
+    return (f"{int((flags == 'true').sum())}/{len(flags)}"
+            + (f" ({', '.join(failed)})" if failed else ""))
+
+
+def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, order: list[str]
+                 ) -> pd.DataFrame | None:
     """Accuracy (mean ± 95 % CI over seeds) under each stronger attack and the transfer attack,
     an ensemble attack's (AutoAttack's) robust accuracy after each of its components, and the
     gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
+    at = results[results["depth"] == depth]
+    attacked = at[at["kind"].isin([Kind.ATTACK, Kind.TRANSFER]) & (at["component"] == "")]
+    attacked = attacked.dropna(subset=["accuracy"])
+    columns = sorted({(k, a, float(e)) for k, a, e in zip(
+        attacked["kind"], attacked["attack"], attacked["eps"], strict=True)},
+        key=lambda c: (c[0] == Kind.TRANSFER, c[1], c[2]))
+    parts = components(at)
     runs = finished[finished["depth"] == depth]
-    cols = sorted((c for c in runs.columns if ATTACK_METRIC.match(c) and runs[c].notna().any()),
-                  key=lambda c: (ATTACK_METRIC.match(c).group(1) == "transfer",
-                                 ATTACK_METRIC.match(c).group(2),
-                                 float(ATTACK_METRIC.match(c).group(3))))
-    components = _component_columns(runs)
-    verdict_col = "tags.gradient_masking_suspected"
-    if not cols and verdict_col not in runs:
+    if not columns and "tags.gradient_masking_suspected" not in runs:
         return None
     rows = []
     for seq in order:
-        group = runs[runs["sequence"] == seq]
-        if group.empty:
+        group, checked = at[at["sequence"] == seq], runs[runs["sequence"] == seq]
+        if group.empty and checked.empty:
             continue
-        row = {"sequence": seq + (" (control)" if seq == CONTROL else "")}
-        for c in cols:
-            kind, name, eps = ATTACK_METRIC.match(c).groups()
-            label = f"{'transfer ' if kind == 'transfer' else ''}{name} ε {float(eps):g}"
-            row[label] = fmt_ci(_ci_row(group[c].dropna() * 100))
-            parts = components.get((name, float(eps))) if kind == "attack" else None
-            if parts:
-                steps = " → ".join(part for part, _ in parts)
-                row[f"{name} ε {float(eps):g} after {steps}"] = " → ".join(
-                    "—" if group[col].dropna().empty else f"{group[col].dropna().mean() * 100:.2f}"
-                    for _, col in parts)
-        if verdict_col in group:
-            flags = group[verdict_col].dropna()
-            failed = sorted({name for reasons in group.get(
-                "tags.gradient_masking_reasons", pd.Series(dtype=str)).dropna()
-                for name in re.findall(r"(?:^|; )([a-z_]+):", reasons)})
-            row["masking suspected"] = (f"{int((flags == 'true').sum())}/{len(flags)}"
-                                        + (f" ({', '.join(failed)})" if failed else ""))
+        row = {"sequence": shown(seq)}
+        for kind, name, eps in columns:
+            label = f"{'transfer ' if kind == Kind.TRANSFER else ''}{name} ε {eps:g}"
+            row[label] = fmt_ci(_pct(group, kind, eps, attack=name))
+            steps = parts.get((name, eps)) if kind == Kind.ATTACK else None
+            if steps:
+                row[f"{name} ε {eps:g} after {' → '.join(steps)}"] = " → ".join(
+                    "—" if (cell := _pct(group, kind, eps, attack=name, component=c)) is None
+                    else f"{cell['mean']:.2f}" for c in steps)
+        verdict = masking_verdict(checked)
+        if verdict is not None:
+            row["masking suspected"] = verdict
         rows.append(row)
     return pd.DataFrame(rows) if rows else None
 
 
-ATTACK_TIME = re.compile(r"^metrics\.(attack|transfer|diag)/([^/]+)/time_s$")
-
-
-def attack_cost_table(finished: pd.DataFrame) -> pd.DataFrame | None:
-    """Each attack's budget (images, iterations, restarts, queries: the metrics logged beside
-    its accuracies) and its wall time per model, median and range over the finished runs."""
+def attack_cost_table(results: pd.DataFrame) -> pd.DataFrame | None:
+    """Each attack's budget (images, iterations, restarts, queries: what it was given) and its
+    wall time per model, median and range over the finished runs."""
+    named = results[results["kind"].isin([Kind.ATTACK, Kind.TRANSFER, Kind.DIAG])
+                    & (results["component"] == "")]
+    per_run = named.drop_duplicates(["run_id", "kind", "attack"])
     rows = []
-    for col in sorted(c for c in finished.columns if ATTACK_TIME.match(c)):
-        kind, name = ATTACK_TIME.match(col).groups()
-        seconds = finished[col].dropna()
+    for (kind, name), group in sorted(per_run.groupby(["kind", "attack"]), key=lambda g: g[0]):
+        seconds = group["seconds"].dropna()
         if seconds.empty:
             continue
-        prefix = f"metrics.{kind}/{name}/"
-        budget = {c[len(prefix):]: finished[c].dropna() for c in finished.columns
-                  if c.startswith(prefix) and c != col and "/" not in c[len(prefix):]
-                  and not c[len(prefix):].startswith("accuracy")
-                  and not c.endswith("time_s")}
-        images = budget.pop("n_images", pd.Series(dtype=float))
+        budget = pd.DataFrame(list(group["budget"]), index=group.index)
+        budget = budget[[c for c in budget if not c.endswith("time_s")]]
         rows.append({
             "attack": f"{kind} {name}",
-            "images": _range_text(images, "{:.0f}"),
-            "budget": ", ".join(f"{k} {_range_text(v, '{:g}')}" for k, v in sorted(budget.items())
-                                if not v.empty) or "—",
+            "images": _range_text(group["n_images"].dropna(), "{:.0f}"),
+            "budget": ", ".join(f"{k} {_range_text(budget[k].dropna(), '{:g}')}"
+                                for k in sorted(budget) if budget[k].notna().any()) or "—",
             "wall s per model: median (min–max)":
                 f"{seconds.median():.1f} ({seconds.min():.1f}–{seconds.max():.1f})",
             "models": len(seconds),
@@ -321,13 +286,13 @@ def _range_text(values: pd.Series, fmt: str) -> str:
 
 
 # -- significance -------------------------------------------------------------------------------
-def comparison_pairs(scores: pd.DataFrame, status: pd.DataFrame) -> tuple[list, list]:
+def comparison_pairs(results: pd.DataFrame, status: pd.DataFrame) -> tuple[list, list]:
     """(depth, defense, control) pairs and (depth, defense, defense) pairs, for the depths where
     runs finished."""
     vs_control, between = [], []
-    for depth in sorted(scores["depth"].unique()):
+    for depth in sorted(results["depth"].unique()):
         seqs = [s for s in sequence_order(status[status["depth"] == depth])
-                if ((scores["depth"] == depth) & (scores["sequence"] == s)).any()]
+                if ((results["depth"] == depth) & (results["sequence"] == s)).any()]
         defenses = [s for s in seqs if s != CONTROL]
         if CONTROL in seqs:
             vs_control += [(int(depth), d, CONTROL) for d in defenses]
@@ -337,16 +302,17 @@ def comparison_pairs(scores: pd.DataFrame, status: pd.DataFrame) -> tuple[list, 
 
 def seed_matched(scores: pd.DataFrame, depth: int, a: str, b: str
                  ) -> list[tuple[pd.Series, pd.Series]]:
-    """The finished runs of A and B at ``depth`` paired by seed (same seed, same test images)."""
+    """The runs of A and B at ``depth`` paired by seed (same seed, same test images): rows of
+    ``scores`` (run_id, sequence, depth, seed, acc, fingerprint)."""
     at = scores[scores["depth"] == depth]
-    ra = at[at["sequence"] == a].set_index("seed")
-    rb = at[at["sequence"] == b].set_index("seed")
+    ra = at[at["sequence"] == a].drop_duplicates("seed").set_index("seed")
+    rb = at[at["sequence"] == b].drop_duplicates("seed").set_index("seed")
     return [(ra.loc[s], rb.loc[s]) for s in sorted(set(ra.index) & set(rb.index))]
 
 
-def paired_t_cell(pairs: list[tuple[pd.Series, pd.Series]], metric: str) -> str:
+def paired_t_cell(pairs: list[tuple[pd.Series, pd.Series]]) -> str:
     """The paired t-test over seeds of A's and B's accuracy: its p, or why there is none."""
-    p = paired_t([ra[metric] for ra, _ in pairs], [rb[metric] for _, rb in pairs])
+    p = paired_t([ra["acc"] for ra, _ in pairs], [rb["acc"] for _, rb in pairs])
     if p is not None:
         return fmt_p(p)
     if len(pairs) < 2:
@@ -354,46 +320,51 @@ def paired_t_cell(pairs: list[tuple[pd.Series, pd.Series]], metric: str) -> str:
     return "n/a (same difference every seed)"
 
 
-def seed_discordance(pairs: list[tuple[pd.Series, pd.Series]], correct: dict[str, dict | None],
-                     key: str) -> list[SeedDiscordance]:
-    """Per seed-matched pair of runs with per-example data on the same images: which images
+def seed_discordance(pairs: list[tuple[pd.Series, pd.Series]], verdict_of: VerdictOf,
+                     kind: Kind, eps: float) -> list[SeedDiscordance]:
+    """Per seed-matched pair of runs with per-image verdicts on the same images: which images
     only A gets right and which only B does."""
     out = []
     for ra, rb in pairs:
-        ca, cb = correct.get(ra["run_id"]) or {}, correct.get(rb["run_id"]) or {}
-        if key not in ca or key not in cb or ca[key].shape != cb[key].shape:
+        ca, cb = verdict_of(ra["run_id"], kind, eps), verdict_of(rb["run_id"], kind, eps)
+        if ca is None or cb is None or ca.shape != cb.shape:
             continue
         if isinstance(ra["fingerprint"], str) and ra["fingerprint"] != rb["fingerprint"]:
             continue  # not the same test images
-        out.append(SeedDiscordance(int(ra.name), ca[key] & ~cb[key], ~ca[key] & cb[key]))
+        out.append(SeedDiscordance(int(ra.name), ca & ~cb, ~ca & cb))
     return out
 
 
-def significance_table(scores: pd.DataFrame, summary: pd.DataFrame,
-                       correct: dict[str, dict | None], pairs: list[tuple[int, str, str]],
-                       eps_star: float, measure: str = "fgsm") -> pd.DataFrame:
-    """Both tests for each (depth, A, B) at the comparison ε, one row per pair: McNemar per
-    seed, and over seeds with images as the unit (:func:`clustered_mcnemar`), never pooled.
+def scores_of(results: pd.DataFrame, kind: Kind, eps: float,
+              fingerprints: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per run: its accuracy in % under ``kind`` at ε, and its test images'
+    fingerprint (None where unknown)."""
+    rows = select(results, kind, eps).dropna(subset=["accuracy"])
+    return rows.assign(acc=rows["accuracy"] * 100,
+                       fingerprint=rows["run_id"].map(fingerprints or {}))
 
-    ``measure``: ``fgsm`` (our FGSM, the paper's measure) or ``robust`` (the per-image worst
-    case over every attack, ``robust_eps_<ε>`` in ``scores`` and in each run's per-image
-    verdicts): the accuracy a defense should be judged by where stronger attacks ran."""
-    if measure not in ("fgsm", "robust"):
-        raise ValueError(f"measure must be fgsm or robust, got {measure!r}")
-    metric = eps_key(eps_star) if measure == "fgsm" else f"robust_{eps_key(eps_star)}"
-    key = f"{measure}_{eps_key(eps_star)}"
-    if measure == "robust":
-        summary = summarise_seeds(scores, [metric])
+
+def significance_table(results: pd.DataFrame, verdict_of: VerdictOf,
+                       pairs: list[tuple[int, str, str]], eps: float, kind: Kind = Kind.FGSM,
+                       fingerprints: dict[str, str] | None = None) -> pd.DataFrame:
+    """Both tests for each (depth, A, B) at ε, one row per pair: the paired t-test over seeds,
+    McNemar per seed, and over seeds with images as the unit (:func:`clustered_mcnemar`),
+    never pooled.
+
+    ``kind``: ``fgsm`` (our FGSM) or ``worst_case`` (the per-image worst case over every
+    attack): the accuracy a defense should be judged by where stronger attacks ran."""
+    if kind not in (Kind.FGSM, Kind.WORST_CASE):
+        raise ValueError(f"significance is tested on fgsm or worst_case, got {kind!r}")
+    scores = scores_of(results, kind, eps, fingerprints)
     rows = []
     for depth, a, b in pairs:
-        ma, mb = lookup(summary, depth, a, metric), lookup(summary, depth, b, metric)
-        pairs_ab = seed_matched(scores, depth, a, b)
-        per_seed = seed_discordance(pairs_ab, correct, key)
-        row = {"depth": depth, "A": a, "B": b,
-               "A %": fmt_ci(ma), "B %": fmt_ci(mb),
+        matched = seed_matched(scores, depth, a, b)
+        ma, mb = (_ci_row(scores.loc[(scores["depth"] == depth) & (scores["sequence"] == s),
+                                     "acc"]) for s in (a, b))
+        row = {"depth": depth, "A": a, "B": b, "A %": fmt_ci(ma), "B %": fmt_ci(mb),
                "Δ (A−B) pp": "—" if ma is None or mb is None else f"{ma['mean'] - mb['mean']:+.2f}",
-               "paired t p": paired_t_cell(pairs_ab, metric)}
-        row |= mcnemar_cells(per_seed)
+               "paired t p": paired_t_cell(matched)}
+        row |= mcnemar_cells(seed_discordance(matched, verdict_of, kind, eps))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -39,7 +39,7 @@ from art_study.tracking import (
     environment_tags,
     failure_reason,
     local_store_path,
-    log_correctness,
+    log_evaluation,
     log_keras_model,
     redact,
     redact_config,
@@ -276,7 +276,7 @@ class Executor(abc.ABC):
         metrics["eval/time_s"] = eval_time_s
         mlflow.log_metrics(metrics)
         mlflow.set_tags(result.tags)  # the gradient-masking verdict and its reasons
-        log_correctness(result.correct)
+        log_evaluation(result)
         if cfg.tracking.log_model:
             log_keras_model(model, data.x_test[:2])
         return metrics
