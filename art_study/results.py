@@ -287,4 +287,5 @@ def outcomes_from_metrics(metrics: Mapping[str, float], eps_values: Iterable[flo
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["kind"] = table["kind"].astype(str)
+    table["n_images"] = pd.to_numeric(table["n_images"]).round().astype("Int64")
     return table.assign(row=-1)

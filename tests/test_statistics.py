@@ -25,17 +25,21 @@ def test_confidence_interval_is_students_t() -> None:
     assert np.isnan(statistics.ci95_half_width(pd.Series([0.5, np.nan])))
 
 
-def test_summary_per_depth_sequence_and_metric() -> None:
-    scores = pd.DataFrame({"depth": [2, 2, 2, 3], "sequence": ["none", "none", "none", "none"],
-                           "seed": [0, 1, 2, 0], "clean": [99.0, 98.0, 97.0, 99.5],
-                           "eps_0.3": [10.0, 20.0, np.nan, 30.0]})
-    summary = statistics.summarise_seeds(scores, ["clean", "eps_0.3"]).set_index(
-        ["depth", "sequence", "metric"])
-    cell = summary.loc[(2, "none", "clean")]
-    assert cell["mean"] == pytest.approx(98.0) and cell["n"] == 3
+def test_summary_per_group_of_a_long_table() -> None:
+    """One row per run and measurement; a NaN value is not counted, a NaN key (the ε of clean
+    accuracy) is a group of its own."""
+    scores = pd.DataFrame({"depth": [2, 2, 2, 3, 2, 2, 2], "sequence": ["none"] * 7,
+                           "kind": ["clean"] * 3 + ["fgsm"] * 4,
+                           "eps": [np.nan] * 3 + [0.3] * 4,
+                           "acc": [99.0, 98.0, 97.0, 30.0, 10.0, 20.0, np.nan]})
+    summary = statistics.summarise_seeds(scores, ["depth", "sequence", "kind", "eps"])
+    assert len(summary) == 3
+    cell = summary[summary["kind"] == "clean"].iloc[0]
+    assert np.isnan(cell["eps"]) and cell["mean"] == pytest.approx(98.0) and cell["n"] == 3
     assert cell["half"] == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3))
-    assert summary.loc[(2, "none", "eps_0.3"), "n"] == 2  # the NaN seed is not counted
-    one = summary.loc[(3, "none", "eps_0.3")]
+    at2 = summary[(summary["kind"] == "fgsm") & (summary["depth"] == 2)].iloc[0]
+    assert at2["n"] == 2 and at2["mean"] == 15.0  # the NaN seed is not counted
+    one = summary[summary["depth"] == 3].iloc[0]
     assert one["mean"] == 30.0 and one["n"] == 1 and np.isnan(one["half"])
 
 
