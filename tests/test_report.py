@@ -19,7 +19,8 @@ import yaml
 
 from art_study import report
 from art_study.cli import main
-from art_study.config import load_config, to_yaml
+from art_study.config import ModelConfig, load_config, to_yaml
+from art_study.models import build_cnn
 from art_study.report import figures, paper, reading, statistics, tables
 from art_study.results import (
     LEGACY_VERDICTS_ARTIFACT,
@@ -170,7 +171,7 @@ def robust_runs() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, trained_model, mnist_dir) -> str:
+def store(tmp_path_factory, mnist_dir) -> str:
     """One sqlite store (creating one costs seconds) with the studies: ``paper`` (the paper's
     defenses, two models logged for the examples), ``robust`` (attacks, AutoAttack components,
     the worst case), and ``legacy`` (the same runs as ``robust``, logged as before the table)."""
@@ -179,9 +180,9 @@ def store(tmp_path_factory, trained_model, mnist_dir) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(report.DEFAULT_EXPERIMENT)
     config = to_yaml(load_config(TINY, [f"data.dir={mnist_dir}"]))
+    model = build_cnn(ModelConfig(n_conv=2))  # untrained: the examples grid only needs a model
     log_study("paper", paper_runs(), [0.1, 0.3],
-              models={("none", 0): trained_model, ("adversarial_training", 0): trained_model,
-                      "config": config})
+              models={("none", 0): model, ("adversarial_training", 0): model, "config": config})
     log_study("robust", robust_runs(), [0.1, 0.3])
     log_study("legacy", robust_runs(), [0.1, 0.3], legacy=True)
     yield uri
