@@ -120,7 +120,8 @@ class EvaluationResult:
 
     def find(self, kind: Kind, attack: str = "", eps: float | None = None,
              component: str = "") -> Outcome | None:
-        """The row of ``kind``/``attack`` at ``eps`` (any ε when None), or None."""
+        """The first row of ``kind`` (and ``attack``, unless empty; ``eps``, unless None), or
+        None."""
         for o in self.outcomes:
             if (o.kind == kind and o.component == component and (not attack or o.attack == attack)
                     and (eps is None or o.eps == eps)):

@@ -106,7 +106,7 @@ def plot_robustness(summary: pd.DataFrame, depth: int, order: list[str], eps: li
         fgsm = _curve(summary, depth, seq, Kind.FGSM, eps)
         if fgsm is not None:
             x, mean, half = fgsm
-            ax.plot(x, mean, "-", marker="o", color=colour, label=seq)
+            ax.plot(x, mean, "-", marker="o", color=colour, label=f"{seq}, FGSM")
             if np.isfinite(half).any():
                 half = np.nan_to_num(half)
                 ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.15)
@@ -117,8 +117,7 @@ def plot_robustness(summary: pd.DataFrame, depth: int, order: list[str], eps: li
                         label=f"{seq}, worst case")
     ax.axvline(eps_star, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="ε (pixel scale [0, 1]; 0 = clean)", ylabel="accuracy %",
-           title=f"Robustness, {depth} conv layers (lines: our FGSM; squares: worst case over "
-                 "attacks; dotted: reference ε)", ylim=(0, 101))
+           title=f"Robustness, {depth} conv layers (dotted: the reference ε)", ylim=(0, 101))
     ax.legend(fontsize=7, loc="lower left")
     fig.savefig(path)
 
