@@ -1,7 +1,8 @@
 """Do two exports of the same study hold the same runs? Compare two ``runs.csv``
-(``art-study report STUDY --export DIR``) run by run (``run_key``): the columns the newer one
-added, any it lost, and every value that differs, wall times and the code's commit aside (they
-differ between any two executions).
+(``art-study report STUDY --export DIR``) run by run (``run_key``, or ``--by sequence,depth,seed``
+when the code that made the keys changed): the columns the newer one added, any it lost, and
+every value that differs, wall times and the code's commit aside (they differ between any two
+executions).
 
     python benchmarks/compare_runs.py results/paper/runs.csv /tmp/paper-again/runs.csv
 
@@ -25,11 +26,14 @@ def volatile(column: str) -> bool:
     return column.endswith(VOLATILE_ENDS)
 
 
-def differences(old: pd.DataFrame, new: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
-    """Columns added, columns lost, and one line per (run, column) whose value differs."""
+def differences(old: pd.DataFrame, new: pd.DataFrame, by: list[str] | None = None
+                ) -> tuple[list[str], list[str], list[str]]:
+    """Columns added, columns lost, and one line per (run, column) whose value differs; runs
+    matched by ``by`` (default: ``run_key``)."""
+    by = by or ["run_key"]
     added = sorted(set(new.columns) - set(old.columns))
     lost = sorted(set(old.columns) - set(new.columns))
-    a, b = old.set_index("run_key"), new.set_index("run_key")
+    a, b = old.set_index(by), new.set_index(by)
     lines = [f"run {k}: only in the first export" for k in sorted(set(a.index) - set(b.index))]
     lines += [f"run {k}: only in the second export" for k in sorted(set(b.index) - set(a.index))]
     for key in sorted(set(a.index) & set(b.index)):
@@ -48,9 +52,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("first", help="runs.csv of the reference export")
     p.add_argument("second", help="runs.csv of the export to check")
+    p.add_argument("--by", default="run_key",
+                   help="columns that identify a run, comma-separated (default: run_key)")
     args = p.parse_args()
     old, new = pd.read_csv(args.first), pd.read_csv(args.second)
-    added, lost, lines = differences(old, new)
+    added, lost, lines = differences(old, new, args.by.split(","))
     compared = len(set(old.columns) & set(new.columns))
     print(f"{len(old)} / {len(new)} runs; {compared} common columns compared "
           f"({sum(volatile(c) for c in set(old.columns) & set(new.columns))} volatile skipped)")
