@@ -189,13 +189,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import_tensorflow()  # art_study.study imports Keras
     from mlflow import MlflowClient
 
-    from art_study.study.cache import StageCache, dir_size
     from art_study.study.execute import default_cache_dir, stages_in_use
+    from art_study.study.object_cache import is_uri, open_cache
     from art_study.tracking import local_store_path, redact, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir(uri)
-    if not root.is_dir():
+    root = args.cache_dir or default_cache_dir(uri)
+    if not is_uri(root) and not Path(root).is_dir():
         raise ArtStudyError(f"no stage cache at {root}")
     local = local_store_path(uri)
     if local is not None and not local.exists():
@@ -204,21 +204,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    cache = StageCache(root)
+    cache = open_cache(root)
     try:
         used = stages_in_use(MlflowClient())
     except Exception as exc:
         text = str(exc).strip().splitlines()
         raise ArtStudyError(f"tracking store {redact(uri)} cannot be read: "
                             f"{redact(text[0] if text else type(exc).__name__)}") from None
-    entries = [(key, path, dir_size(path)) for key, path in cache.entries()]
+    entries = [(key, path, cache.size(path)) for key, path in cache.entries()]
     leftovers = cache.leftovers()
     mb = 1e6
-    print(f"stage cache {root}: {len(entries)} entries, "
+    print(f"stage cache {cache.root}: {len(entries)} entries, "
           f"{sum(size for *_, size in entries) / mb:.1f} MB; "
           f"{sum(k in used.keys for k, *_ in entries)} named by finished runs of {redact(uri)}; "
           f"{len(leftovers)} leftovers of killed writers "
-          f"({sum(dir_size(p) for p in leftovers) / mb:.1f} MB)")
+          f"({sum(cache.size(p) for p in leftovers) / mb:.1f} MB)")
     for key, _path, size in entries:
         defense = "?"
         with contextlib.suppress(Exception):
@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="show the stage cache; --prune removes what no "
                            "finished run needs")
-    cache.add_argument("--cache-dir", help="the stage cache (default: stage-cache/ beside a "
-                       "local store, else ./mlruns/stage-cache)")
+    cache.add_argument("--cache-dir", help="the stage cache, a directory or s3://BUCKET/PREFIX "
+                       "(default: stage-cache/ beside a local store, else ./mlruns/stage-cache)")
     cache.add_argument("--tracking-uri", help="the store whose finished runs the cache serves "
                        "(default: sqlite under mlruns/)")
     cache.add_argument("--prune", action="store_true",

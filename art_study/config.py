@@ -262,8 +262,9 @@ class StudySection(_Strict):
     )
     blocks: list[StudyBlock] = Field(..., min_length=1)
     cache_dir: str | None = Field(
-        None, description="Stage cache; default: stage-cache/ beside a local sqlite store, else "
-        "./mlruns/stage-cache.",
+        None, description="Stage cache: a directory, or an object store by URI "
+        "(s3://BUCKET/PREFIX; endpoint and credentials from the environment); default: "
+        "stage-cache/ beside a local sqlite store, else ./mlruns/stage-cache.",
     )
 
     @field_validator("seeds")

@@ -100,6 +100,11 @@ class StageCache:
                 f"stage cache not writable: {self.root} ({exc.strerror or exc})"
             ) from None
 
+    @property
+    def location(self) -> str:
+        """What another process (a Ray worker) opens to reach the same cache."""
+        return str(self.root.resolve())
+
     def _dir(self, key: str) -> Path:
         return self.root / key[:2] / key
 
@@ -212,6 +217,11 @@ class StageCache:
             for entry in sorted(shard.iterdir()):
                 if entry.is_dir() and not entry.name.startswith("."):
                     yield entry.name, entry
+
+    @staticmethod
+    def size(path: Path) -> int:
+        """Bytes of an entry or a leftover."""
+        return dir_size(path)
 
     def leftovers(self, min_age_s: float = 3600.0) -> list[Path]:
         """Directories left by killed writers (or evictions): a writer of this host whose pid is

@@ -26,8 +26,8 @@ from art_study.config import ExperimentConfig
 from art_study.data import MnistData, load_mnist
 from art_study.errors import ArtStudyError
 from art_study.study.backends import RayOptions, choose_backend
-from art_study.study.cache import StageCache
 from art_study.study.executor import RunResult, StudyResult, search_all
+from art_study.study.object_cache import is_uri, open_cache
 from art_study.study.plan import plan_runs
 from art_study.tracking import (
     DEFAULT_STORE_DIR,
@@ -41,10 +41,11 @@ class StudyIncomplete(ArtStudyError):
     """Some runs of a study failed; the others are recorded and a rerun retries the failed."""
 
 
-def cache_dir_for(cfg: ExperimentConfig) -> Path:
-    """``study.cache_dir``, else ``stage-cache/`` beside a local sqlite store, else ./mlruns."""
+def cache_dir_for(cfg: ExperimentConfig) -> str | Path:
+    """``study.cache_dir`` (a directory or an object-store URI), else ``stage-cache/`` beside a
+    local sqlite store, else ./mlruns."""
     if cfg.study is not None and cfg.study.cache_dir:
-        return Path(cfg.study.cache_dir)
+        return cfg.study.cache_dir if is_uri(cfg.study.cache_dir) else Path(cfg.study.cache_dir)
     return default_cache_dir(cfg.tracking.uri)
 
 
@@ -103,7 +104,7 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
     runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
-    cache = StageCache(cache_dir_for(cfg))
+    cache = open_cache(cache_dir_for(cfg))
     executor = make_executor(cfg, data, cache, progress)
     try:
         if cfg.study is None:

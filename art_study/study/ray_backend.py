@@ -12,8 +12,10 @@ is retried ``max_retries`` times when its worker dies. Tasks run the same functi
 in-process backend (:func:`~art_study.study.stages.train_stage`,
 :func:`~art_study.study.stages.evaluate_run`), so a run gives the same metrics on either.
 
-What must be shared: the stage cache directory, at the same absolute path on the driver and on
-every node (one machine's disk for a local cluster; NFS or similar otherwise). The training and
+What must be shared: the stage cache, a bucket (``s3://…``, :mod:`.object_cache`) or a directory
+at the same absolute path on the driver and on every node. On a cluster given by address, the
+workers get art-study itself from the driver (Ray's ``runtime_env`` ``py_modules``); its
+dependencies must be installed on the nodes. The training and
 test data go to Ray's object store once per seed, so workers need no MNIST files. Workers never
 talk to MLflow: the driver (the process running ``art-study run``) creates each child run, logs
 its stages' recorded epochs, the evaluation and the model, in plan order, exactly as in-process,
@@ -30,10 +32,12 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
 
+import art_study
 from art_study.config import ExperimentConfig
 from art_study.data import MnistData
 from art_study.errors import ArtStudyError
@@ -41,6 +45,7 @@ from art_study.evaluation import EvaluationResult, TransferSet
 from art_study.models import compile_model
 from art_study.study.cache import StageCache, StageRecord
 from art_study.study.executor import Executor
+from art_study.study.object_cache import ObjectStageCache, open_cache
 from art_study.study.plan import RunSpec, StageSpec
 from art_study.study.stages import evaluate_run, train_stage, transfer_examples
 
@@ -103,7 +108,7 @@ class RayExecutor(Executor):
         self._resources = {"num_cpus": 1 if cpus is None else cpus, "num_gpus": gpus,
                            "max_retries": options.max_retries}
         self._threads = None if cpus is None else max(1, int(cpus))
-        self._cache_root = str(cache.root.resolve())
+        self._cache_root = cache.location
         # Two runs per task slot: enough independent work to fill the slots while a run's
         # chain (stage → stage → evaluation) waits on itself.
         slots = int(ray.cluster_resources().get("CPU", 1) // self._resources["num_cpus"])
@@ -222,10 +227,13 @@ def _connect(ray: Any, address: str | None) -> None:
     that listens on loopback only (:func:`_loopback_only`)."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
     local = address is None and not os.environ.get("RAY_ADDRESS")
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if not local:  # the cluster's nodes get this very art-study from the driver, not a path
+        runtime_env["py_modules"] = [str(Path(art_study.__file__).parent)]
     try:
         with _loopback_only(ray) if local else contextlib.nullcontext():
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": env})
+                     runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
@@ -268,7 +276,7 @@ def _stage_task(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache_
     """Train ``stage`` into the shared stage cache; True if trained, False if already there
     (a retry after the save, or another study). ``parent_done`` only orders it after its
     parent's task."""
-    cache = StageCache(cache_root)
+    cache = open_cache(cache_root)
     if cache.has(stage.key):
         return False
     if stage.parent is not None:
@@ -283,7 +291,7 @@ def _craft_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int | 
                 stage_done: bool) -> TransferSet:
     """The transfer examples crafted on ``spec``'s control, as in-process (same seeding, so
     the same examples). ``stage_done`` only orders it after the control's last stage."""
-    cache = StageCache(cache_root)
+    cache = open_cache(cache_root)
     _require(cache, spec.reference.key, f"worker {socket.gethostname()}")
     _limit_threads(threads)
     return transfer_examples(spec, data, cache)
@@ -294,7 +302,7 @@ def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int
     """Evaluate the run's final model from the shared stage cache, as in-process, with the
     transfer examples of its control (Ray hands the craft task's result in).
     ``stage_done`` only orders it after the task of the stage it reads."""
-    cache = StageCache(cache_root)
+    cache = open_cache(cache_root)
     _require(cache, spec.stages[-1].key, f"worker {socket.gethostname()}")
     _limit_threads(threads)
     model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
@@ -302,11 +310,12 @@ def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int
     return evaluate_run(spec, model, data, cache, transfer_sets=sets)
 
 
-def _require(cache: StageCache, key: str, where: str) -> None:
+def _require(cache: StageCache | ObjectStageCache, key: str, where: str) -> None:
     if not cache.has(key):
         raise ArtStudyError(
             f"stage {key[:12]} is missing from the stage cache {cache.root} on {where}: the "
-            "cache directory (study.cache_dir) must be shared by the driver and every Ray node"
+            "stage cache (study.cache_dir: a bucket, or a directory at the same path) must be "
+            "shared by the driver and every Ray node; rerun to retrain it"
         )
 
 
