@@ -100,11 +100,11 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     (``ray_backend.py``); this process still logs every run, so the results are the same.
     """
     make_executor = choose_backend(ray_options)  # fails before the store or the data is touched
+    cache = open_cache(cache_dir_for(cfg))  # so does a stage cache that cannot be reached
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
     runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
-    cache = open_cache(cache_dir_for(cfg))
     executor = make_executor(cfg, data, cache, progress)
     try:
         if cfg.study is None:
