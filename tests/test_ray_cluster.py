@@ -79,12 +79,14 @@ def in_process(tmp_path_factory, mnist_dir) -> dict[str, dict[str, float]]:
     return {k.data.tags["run_key"]: comparable(k.data.metrics) for k in children(uri)}
 
 
-def driver(cluster, node_env, tmp: Path, mnist_dir: Path, cache_uri: str) -> list[str]:
-    """``art-study run`` of the slice on the cluster, as a command (the driver's own process)."""
-    return [sys.executable, "-c", "import sys; from art_study.cli import main; sys.exit(main())",
-            "run", str(TINY), "--backend", "ray", "--address", cluster.address,
+RUN = "import sys; from art_study.cli import main; sys.exit(main())"
+
+
+def driver(cluster, tmp: Path, mnist_dir: Path, cache_uri: str, sets=SLICE) -> list[str]:
+    """``art-study run`` of a tiny study on the cluster: the arguments after the program."""
+    return ["run", str(TINY), "--backend", "ray", "--address", cluster.address,
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-            *[a for s in (f"data.dir={mnist_dir}", f"study.cache_dir={cache_uri}", *SLICE)
+            *[a for s in (f"data.dir={mnist_dir}", f"study.cache_dir={cache_uri}", *sets)
               for a in ("--set", s)]]
 
 
@@ -115,8 +117,8 @@ def test_a_study_on_two_nodes_sharing_only_a_bucket(tmp_path, mnist_dir, s3_serv
                                                     cluster, in_process) -> None:
     prefix = f"cluster-{uuid.uuid4().hex[:8]}"
     started = time.time()
-    done = subprocess.run(driver(cluster, node_env, tmp_path, mnist_dir,
-                                 f"s3://{s3_server.bucket}/{prefix}"),
+    done = subprocess.run([sys.executable, "-c", RUN, *driver(
+                              cluster, tmp_path, mnist_dir, f"s3://{s3_server.bucket}/{prefix}")],
                           env=driver_env(node_env), cwd=tmp_path, capture_output=True,
                           text=True, timeout=1200)
     print(f"study on 2 nodes: {time.time() - started:.0f} s\n{done.stdout}")
@@ -133,6 +135,58 @@ def test_a_study_on_two_nodes_sharing_only_a_bucket(tmp_path, mnist_dir, s3_serv
         assert shipped, f"no art-study shipped to {node.temp_dir}"
 
 
+# The driver, told once that a stage is in the cache when it is not (as if it vanished between
+# the driver's look and a worker's: pruned, or evicted by another reader), submits no task for
+# it; whoever needs it next finds it missing.
+VANISHED = """
+import sys
+from art_study import cli
+from art_study.study.object_cache import ObjectStageCache
+gone, has = set(sys.argv.pop(1).split(",")), ObjectStageCache.has
+def has_once(self, key):
+    if key in gone:
+        gone.discard(key)
+        return True
+    return has(self, key)
+ObjectStageCache.has = has_once
+sys.exit(cli.main())
+"""
+
+
+def test_a_stage_missing_where_it_is_needed_fails_its_run_and_a_rerun_resumes(
+        tmp_path, mnist_dir, s3_server, node_env, cluster) -> None:
+    from art_study.study.execute import load_data
+    from art_study.study.plan import plan_runs
+
+    control = ("study.blocks=[{depths: [2], sequences: [control]}]", "evaluation.transfer=[]",
+               "evaluation.diagnostics.enabled=false", "tracking.log_model=false")
+    cfg = load_config(TINY, [f"data.dir={mnist_dir}", *control])
+    (spec,) = plan_runs(cfg, {0: load_data(cfg, [0])[0].fingerprint})
+    last = spec.stages[-1].key
+    uri = f"s3://{s3_server.bucket}/vanished-{uuid.uuid4().hex[:8]}"
+    cmd = driver(cluster, tmp_path, mnist_dir, uri, control)
+
+    failed = subprocess.run([sys.executable, "-c", VANISHED, last, *cmd],
+                            env=driver_env(node_env), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=1200)
+    err = failed.stderr.strip().splitlines()[-1]
+    print(f"first invocation: exit {failed.returncode}: {err}")
+    assert failed.returncode == 1
+    assert err.startswith("art-study: error: 1 of 1 runs failed (first: ")
+    assert f"stage {last[:12]} is missing from the stage cache {uri} on " in err
+    assert "rerun to retrain it" in err and err.endswith("rerun the same command to retry them")
+    (kid,) = children(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert kid.info.status == "FAILED"
+
+    again = subprocess.run([sys.executable, "-c", RUN, *cmd], env=driver_env(node_env),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    print(f"rerun: exit {again.returncode}: {again.stdout.strip().splitlines()[:1]}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 runs (0 already finished), 1 stages trained, 1 reused" in again.stdout
+    (kid,) = children(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert kid.info.status == "FINISHED" and kid.data.tags["stage2.key"] == last
+
+
 def test_a_worker_node_killed_mid_stage(tmp_path, mnist_dir, s3_server, node_env, cluster,
                                         in_process) -> None:
     """SIGKILL the worker node (its raylet and workers) while it trains a stage: Ray runs the
@@ -141,7 +195,8 @@ def test_a_worker_node_killed_mid_stage(tmp_path, mnist_dir, s3_server, node_env
 
     worker = cluster.nodes[1]
     prefix = f"fault-{uuid.uuid4().hex[:8]}"
-    cmd = driver(cluster, node_env, tmp_path, mnist_dir, f"s3://{s3_server.bucket}/{prefix}")
+    cmd = [sys.executable, "-c", RUN,
+           *driver(cluster, tmp_path, mnist_dir, f"s3://{s3_server.bucket}/{prefix}")]
     log = (tmp_path / "driver.log").open("w+")
     proc = subprocess.Popen(cmd, env=driver_env(node_env), cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT)
