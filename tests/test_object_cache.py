@@ -216,12 +216,14 @@ def test_a_store_that_cannot_be_used_stops_the_run_in_one_line(tmp_path, mnist_d
     if problem == "unreachable":  # a loopback port nothing listens on
         import random
 
-        port = free_ports(1, random.Random())[0]
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-        expected = f"art-study: error: stage cache {cache_dir} unreachable: "
+        endpoint = f"http://127.0.0.1:{free_ports(1, random.Random())[0]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        expected = f"art-study: error: stage cache {cache_dir} unreachable at {endpoint}: "
     elif problem == "credentials":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-        expected = f"art-study: error: stage cache {cache_dir} unreachable: "
+        expected = (f"art-study: error: stage cache {cache_dir}: access denied at {s3.endpoint} "
+                    "(are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, the "
+                    "store's?)")
     else:
         cache_dir = "s3://no-such-bucket/runs"
         expected = (f"art-study: error: stage cache {cache_dir}: no bucket 'no-such-bucket' at "

@@ -106,8 +106,12 @@ class ObjectStageCache:
             if found != pafs.FileType.NotFound:
                 self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
         except OSError as exc:
-            raise TrackingError(f"stage cache {self.root} unreachable: {_first_line(exc)}"
-                                ) from None
+            if "ACCESS_DENIED" in str(exc) or "HTTP status 403" in str(exc):
+                raise TrackingError(f"stage cache {self.root}: access denied at {_endpoint()} "
+                                    "(are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                                    "AWS_PROFILE, the store's?)") from None
+            raise TrackingError(f"stage cache {self.root} unreachable at {_endpoint()}: "
+                                f"{_first_line(exc)}") from None
         if found == pafs.FileType.NotFound:
             raise TrackingError(f"stage cache {self.root}: no bucket {bucket!r} at "
                                 f"{_endpoint()} (create it first)")
