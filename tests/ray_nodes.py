@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,8 @@ class RayCluster:
         return node
 
     def stop(self) -> None:
-        """Kill every node, workers first, and check none of their processes is left."""
+        """Kill every node, workers first, check none of their processes is left, and remove
+        the nodes' temp dirs."""
         pids = [pid for node in self.nodes for pid in node.processes()]
         for node in reversed(self.nodes):
             node.kill()
@@ -101,6 +103,8 @@ class RayCluster:
             if time.time() > deadline:
                 raise RuntimeError(f"Ray processes {alive} outlived their node")
             time.sleep(0.2)
+        for node in self.nodes:
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def start_node(env: dict[str, str], head_address: str | None = None,

@@ -58,7 +58,11 @@ def mlflow_s3_server(postgres_uri, s3_server, tmp_path_factory):  # noqa: F811
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # its workers linger on open connections
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
         log.close()
 
 
