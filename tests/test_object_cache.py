@@ -254,3 +254,24 @@ def test_the_record_is_plain_json_naming_its_model(s3) -> None:
     blob = s3.filesystem().open_input_stream(path).read()
     assert raw["model_sha256"] == hashlib.sha256(blob).hexdigest()
     assert raw["key"] == key and raw["history"] == [{"loss": 1.0}]
+
+
+def test_a_worker_missing_its_stage_says_so_in_one_line(tmp_path, mnist_dir, s3) -> None:
+    """The evaluation task, on a worker, for a run whose last stage is not in the bucket."""
+    import socket
+
+    from art_study.study.execute import load_data
+    from art_study.study.plan import plan_runs
+    from art_study.study.ray_backend import _evaluate_task
+
+    uri = prefix_uri(s3)
+    cfg = load_config(TINY, [f"data.dir={mnist_dir}", f"study.cache_dir={uri}", *CONTROL])
+    data = load_data(cfg, [0])
+    (spec,) = plan_runs(cfg, {0: data[0].fingerprint})
+    with pytest.raises(ArtStudyError) as raised:
+        _evaluate_task(spec, data[0], uri, None, None, True)
+    message = str(raised.value)
+    assert message == (
+        f"stage {spec.stages[-1].key[:12]} is missing from the stage cache {uri} on worker "
+        f"{socket.gethostname()}: the stage cache (study.cache_dir: a bucket, or a directory at "
+        "the same path) must be shared by the driver and every Ray node; rerun to retrain it")
