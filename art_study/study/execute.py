@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from art_study import numerics
 from art_study.config import ExperimentConfig
 from art_study.data import MnistData, load_mnist
 from art_study.errors import ArtStudyError
@@ -99,10 +100,14 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     (``ray_backend.py``); this process still logs every run, so the results are the same.
     """
     make_executor = choose_backend(ray_options)  # fails before the store or the data is touched
+    n = cfg.numerics
+    numerics.apply(n.mode, n.intra_op_threads, n.inter_op_threads)  # before any tensor exists
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
-    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
+    strict = cfg.study is not None and cfg.study.numerics_strict
+    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
+                     numerics.fingerprint()["id"] if strict else None)
     cache = StageCache(cache_dir_for(cfg))
     executor = make_executor(cfg, data, cache, progress)
     try:
