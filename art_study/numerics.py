@@ -9,14 +9,17 @@ picks its CPU kernels by machine:
   CPU generations.
 - Otherwise **Eigen** kernels run; Eigen picks its matrix-product blocking (the order in which
   a dot product is summed) from the L1/L2 cache sizes and the number of threads, and TensorFlow
-  uses one thread per schedulable core unless told otherwise.
+  uses one thread per schedulable core unless told otherwise. On x86 the innermost product of
+  Eigen's contractions (matmul, convolution) is itself oneDNN's ``sgemm``, which also dispatches
+  on the instruction set, unless ``TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL=0``.
 
 :func:`fingerprint` records what decides these (versions, oneDNN detected as TensorFlow reports
 it, CPU model and instruction-set flags, thread counts, cache sizes, platform); every run carries
 it as ``numerics.*`` tags and every stage in the cache in its record. ``numerics: portable``
-(:func:`prepare` before TensorFlow is imported, :func:`apply` after) turns oneDNN off, fixes the
-thread counts and makes ops deterministic, so a run gives the same bits whatever the core count,
-and on any x86 CPU with the same L1d/L2 sizes.
+(:func:`prepare` before TensorFlow is imported, :func:`apply` after) turns oneDNN off in both
+places (Eigen's own code then computes everything: the same compiled code on every CPU the
+wheel runs on), fixes the thread counts and makes ops deterministic, so a run gives the same
+bits whatever the core count, and should on any x86 CPU with the same L1d/L2 sizes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from typing import Any
 from art_study.errors import ArtStudyError
 
 ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+#: TensorFlow's switch for oneDNN's sgemm inside Eigen's contractions (read at first use).
+CONTRACTION_ENV = "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL"
+#: What portable mode sets before TensorFlow is imported.
+PORTABLE_ENV = {ONEDNN_ENV: "0", CONTRACTION_ENV: "0"}
 #: CPU flags (``/proc/cpuinfo`` spelling) for which TensorFlow's default turns oneDNN on (x86).
 ONEDNN_POLICY_FLAGS = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
                        "amx_int8")
@@ -48,17 +55,23 @@ _mode = "fast"  # what apply() set in this process
 
 
 def prepare(mode: str) -> None:
-    """Set what must be set before TensorFlow is imported: for ``portable``, oneDNN off.
+    """Set what must be set before TensorFlow is imported: for ``portable``,
+    :data:`PORTABLE_ENV` (oneDNN off, in TensorFlow's ops and inside Eigen's contractions).
 
-    Raises :class:`ArtStudyError` when TensorFlow is already imported with oneDNN on (the switch
-    is read once, at import): a run that says portable must be portable.
+    Raises :class:`ArtStudyError` when TensorFlow is already imported without them (they are
+    read once, at import or first use): a run that says portable must be portable.
     """
     if mode != "portable":
         return
-    if "tensorflow" in sys.modules and onednn_enabled() is True:
-        raise ArtStudyError(f"numerics: portable needs oneDNN off, but TensorFlow was imported "
-                            f"with it on: set {ONEDNN_ENV}=0 before starting Python")
-    os.environ[ONEDNN_ENV] = "0"
+    if "tensorflow" in sys.modules and (onednn_enabled() is True or not _contraction_off()):
+        raise ArtStudyError(
+            "numerics: portable needs oneDNN off, but TensorFlow was imported without it: set "
+            f"{' '.join(f'{k}={v}' for k, v in PORTABLE_ENV.items())} before starting Python")
+    os.environ.update(PORTABLE_ENV)
+
+
+def _contraction_off() -> bool:
+    return os.environ.get(CONTRACTION_ENV, "").lower() in ("0", "false")
 
 
 def apply(mode: str, intra_op_threads: int, inter_op_threads: int) -> None:
@@ -163,6 +176,7 @@ def fingerprint() -> dict[str, str]:
                           "onednn": {True: "on", False: "off", None: "unknown"}[onednn],
                           "onednn_policy": "on" if onednn_policy(flags) else "off",
                           "onednn_env": os.environ.get(ONEDNN_ENV, "unset"),
+                          "contraction": "eigen" if _contraction_off() else "default",
                           "cpu": model, "isa": " ".join(f for f in ISA_FLAGS if f in flags),
                           "intra_op_threads": str(intra), "inter_op_threads": str(inter),
                           **{f"{k}_kib": v for k, v in cache_kib().items()},

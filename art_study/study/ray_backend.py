@@ -221,10 +221,10 @@ class RayExecutor(Executor):
 def _connect(ray: Any, address: str | None, portable: bool = False) -> None:
     """``ray.init``: connect to the cluster at ``address`` (or $RAY_ADDRESS), else start one
     that listens on loopback only (:func:`_loopback_only`). With ``portable`` numerics the
-    workers start with oneDNN off: TensorFlow reads the switch once, when a worker imports it."""
+    workers start with oneDNN off: TensorFlow reads the switches once, when a worker imports it."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
     if portable:
-        env[numerics.ONEDNN_ENV] = "0"
+        env.update(numerics.PORTABLE_ENV)
     local = address is None and not os.environ.get("RAY_ADDRESS")
     try:
         with _loopback_only(ray) if local else contextlib.nullcontext():
