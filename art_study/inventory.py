@@ -206,5 +206,5 @@ def render(inv: Inventory) -> str:
         out += ["", "single runs (configs without study):", table(inv.singles)]
     if inv.numerics:
         out += ["", "numerics fingerprints (what computed the runs; — : recorded before "
-                "fingerprints):", *(f"  {fid}: {text}" for fid, text in inv.numerics.items())]
+                "fingerprints):", *(f"  {text}" for text in inv.numerics.values())]
     return "\n".join(out)

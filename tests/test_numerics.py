@@ -185,3 +185,19 @@ def test_portable_against_default_where_default_runs_eigen(pinned, record_proper
     same = fast["weights"] == portable["weights"] and fast["metrics"] == portable["metrics"]
     record_property("portable_vs_fast_eigen", "identical" if same else "different")
     print(f"portable vs fast (Eigen by policy): {'identical' if same else 'different'}")
+
+
+def test_runs_listing_shows_each_fingerprint_once() -> None:
+    from art_study.inventory import CHILD_COLUMNS, NUMERICS_TAGS, Inventory, _fingerprints, render
+
+    here = numerics.fingerprint()
+    tags = {f"tags.numerics.{t}": [here[t], None] for t in NUMERICS_TAGS}
+    store = pd.DataFrame({"run_id": ["r1", "r0"], **tags})
+    shown = _fingerprints(store)
+    assert shown == {here["id"]: numerics.summary({t: here[t] for t in NUMERICS_TAGS})}
+    kids = pd.DataFrame([["r1", "none", 2, 0, "FINISHED", 0.9, "no", here["id"]]],
+                        columns=CHILD_COLUMNS)
+    studies = pd.DataFrame([{"study": "s", "run_id": "p"}])
+    text = render(Inventory("sqlite:///x", studies, {"p": kids}, numerics=shown))
+    assert text.count(here["id"]) == 2  # the run's row and the legend's line
+    assert f"oneDNN {here['onednn']}" in text
