@@ -25,8 +25,8 @@ EVALUATION_COLUMNS = ["run_id", "source_model", "output", "status", "start", "cl
 SINGLE_COLUMNS = ["run_id", "name", "sequence", "depth", "seed", "status", "start", "clean",
                   "numerics"]
 #: The numerics tags shown: the fingerprint's id in the tables, the rest once per id below them.
-NUMERICS_TAGS = ("id", "mode", "onednn", "cpu", "isa", "intra_op_threads", "inter_op_threads",
-                 "l1d_kib", "l2_kib", "tensorflow", "keras", "numpy", "art")
+NUMERICS_TAGS = ("id", "mode", "onednn", "contraction", "cpu", "isa", "intra_op_threads",
+                 "inter_op_threads", "l1d_kib", "l2_kib", "tensorflow", "keras", "numpy", "art")
 
 
 @dataclass

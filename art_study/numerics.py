@@ -206,7 +206,8 @@ def summary(fp: dict[str, Any]) -> str:
     if not fp:
         return "unknown"
     threads = f"{fp.get('intra_op_threads', '?')}/{fp.get('inter_op_threads', '?')}"
-    return (f"{fp.get('mode', '?')}, oneDNN {fp.get('onednn', '?')}, {fp.get('cpu', '?')} "
+    return (f"{fp.get('mode', '?')}, oneDNN {fp.get('onednn', '?')} (contraction "
+            f"{fp.get('contraction', '?')}), {fp.get('cpu', '?')} "
             f"[{fp.get('isa', '')}], threads {threads}, L1d {fp.get('l1d_kib', '?')} KiB, "
             f"L2 {fp.get('l2_kib', '?')} KiB, TF {fp.get('tensorflow', '?')}, "
             f"Keras {fp.get('keras', '?')}, numpy {fp.get('numpy', '?')}, "
