@@ -31,6 +31,9 @@ import time
 from _common import FULL_TRAIN, argument_parser, machine_line
 
 MODES = ("fast", "portable")
+#: A contender for the cost's breakdown, not a mode: oneDNN's ops off (what fast mode runs on a
+#: CPU without VNNI/AMX) but its sgemm still inside Eigen's contractions, threads fixed.
+OPS_OFF = "ops-off"
 PORTABLE_ENV = ("TF_ENABLE_ONEDNN_OPTS", "TENSORFLOW_USE_CUSTOM_CONTRACTION_KERNEL")
 PARTS = ("plain_epoch", "pgd_at_epoch", "autoattack")
 
@@ -45,7 +48,10 @@ def child(mode: str, args) -> dict:
     """One mode's timings (wall, CPU seconds) and its numerics fingerprint."""
     from art_study import numerics
 
-    numerics.prepare(mode)
+    if mode == OPS_OFF:
+        os.environ[numerics.ONEDNN_ENV] = "0"
+    else:
+        numerics.prepare(mode)
     import numpy as np
 
     from art_study.attacks.autoattack import AutoAttackStandard
@@ -55,7 +61,13 @@ def child(mode: str, args) -> dict:
     from art_study.models import build_cnn, compile_model
     from art_study.study.stages import seed_everything
 
-    numerics.apply(mode, args.threads, args.threads)
+    if mode == OPS_OFF:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    else:
+        numerics.apply(mode, args.threads, args.threads)
     n_train = max(args.epoch_images, args.pgd_images)
     data = load_mnist(args.data_dir, n_train=n_train, n_test=max(args.n, 10), seed=0)
     model_cfg, train_cfg = ModelConfig(n_conv=2), TrainConfig(batch_size=128)
@@ -95,17 +107,20 @@ def main() -> None:
     p.add_argument("--n-queries", type=int, default=5000)
     p.add_argument("--threads", type=int, default=2, help="portable mode's thread counts")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--ops-off", action="store_true",
+                   help=f"also time {OPS_OFF!r}: oneDNN's ops off, its sgemm in Eigen kept")
+    p.add_argument("--child", choices=(*MODES, OPS_OFF), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
 
     print(machine_line(), flush=True)
-    best: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in MODES}
+    modes = (*MODES, OPS_OFF) if args.ops_off else MODES
+    best: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in modes}
     fingerprints = {}
     for r in range(args.rounds):
-        for mode in MODES:
+        for mode in modes:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--child", mode]
             env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV}
             line = subprocess.run(cmd, capture_output=True, text=True, check=True,
@@ -117,16 +132,19 @@ def main() -> None:
             for k, v in got.items():
                 if k not in best[mode] or v[0] < best[mode][k][0]:
                     best[mode][k] = tuple(v)
-    for mode in MODES:
+    for mode in modes:
         fp = fingerprints[mode]
         print(f"{mode}: oneDNN {fp['onednn']}, contraction {fp['contraction']}, threads "
               f"{fp['intra_op_threads']}/{fp['inter_op_threads']} ({fp['id']})")
-    print(f"portable / fast (best of {args.rounds}; epochs per 60 000 images, AutoAttack on "
+    print(f"ratios to fast (best of {args.rounds}; epochs per 60 000 images, AutoAttack on "
           f"{args.n} images, {args.max_iter} iterations, {args.n_queries} queries):")
     for k in PARTS:
-        (fw, fc), (pw, pc) = best["fast"][k], best["portable"][k]
-        print(f"  {k:13s} fast {fw:7.1f} s wall {fc:7.1f} s CPU | portable {pw:7.1f} s wall "
-              f"{pc:7.1f} s CPU | ratio {pw / fw:.2f}x wall, {pc / fc:.2f}x CPU")
+        fw, fc = best["fast"][k]
+        line = f"  {k:13s} fast {fw:7.1f} s wall {fc:7.1f} s CPU"
+        for mode in modes[1:]:
+            w, c = best[mode][k]
+            line += f" | {mode} {w:.1f} / {c:.1f} s: {w / fw:.2f}x wall, {c / fc:.2f}x CPU"
+        print(line)
     print(machine_line())
 
 
