@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from _common import FULL_TRAIN, argument_parser, machine_line
@@ -52,6 +53,7 @@ def child(mode: str, args) -> dict:
         os.environ[numerics.ONEDNN_ENV] = "0"
     else:
         numerics.prepare(mode)
+    import mlflow
     import numpy as np
 
     from art_study.attacks.autoattack import AutoAttackStandard
@@ -68,6 +70,8 @@ def child(mode: str, args) -> dict:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     else:
         numerics.apply(mode, args.threads, args.threads)
+    # the defenses log their epochs to MLflow: to a throw-away store, not ./mlflow.db
+    mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp(prefix='numerics-bench-')}/m.db")
     n_train = max(args.epoch_images, args.pgd_images)
     data = load_mnist(args.data_dir, n_train=n_train, n_test=max(args.n, 10), seed=0)
     model_cfg, train_cfg = ModelConfig(n_conv=2), TrainConfig(batch_size=128)
