@@ -15,10 +15,14 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from art_study import __version__
 from art_study.errors import ArtStudyError
 from art_study.tf_startup import import_tensorflow
+
+if TYPE_CHECKING:
+    from art_study.config import ExperimentConfig
 
 
 def _quiet_libraries() -> None:
@@ -48,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ray_only = (args.address, args.cpus_per_task, args.gpus_per_task)
     if args.backend != "ray" and any(v is not None for v in ray_only):
         raise ArtStudyError("--address, --cpus-per-task and --gpus-per-task need --backend ray")
-    cfg = load_config(args.config, overrides)
+    cfg = with_numerics(load_config(args.config, overrides), args.numerics)
     import_tensorflow()
 
     from art_study.study import run_study
@@ -66,6 +70,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in result.runs:
         print(_summary(r, cfg.evaluation.eps))
     return 0
+
+
+def with_numerics(cfg: ExperimentConfig, mode: str | None) -> ExperimentConfig:
+    """The config with ``--numerics`` applied, and what must precede TensorFlow's import done
+    (:func:`art_study.numerics.prepare`: oneDNN off for ``portable``)."""
+    from art_study.numerics import prepare
+
+    if mode is not None:
+        cfg.numerics.mode = mode
+    prepare(cfg.numerics.mode)
+    return cfg
 
 
 def _summary(run, eps_list: list[float]) -> str:
@@ -136,9 +151,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from art_study.evaluate_model import evaluation_config
 
     overrides = config_overrides(args)
-    cfg = evaluation_config(args.config, overrides)
+    cfg = with_numerics(evaluation_config(args.config, overrides), args.numerics)
     import_tensorflow()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from art_study.numerics import apply
+
+    apply(cfg.numerics.mode, cfg.numerics.intra_op_threads, cfg.numerics.inter_op_threads)
 
     from art_study.evaluate_model import evaluate_model, summary
 
@@ -249,6 +267,13 @@ def _node_counts(text: str) -> list[int]:
     return counts
 
 
+NUMERICS_MODES = ("fast", "portable")
+NUMERICS_HELP = ("fast: TensorFlow's defaults (oneDNN where its CPU policy turns it on, a thread "
+                 "per core); portable: oneDNN off, the config's numerics thread counts and "
+                 "deterministic ops, so the numbers do not depend on the core count (default: "
+                 "the config's numerics, else fast)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="art-study", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"art-study {__version__}")
@@ -271,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "1 declared, TensorFlow's own default, as in-process)")
     run.add_argument("--gpus-per-task", type=float, metavar="N",
                      help="GPUs each Ray task declares (default: 1 where the cluster has GPUs)")
+    run.add_argument("--numerics", choices=NUMERICS_MODES, help=NUMERICS_HELP)
     run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="data utilities")
@@ -331,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load with Keras safe_mode off: runs code stored in the file (Lambda "
                          "layers); only for files you trust")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ev.add_argument("--numerics", choices=NUMERICS_MODES, help=NUMERICS_HELP)
     ev.set_defaults(func=cmd_evaluate)
 
     plan = sub.add_parser("plan", help="a study's runs and stages, and its predicted wall time "

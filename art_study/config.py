@@ -186,6 +186,24 @@ class EvaluationConfig(_Strict):
         return self
 
 
+class NumericsConfig(_Strict):
+    """How TensorFlow computes: ``fast`` (its defaults: oneDNN where its policy turns it on, a
+    thread per core) or ``portable`` (oneDNN off, the thread counts below, deterministic ops),
+    whose numbers do not depend on the core count and match on any x86 CPU with the same cache
+    sizes (``art_study/numerics.py``). Written ``numerics: portable`` or as a mapping."""
+
+    mode: Literal["fast", "portable"] = "fast"
+    intra_op_threads: int = Field(
+        2, ge=1, le=1024, description="Threads within an op, in portable mode only.")
+    inter_op_threads: int = Field(
+        2, ge=1, le=1024, description="Ops run at once, in portable mode only.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_alone(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
+
+
 class TrackingConfig(_Strict):
     """Where runs go. ``uri`` unset → $MLFLOW_TRACKING_URI → sqlite store under ./mlruns."""
 
@@ -266,6 +284,12 @@ class StudySection(_Strict):
         "(s3://BUCKET/PREFIX; endpoint and credentials from the environment); default: "
         "stage-cache/ beside a local sqlite store, else ./mlruns/stage-cache.",
     )
+    numerics_strict: bool = Field(
+        False, description="Make the numerics fingerprint part of every stage key, so a cached "
+        "stage serves only the machine settings that trained it. Off: a cache shared by a team "
+        "or a Ray cluster serves every machine, and runs tag stages trained under another "
+        "fingerprint.",
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -317,6 +341,7 @@ class ExperimentConfig(_Strict):
     )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    numerics: NumericsConfig = Field(default_factory=NumericsConfig)
     study: StudySection | None = None
 
 

@@ -18,9 +18,15 @@ from art_study.errors import ArtStudyError, TrackingError
 from art_study.study.lease import liveness
 
 STUDY_COLUMNS = ["study", "run_id", "status", "start", "runs", "failed", "experiment"]
-CHILD_COLUMNS = ["run_id", "sequence", "depth", "seed", "status", "clean", "masking"]
-EVALUATION_COLUMNS = ["run_id", "source_model", "output", "status", "start", "clean", "masking"]
-SINGLE_COLUMNS = ["run_id", "name", "sequence", "depth", "seed", "status", "start", "clean"]
+CHILD_COLUMNS = ["run_id", "sequence", "depth", "seed", "status", "clean", "masking",
+                 "numerics"]
+EVALUATION_COLUMNS = ["run_id", "source_model", "output", "status", "start", "clean", "masking",
+                      "numerics"]
+SINGLE_COLUMNS = ["run_id", "name", "sequence", "depth", "seed", "status", "start", "clean",
+                  "numerics"]
+#: The numerics tags shown: the fingerprint's id in the tables, the rest once per id below them.
+NUMERICS_TAGS = ("id", "mode", "onednn", "contraction", "cpu", "isa", "intra_op_threads",
+                 "inter_op_threads", "l1d_kib", "l2_kib", "tensorflow", "keras", "numpy", "art")
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Inventory:
     children: dict[str, pd.DataFrame] = field(default_factory=dict)  # parent run id → runs
     evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
     singles: pd.DataFrame = field(default_factory=pd.DataFrame)
+    numerics: dict[str, str] = field(default_factory=dict)  # fingerprint id → its summary
 
     @property
     def empty(self) -> bool:
@@ -76,9 +83,11 @@ def inventory(tracking_uri: str | None, study: str | None = None) -> Inventory:
     for col in ("tags.art_study.role", "tags.study", "tags.evaluation_only",
                 "tags.mlflow.parentRunId", "tags.mlflow.runName", "tags.sequence", "tags.depth",
                 "tags.seed", "tags.gradient_masking_suspected", "tags.source_model",
-                "tags.source_model_output", "metrics.clean/accuracy"):
+                "tags.source_model_output", "metrics.clean/accuracy",
+                *(f"tags.numerics.{t}" for t in NUMERICS_TAGS)):
         if col not in runs:
             runs[col] = None
+    fingerprints = _fingerprints(runs)
     role = runs["tags.art_study.role"]
     parents = runs[role == "study"]
     if study is not None:
@@ -98,24 +107,36 @@ def inventory(tracking_uri: str | None, study: str | None = None) -> Inventory:
         "failed": [int((children[p]["status"] == "FAILED").sum()) for p in parents["run_id"]],
         "experiment": parents["experiment"]}, columns=STUDY_COLUMNS)
     if study is not None:
-        return Inventory(uri, studies.reset_index(drop=True), children)
+        return Inventory(uri, studies.reset_index(drop=True), children, numerics=fingerprints)
     evaluation = runs["tags.evaluation_only"] == "true"
     evaluations = runs[evaluation]
     evaluations = pd.DataFrame({
         "run_id": evaluations["run_id"], "source_model": evaluations["tags.source_model"],
         "output": evaluations["tags.source_model_output"], "status": evaluations["status"],
         "start": _start(evaluations), "clean": evaluations["metrics.clean/accuracy"],
-        "masking": evaluations["tags.gradient_masking_suspected"].map(_masking)},
-        columns=EVALUATION_COLUMNS)
+        "masking": evaluations["tags.gradient_masking_suspected"].map(_masking),
+        "numerics": evaluations["tags.numerics.id"]}, columns=EVALUATION_COLUMNS)
     single = runs[(role != "study") & ~is_child & ~evaluation
                   & runs["tags.mlflow.parentRunId"].isna()]
     singles = pd.DataFrame({
         "run_id": single["run_id"], "name": single["tags.mlflow.runName"],
         "sequence": single["tags.sequence"], "depth": single["tags.depth"],
         "seed": single["tags.seed"], "status": single["status"], "start": _start(single),
-        "clean": single["metrics.clean/accuracy"]}, columns=SINGLE_COLUMNS)
+        "clean": single["metrics.clean/accuracy"], "numerics": single["tags.numerics.id"]},
+        columns=SINGLE_COLUMNS)
     return Inventory(uri, studies.reset_index(drop=True), children,
-                     evaluations.reset_index(drop=True), singles.reset_index(drop=True))
+                     evaluations.reset_index(drop=True), singles.reset_index(drop=True),
+                     fingerprints)
+
+
+def _fingerprints(runs: pd.DataFrame) -> dict[str, str]:
+    """Each numerics fingerprint id of the store's runs → its one-line summary."""
+    from art_study.numerics import summary
+
+    tags = runs[[f"tags.numerics.{t}" for t in NUMERICS_TAGS]].dropna(subset="tags.numerics.id")
+    return {row["tags.numerics.id"]: summary({k.removeprefix("tags.numerics."): v
+                                              for k, v in row.items() if isinstance(v, str)})
+            for _, row in tags.drop_duplicates("tags.numerics.id").iterrows()}
 
 
 #: How a RUNNING run whose study's lease went stale is shown: its process is gone (killed,
@@ -144,7 +165,8 @@ def _child_table(runs: pd.DataFrame, stale: bool = False) -> pd.DataFrame:
         "depth": pd.to_numeric(runs["tags.depth"], errors="coerce").astype("Int64"),
         "seed": pd.to_numeric(runs["tags.seed"], errors="coerce").astype("Int64"),
         "status": status, "clean": runs["metrics.clean/accuracy"],
-        "masking": runs["tags.gradient_masking_suspected"].map(_masking)}, columns=CHILD_COLUMNS)
+        "masking": runs["tags.gradient_masking_suspected"].map(_masking),
+        "numerics": runs["tags.numerics.id"]}, columns=CHILD_COLUMNS)
     return table.sort_values(["depth", "seed", "sequence"], na_position="last",
                              kind="stable").reset_index(drop=True)
 
@@ -182,4 +204,7 @@ def render(inv: Inventory) -> str:
         out += ["", "evaluation-only runs (art-study evaluate):", table(inv.evaluations)]
     if not inv.singles.empty:
         out += ["", "single runs (configs without study):", table(inv.singles)]
+    if inv.numerics:
+        out += ["", "numerics fingerprints (what computed the runs; — : recorded before "
+                "fingerprints):", *(f"  {text}" for text in inv.numerics.values())]
     return "\n".join(out)

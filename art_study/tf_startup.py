@@ -8,11 +8,18 @@ writes, once per shared library, straight to file descriptor 2 and regardless of
     I0000 00:00:1795669602.996902    7821 port.cc:153] oneDNN custom operations are on. ...
     I0000 00:00:1795669602.998289    7821 cudart_stub.cc:31] Could not find cuda drivers ...
 
-No environment variable turns these off (``TF_ENABLE_ONEDNN_OPTS=0`` would change the
-numerics; ``CUDA_VISIBLE_DEVICES`` does not stop the CUDA probe). So during the import only,
-fd 2 goes through a pipe whose reader drops exactly these INFO lines and forwards every other
-byte at once: warnings, errors and a crash's last words still reach the terminal. With
-``TF_CPP_MIN_LOG_LEVEL=0`` (the user asks for INFO) nothing is filtered.
+The oneDNN line appears only where oneDNN runs: on CPUs for which TensorFlow's policy turns it
+on (AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX), or with ``TF_ENABLE_ONEDNN_OPTS=1``; elsewhere
+Eigen's kernels run and nothing is printed. Which ones ran is a property of each run, not of a
+terminal session: every run records it (tag ``numerics.onednn``, with the rest of the numerics
+fingerprint, :mod:`art_study.numerics`; ``art-study runs`` shows it), so the line is dropped here.
+
+No environment variable turns these lines off (``TF_ENABLE_ONEDNN_OPTS=0`` changes the
+kernels, which is ``numerics: portable``'s business; ``CUDA_VISIBLE_DEVICES`` does not stop the
+CUDA probe). So during the import only, fd 2 goes through a pipe whose reader drops exactly
+these INFO lines and forwards every other byte at once: warnings, errors and a crash's last
+words still reach the terminal. With ``TF_CPP_MIN_LOG_LEVEL=0`` (the user asks for INFO)
+nothing is filtered.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import sys
 import threading
 from collections.abc import Iterator
 
-#: The start-up notices dropped: absl's pre-initialisation banner and two INFO lines that say
-#: what every CPU-only machine is (no CUDA driver, oneDNN on). Nothing at W, E or F level.
+#: The start-up notices dropped: absl's pre-initialisation banner, the INFO line of a CPU-only
+#: machine (no CUDA driver) and the INFO line saying oneDNN runs (recorded on every run as
+#: ``numerics.onednn`` instead). Nothing at W, E or F level.
 NOTICES = (
     re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\) is called are "
                rb"written to STDERR\r?\n"),

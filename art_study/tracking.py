@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from pydantic import BaseModel
 
+from art_study import numerics
 from art_study.errors import TrackingError, TrainingError
 from art_study.results import RESULTS_ARTIFACT, EvaluationResult, write_table
 
@@ -143,11 +144,13 @@ def prepare_store(uri: str | None, experiment: str) -> str:
 
 
 def environment_tags() -> dict[str, str]:
-    """Package versions, Python, platform and git commit: what reproducing a run needs.
+    """Package versions, Python, platform, git commit and the numerics fingerprint
+    (``numerics.*``, :mod:`art_study.numerics`): what reproducing a run needs.
 
-    Computed once per process (two ``git`` calls and a metadata scan), not once per child run.
+    The first four are computed once per process (two ``git`` calls and a metadata scan), the
+    fingerprint at each call: it reports the process's TensorFlow settings as they are now.
     """
-    return dict(_environment_tags())
+    return {**_environment_tags(), **numerics.tags(numerics.fingerprint())}
 
 
 @functools.cache
@@ -166,7 +169,8 @@ def _environment_tags() -> dict[str, str]:
 def is_environment_tag(name: str) -> bool:
     """Whether ``name`` is one of :func:`environment_tags`' own (MLflow's git tag aside), so a
     reader of the store (``runs.csv``) keeps exactly what was recorded for reproducing a run."""
-    return name in ("python", "platform", "git_commit") or name.startswith("version.")
+    return name in ("python", "platform", "git_commit") or name.startswith(("version.",
+                                                                            "numerics."))
 
 
 def git_commit() -> str | None:

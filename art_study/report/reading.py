@@ -208,10 +208,12 @@ RUN_TAGS = ("sequence", "depth", "seed", "stages", "gradient_masking_suspected",
 
 def is_provenance(tag: str) -> bool:
     """What produced a run: its environment (:func:`art_study.tracking.is_environment_tag`)
-    and each stage's model sha256 (``stage<n>.sha256``). A re-run compares its models' hashes
+    and each stage's model sha256 and numerics fingerprint (``stage<n>.sha256``,
+    ``stage<n>.numerics``). A re-run compares its models' hashes
     with these to tell "the same training, bit for bit" from "another machine's floating
     point"."""
-    return is_environment_tag(tag) or (tag.startswith("stage") and tag.endswith(".sha256"))
+    return is_environment_tag(tag) or (tag.startswith("stage") and tag.endswith(
+        (".sha256", ".numerics", ".numerics_differs")))
 
 
 def runs_table(finished: pd.DataFrame) -> pd.DataFrame:

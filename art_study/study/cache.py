@@ -60,6 +60,12 @@ class StageRecord:
     extra: dict[str, Any]
     model_sha256: str = ""  # of model.h5; empty in entries written before checksums existed
 
+    @property
+    def numerics(self) -> dict[str, str]:
+        """The numerics fingerprint of the process that trained the stage (``extra``, so that
+        older code sharing the cache still reads the record); empty for older entries."""
+        return self.extra.get("numerics", {})
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

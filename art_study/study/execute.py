@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from art_study import numerics
 from art_study.config import ExperimentConfig
 from art_study.data import MnistData, load_mnist
 from art_study.errors import ArtStudyError
@@ -101,10 +102,14 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     """
     make_executor = choose_backend(ray_options)  # fails before the store or the data is touched
     cache = open_cache(cache_dir_for(cfg))  # so does a stage cache that cannot be reached
+    n = cfg.numerics
+    numerics.apply(n.mode, n.intra_op_threads, n.inter_op_threads)  # before any tensor exists
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
-    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds})
+    strict = cfg.study is not None and cfg.study.numerics_strict
+    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
+                     numerics.fingerprint()["id"] if strict else None)
     executor = make_executor(cfg, data, cache, progress)
     try:
         if cfg.study is None:

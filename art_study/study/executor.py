@@ -26,6 +26,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from art_study import numerics
 from art_study.config import ExperimentConfig, flatten, to_yaml
 from art_study.data import MnistData
 from art_study.errors import ArtStudyError, TrackingError
@@ -266,6 +267,7 @@ class Executor(abc.ABC):
         mlflow.set_tags({f"stage{s.index + 1}.key": s.key for s in spec.stages})
         mlflow.set_tags({f"stage{s.index + 1}.sha256": r.model_sha256
                          for s, r in zip(spec.stages, records, strict=True) if r.model_sha256})
+        mlflow.set_tags(stage_numerics_tags(records, numerics.fingerprint()["id"]))
         times = [h["epoch_time_s"] for r in records for h in r.history if "epoch_time_s" in h]
         metrics["train/total_time_s"] = sum(r.train_time_s for r in records)
         metrics["train/mean_epoch_time_s"] = sum(times) / max(len(times), 1)
@@ -289,6 +291,20 @@ class Executor(abc.ABC):
             mlflow.log_metrics({f"train/{k}": v for k, v in h.items()}, step=offset + i)
         mlflow.log_metric(f"stage{stage.index + 1}/cached", float(cached))
         return record
+
+
+def stage_numerics_tags(records: list[StageRecord], current_id: str) -> dict[str, str]:
+    """``stage<n>.numerics``: what computed each stage (its record's fingerprint in one line);
+    ``stage<n>.numerics_differs``: ``true`` for a stage trained under another fingerprint than
+    this process's (another CPU, thread count or mode), whose weights this machine might not
+    reproduce bit for bit."""
+    tags = {}
+    for n, record in enumerate(records, start=1):
+        fp = record.numerics
+        tags[f"stage{n}.numerics"] = numerics.summary(fp)
+        if fp.get("id") and fp["id"] != current_id:
+            tags[f"stage{n}.numerics_differs"] = "true"
+    return tags
 
 
 def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> str | None:

@@ -45,6 +45,9 @@ SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}
 # keys by fingerprint) or another stage cache has the same keys, so it resumes.
 LOCATION: dict[str, bool | set[str]] = {"tracking": True, "data": {"dir", "download"},
                                         "study": {"cache_dir"}}
+# How the machine computes, not what: a study resumes under either numerics mode. Stage keys
+# carry the numerics fingerprint only with ``study.numerics_strict`` (``plan_runs``).
+NUMERICS: dict[str, bool | set[str]] = {"numerics": True, "study": {"numerics_strict"}}
 
 
 def stable_hash(obj: Any) -> str:
@@ -183,7 +186,7 @@ def _key_settings(model: type[DefenseSettings], settings: dict[str, Any]) -> dic
 
 
 def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int],
-                 fingerprint: str) -> tuple[StageSpec, ...]:
+                 fingerprint: str, numerics_id: str | None = None) -> tuple[StageSpec, ...]:
     from art_study.defenses import DEFENSES
 
     root = {
@@ -194,6 +197,8 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
                  "fingerprint": fingerprint},
         "seed": cfg.seed,
     }
+    if numerics_id is not None:  # absent by default, so shared caches keep their keys
+        root["numerics"] = numerics_id
     stages: list[StageSpec] = []
     parent_key = stable_hash(root)
     for i, (defense, n) in enumerate(zip(chain, epochs, strict=True)):
@@ -222,11 +227,14 @@ def _stage_key(cfg: ExperimentConfig, parent_key: str, index: int, defense: str,
     return settings, stable_hash(material)
 
 
-def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSpec]:
+def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
+              numerics_id: str | None = None) -> list[RunSpec]:
     """Every run of the config, in execution order (depth, seed, then sequence).
 
     ``fingerprints`` maps each seed to the fingerprint of the data that seed's runs use (subsets
-    are seeded), so a stage trained on other data never matches.
+    are seeded), so a stage trained on other data never matches. ``numerics_id`` (given with
+    ``study.numerics_strict``) enters every stage key, so a stage trained under another numerics
+    fingerprint never matches either.
     """
     check_defense_sections(cfg)
     if cfg.study is None:  # a single experiment: one stage of plain training
@@ -246,7 +254,7 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str]) -> list[RunSp
             seen.add((name, depth, seed))
             run_cfg = _run_config(cfg, depth, seed)
             n_epochs = cfg.study.stage_epochs[: len(chain)] if cfg.study else epochs
-            stages = _stage_chain(run_cfg, chain, n_epochs, fingerprints[seed])
+            stages = _stage_chain(run_cfg, chain, n_epochs, fingerprints[seed], numerics_id)
             key = stable_hash({"stages": stages[-1].key, **evaluation})
             runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
     if cfg.evaluation.attacks:
@@ -276,9 +284,9 @@ def evaluation_identity(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def key_exclude() -> dict[str, bool | set[str]]:
-    """Config fields left out of study keys: speed-only settings and locations."""
+    """Config fields left out of study keys: speed-only settings, locations, numerics."""
     out: dict[str, bool | set[str]] = {k: set(v) for k, v in SPEED_ONLY.items()}
-    for section, fields in LOCATION.items():
+    for section, fields in [*LOCATION.items(), *NUMERICS.items()]:
         out[section] = True if fields is True else {*out.get(section, set()), *fields}
     return out
 

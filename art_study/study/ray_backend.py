@@ -38,7 +38,8 @@ from typing import Any
 import keras
 
 import art_study
-from art_study.config import ExperimentConfig
+from art_study import numerics
+from art_study.config import ExperimentConfig, NumericsConfig
 from art_study.data import MnistData
 from art_study.errors import ArtStudyError
 from art_study.evaluation import EvaluationResult, TransferSet
@@ -102,7 +103,7 @@ class RayExecutor(Executor):
         self.ray = ray = import_ray()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            _connect(ray, options.address)
+            _connect(ray, options.address, portable=cfg.numerics.mode == "portable")
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         self._resources = {"num_cpus": 1 if cpus is None else cpus, "num_gpus": gpus,
@@ -222,10 +223,13 @@ class RayExecutor(Executor):
             raise
 
 
-def _connect(ray: Any, address: str | None) -> None:
+def _connect(ray: Any, address: str | None, portable: bool = False) -> None:
     """``ray.init``: connect to the cluster at ``address`` (or $RAY_ADDRESS), else start one
-    that listens on loopback only (:func:`_loopback_only`)."""
+    that listens on loopback only (:func:`_loopback_only`). With ``portable`` numerics the
+    workers start with oneDNN off: TensorFlow reads the switches once, when a worker imports it."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
+    if portable:
+        env.update(numerics.PORTABLE_ENV)
     local = address is None and not os.environ.get("RAY_ADDRESS")
     runtime_env: dict[str, Any] = {"env_vars": env}
     if not local:  # the cluster's nodes get this very art-study from the driver, not a path
@@ -281,7 +285,7 @@ def _stage_task(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache_
         return False
     if stage.parent is not None:
         _require(cache, stage.parent.key, f"worker {socket.gethostname()}")
-    _limit_threads(threads)
+    _configure(cfg.numerics, threads)
     with _without_live_metrics():
         train_stage(stage, cfg, data, cache)
     return True
@@ -293,7 +297,7 @@ def _craft_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int | 
     the same examples). ``stage_done`` only orders it after the control's last stage."""
     cache = open_cache(cache_root)
     _require(cache, spec.reference.key, f"worker {socket.gethostname()}")
-    _limit_threads(threads)
+    _configure(spec.config.numerics, threads)
     return transfer_examples(spec, data, cache)
 
 
@@ -304,7 +308,7 @@ def _evaluate_task(spec: RunSpec, data: MnistData, cache_root: str, threads: int
     ``stage_done`` only orders it after the task of the stage it reads."""
     cache = open_cache(cache_root)
     _require(cache, spec.stages[-1].key, f"worker {socket.gethostname()}")
-    _limit_threads(threads)
+    _configure(spec.config.numerics, threads)
     model = compile_model(cache.load_model(spec.stages[-1].key), spec.config.train)
     sets = {} if crafted is None else {spec.reference.key: crafted}
     return evaluate_run(spec, model, data, cache, transfer_sets=sets)
@@ -317,6 +321,15 @@ def _require(cache: StageCache | ObjectStageCache, key: str, where: str) -> None
             "stage cache (study.cache_dir: a bucket, or a directory at the same path) must be "
             "shared by the driver and every Ray node; rerun to retrain it"
         )
+
+
+def _configure(n: NumericsConfig, threads: int | None) -> None:
+    """The worker's TensorFlow as the config says: portable numerics (its own thread counts),
+    else ``threads`` (:func:`_limit_threads`)."""
+    if n.mode == "portable":
+        numerics.apply(n.mode, n.intra_op_threads, n.inter_op_threads)
+    else:
+        _limit_threads(threads)
 
 
 def _limit_threads(n: int | None) -> None:

@@ -16,6 +16,7 @@ import time
 import keras
 import tensorflow as tf
 
+from art_study import numerics
 from art_study.config import ExperimentConfig
 from art_study.data import MnistData
 from art_study.defenses import DEFENSES, StageContext
@@ -77,7 +78,7 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
     else:
         model = defense.train(model, ctx, stage.epochs, settings)
     record = StageRecord(stage.key, stage.defense, stage.epochs, ctx.history,
-                         time.perf_counter() - t0, extra)
+                         time.perf_counter() - t0, {**extra, "numerics": numerics.fingerprint()})
     cache.save(model, record)
     return cache.record(stage.key)  # as saved: with its checksum (or a concurrent writer's)
 
