@@ -42,6 +42,11 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.data_dir:
         overrides.append(f"data.dir={args.data_dir}")
+    data = getattr(args, "data", None)
+    if data:  # a dataset's name, else a local dataset's path
+        from art_study.datasets import DATASETS
+
+        overrides.append(f"data.name={data}" if data in DATASETS else f"data.path={data}")
     return overrides
 
 
@@ -337,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate", help="evaluate one trained model (clean, FGSM, attacks, masking checks)",
-        description="Evaluate one trained Keras MNIST classifier with the evaluation section of "
-                    "a config (default: the paper study's) and log one MLflow run "
+        description="Evaluate one trained Keras image classifier with the evaluation section of "
+                    "a config (default: the paper study's, at the dataset's ε) and log one "
+                    "MLflow run "
                     "(evaluation_only=true) beside the studies' runs.")
     ev.add_argument("model", help="a .keras or .h5 file, an MLflow model URI (runs:/<id>/model, "
                     "models:/<name>/<version or @alias>), or a run id of the store")
@@ -349,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set evaluation.n_attack=1000")
     ev.add_argument("--tracking-uri", help="MLflow store to read runs from and log to "
                     "(default: sqlite under mlruns/)")
-    ev.add_argument("--data-dir", help="directory with the MNIST IDX files or mnist.npz")
+    ev.add_argument("--data-dir", help="directory with the dataset's files (MNIST: the IDX "
+                    "files or mnist.npz)")
+    ev.add_argument("--data", metavar="DATASET",
+                    help="mnist (default), fashion_mnist, cifar10, or the path of a local "
+                         "dataset (npz or IDX directory); the same as --set data.name=...")
     ev.add_argument("--transfer-from", metavar="MODEL",
                     help="model (any MODEL form) to craft the config's transfer attacks on, "
                          "e.g. an undefended one; without it they are skipped")

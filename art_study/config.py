@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from art_study.datasets import DATASETS, Eps
 from art_study.errors import ConfigError
 
 #: The paper's FGSM budget is not stated. We sweep ε over the usual MNIST L∞ range, up to 0.3
@@ -32,15 +33,27 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Where MNIST comes from and how much of it a run uses."""
+    """Which dataset, where it comes from and how much of it a run uses."""
 
+    name: Literal["mnist", "fashion_mnist", "cifar10"] = Field(
+        "mnist", description="The dataset (art_study/datasets.py): its shape, classes and ε grid.")
+    path: str | None = Field(
+        None, description="A dataset of your own instead of `name`: an npz with x_train, "
+        "y_train, x_test, y_test, or a directory of the four IDX files.")
     dir: str | None = Field(
-        None, description="Directory with the IDX files or mnist.npz; else $ART_STUDY_DATA_DIR, "
-        "then the Keras cache, then Keras' download."
+        None, description="Directory with the named dataset's files (MNIST: IDX files or "
+        "mnist.npz, else $ART_STUDY_DATA_DIR; Fashion-MNIST: IDX files; CIFAR-10: "
+        "cifar-10-python.tar.gz); else the usual places, then Keras' download."
     )
     n_train: int | None = Field(None, ge=10, le=60_000, description="Stratified train subset.")
     n_test: int | None = Field(None, ge=10, le=10_000, description="Stratified test subset.")
     download: bool = Field(True, description="Allow Keras' own download as a last resort.")
+
+    @model_validator(mode="after")
+    def _name_or_path(self) -> DataConfig:
+        if self.path is not None and self.name != "mnist":
+            raise ValueError(f"set data.name ({self.name}) or data.path, not both")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -111,8 +124,9 @@ class AttackConfig(_Strict):
     """
 
     name: str = Field(..., min_length=1, description="Alias (pgd, apgd-ce, square, ...) or class.")
-    eps: list[float] | None = Field(
-        None, min_length=1, description="L∞ budgets; unset → the evaluation's eps list."
+    eps: list[Eps] | None = Field(
+        None, min_length=1, description="L∞ budgets (e.g. 0.3 or 8/255); unset → the "
+        "evaluation's eps list."
     )
     n_images: int = Field(500, ge=1, description="The first n test images are attacked.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for ART.")
@@ -153,7 +167,9 @@ class DiagnosticsConfig(_Strict):
 class EvaluationConfig(_Strict):
     """FGSM sweep (ours and ART's, cross-checked), stronger attacks, transfer, diagnostics."""
 
-    eps: list[float] = Field(default_factory=lambda: list(DEFAULT_EPS), min_length=1)
+    eps: list[Eps] = Field(
+        default_factory=lambda: list(DEFAULT_EPS), min_length=1,
+        description="The FGSM sweep's L∞ budgets (0.1, or 8/255); unset → the dataset's grid.")
     n_attack: int | None = Field(
         None, ge=1, description="Test images attacked (the first n of the test set); all if unset."
     )
@@ -343,6 +359,18 @@ class ExperimentConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     numerics: NumericsConfig = Field(default_factory=NumericsConfig)
     study: StudySection | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_eps(cls, raw: Any) -> Any:
+        """An evaluation without ``eps`` sweeps its dataset's grid (MNIST's is DEFAULT_EPS)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            return raw
+        spec = DATASETS.get(raw["data"].get("name"))
+        evaluation = raw.get("evaluation", {})
+        if spec is None or not isinstance(evaluation, dict) or "eps" in evaluation:
+            return raw
+        return {**raw, "evaluation": {**evaluation, "eps": list(spec.eps)}}
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -24,10 +24,7 @@ import tensorflow as tf
 from art.estimators.classification import KerasClassifier
 from art.utils import check_and_transform_label_format
 
-from art_study.models import INPUT_SHAPE, N_CLASSES
-
-_X = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
-_Y = tf.TensorSpec((None, N_CLASSES), tf.float32)
+from art_study.models import input_shape_of, n_classes_of
 
 
 def dlr_loss(y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
@@ -60,7 +57,7 @@ class CompiledKerasClassifier(KerasClassifier):
         self._compiled = (
             isinstance(model.loss, keras.losses.CategoricalCrossentropy)
             and model.loss.get_config().get("from_logits", False)
-            and tuple(model.input_shape[1:]) == INPUT_SHAPE
+            and len(model.input_shape) == 4
             and self.preprocessing_defences is None
             and self.postprocessing_defences is None
         )
@@ -68,13 +65,15 @@ class CompiledKerasClassifier(KerasClassifier):
             raise ValueError("the DLR loss needs a model compiled with cross-entropy on logits")
         ce_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
         ce = dlr_loss if loss == "dlr" else ce_fn
+        x_spec = tf.TensorSpec((None, *input_shape_of(model)), tf.float32)
+        y_spec = tf.TensorSpec((None, n_classes_of(model)), tf.float32)
 
-        @tf.function(input_signature=[_X, _Y])
+        @tf.function(input_signature=[x_spec, y_spec])
         def per_image_loss(x, y):
             return ce(y, model(x, training=False))
 
         def make_loss_gradient(training: bool):
-            @tf.function(input_signature=[_X, _Y])
+            @tf.function(input_signature=[x_spec, y_spec])
             def loss_gradient(x, y):
                 with tf.GradientTape() as tape:
                     tape.watch(x)
@@ -83,7 +82,7 @@ class CompiledKerasClassifier(KerasClassifier):
 
             return loss_gradient
 
-        @tf.function(input_signature=[_X, tf.TensorSpec((None,), tf.int32)])
+        @tf.function(input_signature=[x_spec, tf.TensorSpec((None,), tf.int32)])
         def label_gradient(x, labels):
             # d logit[label_i] / d x_i for every image at once: images are independent in
             # inference mode, so the gradient of the sum is each image's own gradient.
@@ -93,7 +92,7 @@ class CompiledKerasClassifier(KerasClassifier):
                 picked = tf.gather(logits, labels, axis=1, batch_dims=1)
             return tape.gradient(picked, x)
 
-        @tf.function(input_signature=[_X])
+        @tf.function(input_signature=[x_spec])
         def jacobian(x):
             with tf.GradientTape() as tape:
                 tape.watch(x)
@@ -181,7 +180,7 @@ def to_tensorflow_v2(model: keras.Model):
     from art.estimators.classification import TensorFlowV2Classifier
 
     return TensorFlowV2Classifier(
-        model=model, nb_classes=N_CLASSES, input_shape=INPUT_SHAPE,
+        model=model, nb_classes=n_classes_of(model), input_shape=input_shape_of(model),
         loss_object=keras.losses.CategoricalCrossentropy(from_logits=True),
         clip_values=(0.0, 1.0),
     )

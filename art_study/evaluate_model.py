@@ -32,6 +32,7 @@ from art_study.config import (
     flatten,
     load_config,
 )
+from art_study.datasets import DATASETS, MNIST, dataset_evaluation
 from art_study.errors import TrackingError
 from art_study.model_source import PreparedModel
 
@@ -62,10 +63,14 @@ SECTIONS = ("seed", "data", "evaluation", "tracking")
 
 def evaluation_config(path: str | Path | None, overrides: list[str]) -> ExperimentConfig:
     """The config file's sections (its ``evaluation:``, ``data:``, ``seed``, ``tracking:``), or
-    the paper study's evaluation when no file is given; ``--set`` overrides apply to either."""
+    the paper study's evaluation when no file is given, moved to the dataset's ε budgets
+    (:func:`art_study.datasets.dataset_evaluation`); ``--set`` overrides apply to either."""
     if path is not None:
         return load_config(path, overrides)
-    raw = {"name": "evaluate", "evaluation": copy.deepcopy(PAPER_EVALUATION)}
+    data = apply_overrides({}, overrides).get("data", {})
+    spec = DATASETS.get(data.get("name") if isinstance(data, dict) else None, MNIST)
+    raw = {"name": "evaluate",
+           "evaluation": dataset_evaluation(spec, copy.deepcopy(PAPER_EVALUATION))}
     return config_from_mapping(apply_overrides(raw, overrides), "(the paper's evaluation)")
 
 
@@ -118,12 +123,12 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
         model = load(source, unsafe=unsafe_load)
         data = load_data(cfg, [cfg.seed])[cfg.seed]
         x_probe, y_probe = data.x_test[:N_PROBE], data.y_test[:N_PROBE]
-        prepared = prepare(model, source, x_probe, y_probe)
+        prepared = prepare(model, source, x_probe, y_probe, data.spec)
         reference = None
         if evaluation.transfer and transfer_from is not None:
             ref_source = locate(transfer_from, Path(tmp) / "reference")
             reference = prepare(load(ref_source, unsafe=unsafe_load), ref_source, x_probe,
-                                y_probe)
+                                y_probe, data.spec)
     for warning in prepared.warnings:
         log.warning(warning)
 

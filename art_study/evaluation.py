@@ -39,7 +39,7 @@ from art_study.diagnostics import (
     probe_model,
     zero_gradient_count,
 )
-from art_study.models import one_hot, predict_labels, to_art
+from art_study.models import n_classes_of, one_hot, predict_labels, to_art
 from art_study.results import (
     CrossCheck,
     EvaluationResult,
@@ -94,7 +94,7 @@ def craft_transfer(reference: keras.Model, x: np.ndarray, y: np.ndarray,
         est = estimators[attack.estimator]
         out.examples[key] = {  # ε = 0 is the identity (ART's attacks refuse a zero budget)
             eps: x[:n].copy() if eps == 0 else attack.build(est, eps, cfg.batch_size).generate(
-                x=x[:n], y=one_hot(y[:n])) for eps in attack.eps}
+                x=x[:n], y=one_hot(y[:n], n_classes_of(reference))) for eps in attack.eps}
         out.seconds[key] = time.perf_counter() - t0
     return out
 
@@ -125,7 +125,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
 def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationConfig,
                result: EvaluationResult, progress: bool) -> None:
     """Clean accuracy; our FGSM at every ε; ART's on the first ``xcheck_images``; cross-check."""
-    y1h = one_hot(y)
+    y1h = one_hot(y, n_classes_of(model))
     clean = predict_labels(model, x) == y
     result.outcomes.append(Outcome(Kind.CLEAN, "", math.nan, float(np.mean(clean)), len(x),
                                    verdict=clean))
@@ -261,7 +261,7 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
         attack = resolve(AttackConfig(name="pgd", eps=eps, n_images=n,
                                       args={"max_iter": steps}, label=label), cfg.eps)
         run_attack(attack, estimators, x, y, cfg, result, Kind.DIAG)
-    grads = estimators["keras"].loss_gradient(x[:n], one_hot(y[:n]))
+    grads = estimators["keras"].loss_gradient(x[:n], one_hot(y[:n], n_classes_of(model)))
     result.gradients = GradientFigures(
         zero_share=gradient_zero_share(grads),
         l1_median=float(np.median(np.abs(grads.reshape(n, -1)).sum(axis=1))))

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from art_study.datasets import MNIST, DatasetSpec
 from art_study.errors import ArtStudyError
 
-#: The inputs every attack, estimator and diagnostic of art-study assumes: MNIST digits,
-#: channels last, pixels in [0, 1].
-INPUT_SHAPE = (28, 28, 1)
-N_CLASSES = 10
+#: The inputs every attack, estimator and diagnostic of art-study assumes: channels last,
+#: pixels in [0, 1]; the shape and classes are the dataset's (MNIST's by default).
+INPUT_SHAPE = MNIST.input_shape
+N_CLASSES = MNIST.n_classes
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 #: At or below this clean accuracy on [0, 1] inputs (chance is 0.1) the model does not
@@ -45,7 +46,7 @@ CONVERSION_TOLERANCE = 1e-4
 
 
 class ModelError(ArtStudyError):
-    """The given model cannot be found, loaded or evaluated as an MNIST classifier."""
+    """The given model cannot be found, loaded or evaluated as a classifier of the dataset."""
 
 
 @dataclass(frozen=True)
@@ -231,22 +232,24 @@ def _unknown_classes(path: Path) -> list[str]:
 
 
 # -- making it a logits classifier of our inputs -------------------------------------------------
-def prepare(model, source: ModelSource, x_probe: np.ndarray, y_probe: np.ndarray
-            ) -> PreparedModel:
-    """Check the input and output shapes, take a separable softmax off, check the model
-    classifies ``x_probe`` (MNIST test images in [0, 1]) and compile it for the attacks."""
+def prepare(model, source: ModelSource, x_probe: np.ndarray, y_probe: np.ndarray,
+            dataset: DatasetSpec = MNIST) -> PreparedModel:
+    """Check the input and output shapes against ``dataset``, take a separable softmax off,
+    check the model classifies ``x_probe`` (its test images in [0, 1]) and compile it for the
+    attacks."""
     from art_study.config import TrainConfig
     from art_study.models import compile_model
 
-    check_shapes(model, source.spec)
+    check_shapes(model, source.spec, dataset)
     prepared = to_logits(model, source, x_probe)
-    check_input_scale(prepared.model, source.spec, x_probe, y_probe)
+    check_input_scale(prepared.model, source.spec, x_probe, y_probe, dataset)
     compile_model(prepared.model, TrainConfig())
     return prepared
 
 
-def check_shapes(model, spec: str) -> None:
-    """One 28×28×1 input and ten outputs, or a one-line refusal.
+def check_shapes(model, spec: str, dataset: DatasetSpec = MNIST) -> None:
+    """One input of the dataset's shape (MNIST: 28×28×1) and one score per class, or a
+    one-line refusal.
 
     A 28×28 input without the channel axis is refused too rather than wrapped in a Reshape:
     the evaluated model would then not be the file's, and its sha256 would not describe it.
@@ -258,13 +261,21 @@ def check_shapes(model, spec: str) -> None:
         raise ModelError(f"{spec} has {len(model.inputs)} inputs and {len(model.outputs)} "
                          "outputs; art-study evaluates one image input and one output")
     shape = tuple(model.inputs[0].shape[1:])
-    if shape != INPUT_SHAPE:
-        raise ModelError(f"{spec} takes inputs of shape {shape}; art-study evaluates MNIST as "
-                         f"{INPUT_SHAPE} (28×28, one channel last, pixels in [0, 1])")
+    want, name = tuple(dataset.input_shape), _display(dataset)
+    if shape != want:
+        h, w, c = want
+        channels = "one channel" if c == 1 else f"{c} channels"
+        raise ModelError(f"{spec} takes inputs of shape {shape}; art-study evaluates {name} as "
+                         f"{want} ({h}×{w}, {channels} last, pixels in [0, 1])")
     out = tuple(model.outputs[0].shape[1:])
-    if out != (N_CLASSES,):
-        raise ModelError(f"{spec} outputs shape {out}; an MNIST classifier outputs "
-                         f"({N_CLASSES},) scores")
+    if out != (dataset.n_classes,):
+        raise ModelError(f"{spec} outputs shape {out}; a {name} classifier outputs "
+                         f"({dataset.n_classes},) scores")
+
+
+def _display(dataset: DatasetSpec) -> str:
+    return {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}.get(
+        dataset.name, "the local dataset")
 
 
 def _is_softmax(fn: object) -> bool:
@@ -308,21 +319,42 @@ def to_logits(model, source: ModelSource, x_probe: np.ndarray) -> PreparedModel:
     return PreparedModel(model, source, "logits")
 
 
-def check_input_scale(model, spec: str, x: np.ndarray, y: np.ndarray) -> None:
-    """Refuse a model that does not classify MNIST in [0, 1], naming the scale it wants."""
+def check_input_scale(model, spec: str, x: np.ndarray, y: np.ndarray,
+                      dataset: DatasetSpec = MNIST) -> None:
+    """Refuse a model that does not classify the dataset in [0, 1], naming the scale it wants:
+    [0, 255], [-1, 1], or standardised by the test images' own per-channel mean and standard
+    deviation (for MNIST these are the usual 0.1307 and 0.3081)."""
     def acc(inputs: np.ndarray) -> float:
         return float(np.mean(np.argmax(model.predict(inputs, verbose=0), axis=1) == y))
 
     clean = acc(x)
     if clean > MIN_CLEAN_ACCURACY:
         return
-    scales = {"[0, 255]": x * 255.0, "standardised (x - 0.1307) / 0.3081": (x - 0.1307) / 0.3081}
+    mean, std = _channel_stats(x, dataset)
+    text = ", ".join(f"{m:.4f}" for m in mean), ", ".join(f"{s:.4f}" for s in std)
+    scales = {"[0, 255]": x * 255.0, "[-1, 1]": x * 2.0 - 1.0,
+              f"standardised (x - {text[0]}) / {text[1]}": (x - mean) / std}
     better = {name: acc(v) for name, v in scales.items()}
     name, best = max(better.items(), key=lambda kv: kv[1])
     hint = (f"; it scores {best:.0%} on pixels {name}: rescale inside the model"
             if best > MIN_CLEAN_ACCURACY and best > clean + 0.2 else "")
-    raise ModelError(f"{spec} classifies only {clean:.0%} of {len(x)} MNIST test images with "
-                     f"pixels in [0, 1] (the input art-study attacks){hint}")
+    raise ModelError(f"{spec} classifies only {clean:.0%} of {len(x)} {_display(dataset)} test "
+                     f"images with pixels in [0, 1] (the input art-study attacks){hint}")
+
+
+#: The published normalisation of each dataset (per channel), the scale a model trained with
+#: the usual torchvision or Keras recipe expects; a local dataset's comes from its images.
+NORMALISATION = {"mnist": ((0.1307,), (0.3081,)), "fashion_mnist": ((0.2860,), (0.3530,)),
+                 "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+
+
+def _channel_stats(x: np.ndarray, dataset: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation: the dataset's published ones, else ``x``'s."""
+    if dataset.name in NORMALISATION:
+        mean, std = NORMALISATION[dataset.name]
+        return np.array(mean, np.float32), np.array(std, np.float32)
+    return (x.mean(axis=(0, 1, 2)).astype(np.float32),
+            np.maximum(x.std(axis=(0, 1, 2)), 1e-6).astype(np.float32))
 
 
 def _first_line(exc: BaseException) -> str:

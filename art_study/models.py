@@ -13,19 +13,24 @@ import numpy as np
 
 from art_study.config import ModelConfig, TrainConfig
 
+#: MNIST's input and classes: the defaults of :func:`build_cnn` and :func:`one_hot`. Other code
+#: takes a model's own shapes (:func:`input_shape_of`, :func:`n_classes_of`).
 INPUT_SHAPE = (28, 28, 1)
 N_CLASSES = 10
 
 
-def build_cnn(cfg: ModelConfig, name: str | None = None) -> keras.Model:
-    """Build the paper's CNN with ``cfg.n_conv`` conv blocks.
+def build_cnn(cfg: ModelConfig, name: str | None = None, *,
+              input_shape: tuple[int, int, int] = INPUT_SHAPE,
+              n_classes: int = N_CLASSES) -> keras.Model:
+    """Build the paper's CNN with ``cfg.n_conv`` conv blocks for ``input_shape`` (H, W, C).
 
     Each block is Conv(ReLU, same padding) → BatchNorm → MaxPool(2). Pooling is skipped once the
-    feature map is smaller than 2×2 (28 → 14 → 7 → 3 → 1, so the fifth block has no pooling).
-    Then Flatten → Dense(256, ReLU) → Dropout → Dense(10) logits.
+    feature map is smaller than 2×2 (28 → 14 → 7 → 3 → 1, so the fifth block has no pooling;
+    32 → 16 → 8 → 4 → 2 pools in all five). Then Flatten → Dense(256, ReLU) → Dropout →
+    Dense(n_classes) logits.
     """
-    layers: list[keras.layers.Layer] = [keras.Input(INPUT_SHAPE, name="image")]
-    size = INPUT_SHAPE[0]
+    layers: list[keras.layers.Layer] = [keras.Input(tuple(input_shape), name="image")]
+    size = min(input_shape[0], input_shape[1])
     for i in range(cfg.n_conv):
         layers.append(
             keras.layers.Conv2D(
@@ -41,7 +46,7 @@ def build_cnn(cfg: ModelConfig, name: str | None = None) -> keras.Model:
         keras.layers.Flatten(name="flatten"),
         keras.layers.Dense(cfg.dense_units, activation="relu", name="dense"),
         keras.layers.Dropout(cfg.dropout, name="dropout"),
-        keras.layers.Dense(N_CLASSES, name="logits"),
+        keras.layers.Dense(n_classes, name="logits"),
     ]
     return keras.Sequential(layers, name=name or f"paper_cnn_{cfg.n_conv}conv")
 
@@ -75,9 +80,19 @@ def to_art(model: keras.Model):  # -> art.estimators.classification.KerasClassif
     return KerasClassifier(model=model, use_logits=True, clip_values=(0.0, 1.0))
 
 
-def one_hot(y: np.ndarray) -> np.ndarray:
+def input_shape_of(model: keras.Model) -> tuple[int, ...]:
+    """The image shape (H, W, C) a model takes, without the batch axis."""
+    return tuple(int(d) for d in model.input_shape[1:])
+
+
+def n_classes_of(model: keras.Model) -> int:
+    """The number of classes a model scores (its last axis)."""
+    return int(model.output_shape[-1])
+
+
+def one_hot(y: np.ndarray, n_classes: int = N_CLASSES) -> np.ndarray:
     """Integer labels → float32 one-hot rows (what categorical cross-entropy expects)."""
-    return np.eye(N_CLASSES, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
+    return np.eye(n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
 
 
 def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from art_study.datasets import eps_text
+
 if TYPE_CHECKING:
     from art_study.diagnostics import Diagnosis
 
@@ -58,8 +60,10 @@ SWEEPS = (Kind.FGSM, Kind.FGSM_ART)  # the FGSM sweep at every ε, ours and ART'
 
 
 def eps_key(eps: float) -> str:
-    """Metric-name suffix for an ε (``0.1`` → ``eps_0.1``): an output format only."""
-    return f"eps_{eps:g}"
+    """Metric-name suffix for an ε (``0.1`` → ``eps_0.1``; 8/255 → ``eps_0.03137254901960784``,
+    exact, so the name reads back as the ε: :func:`art_study.datasets.eps_text`): an output
+    format only."""
+    return f"eps_{eps_text(eps)}"
 
 
 @dataclass(eq=False)

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from art_study.attacks.base import Attack, Outcome
-from art_study.models import INPUT_SHAPE, N_CLASSES
+from art_study.models import input_shape_of, n_classes_of
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -122,8 +122,8 @@ class APGD:
         def where(mask, a, b):
             return tf.where(per_image(mask, a), a, b)
 
-        spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
-        lab = tf.TensorSpec((None, N_CLASSES), tf.float32)
+        spec = tf.TensorSpec((None, *input_shape_of(model)), tf.float32)
+        lab = tf.TensorSpec((None, n_classes_of(model)), tf.float32)
 
         @tf.function(input_signature=[spec, lab, lab, tf.TensorSpec((), tf.float32), spec])
         def run(x, y, target, eps, x_adv):
@@ -189,11 +189,12 @@ class APGD:
         for ``dlr-targeted`` only. Images already misclassified are left as they are.
         """
         x = np.asarray(x, np.float32)
-        y1h = np.eye(N_CLASSES, dtype=np.float32)[np.asarray(y, np.int64)]
+        n_classes = n_classes_of(self.model)
+        y1h = np.eye(n_classes, dtype=np.float32)[np.asarray(y, np.int64)]
         if self.loss == "dlr-targeted":
             if target is None:
                 raise ValueError("the targeted DLR loss needs target classes")
-            t1h = np.eye(N_CLASSES, dtype=np.float32)[np.asarray(target, np.int64)]
+            t1h = np.eye(n_classes, dtype=np.float32)[np.asarray(target, np.int64)]
         else:
             t1h = np.zeros_like(y1h)
         x_adv = x.copy()
@@ -220,8 +221,9 @@ def apgd_targeted(attack: APGD, x: np.ndarray, y: np.ndarray, eps: float, *,
     :meth:`APGD.attack`."""
     if attack.loss != "dlr-targeted":
         raise ValueError(f"APGD-T needs the dlr-targeted loss, got {attack.loss!r}")
-    if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= N_CLASSES - 1:
-        raise ValueError(f"n_target_classes must be an integer in 1..{N_CLASSES - 1}, "
+    n_classes = n_classes_of(attack.model)
+    if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_classes - 1:
+        raise ValueError(f"n_target_classes must be an integer in 1..{n_classes - 1}, "
                          f"got {n_target_classes!r}")
     x = np.asarray(x, np.float32)
     y = np.asarray(y)
@@ -241,7 +243,7 @@ def apgd_targeted(attack: APGD, x: np.ndarray, y: np.ndarray, eps: float, *,
 def _logits(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([model(x[s: s + batch_size], training=False).numpy()
                            for s in range(0, len(x), batch_size)]) if len(x) else \
-        np.zeros((0, N_CLASSES), np.float32)
+        np.zeros((0, n_classes_of(model)), np.float32)
 
 
 def _predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -167,7 +167,8 @@ class ArtEvasion(Attack):
         from art_study.models import one_hot
 
         attack = self.entry.build(self.estimator, eps, self.batch_size, self.settings)
-        return Outcome(attack.generate(x=x, y=one_hot(y)), np.zeros(len(x), bool))
+        return Outcome(attack.generate(x=x, y=one_hot(y, self.estimator.nb_classes)),
+                       np.zeros(len(x), bool))
 
 
 def art_fgsm(classifier, x: np.ndarray, y_onehot: np.ndarray, eps: float,

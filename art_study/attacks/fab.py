@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from art_study.attacks.apgd import _logits
-from art_study.models import INPUT_SHAPE, N_CLASSES
+from art_study.models import input_shape_of, n_classes_of
 
 #: The reference's step constants: largest weight of the clean image's projection (``α_max``),
 #: overshoot (``η``), backward step after a success (``β``).
@@ -90,8 +90,9 @@ class FABT:
         for name, v in (("max_iter", n_iter), ("batch_size", batch_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
-        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= N_CLASSES - 1:
-            raise ValueError(f"n_target_classes must be an integer in 1..{N_CLASSES - 1}, "
+        n_classes = n_classes_of(model)
+        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_classes - 1:
+            raise ValueError(f"n_target_classes must be an integer in 1..{n_classes - 1}, "
                              f"got {n_target_classes!r}")
         if not (0.0 <= alpha_max <= 1.0 and eta >= 1.0 and 0.0 < beta < 1.0):
             raise ValueError(f"need 0 ≤ alpha_max ≤ 1, eta ≥ 1, 0 < beta < 1; got "
@@ -104,8 +105,8 @@ class FABT:
     def _build(self):
         model, n_iter = self.model, self.n_iter
         alpha_max, eta, beta = self.alpha_max, self.eta, self.beta
-        spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
-        lab = tf.TensorSpec((None, N_CLASSES), tf.float32)
+        spec = tf.TensorSpec((None, *input_shape_of(model)), tf.float32)
+        lab = tf.TensorSpec((None, n_classes_of(model)), tf.float32)
 
         def flat(v):
             return tf.reshape(v, [tf.shape(v)[0], -1])
@@ -163,7 +164,7 @@ class FABT:
         x = np.asarray(x, np.float32)
         y = np.asarray(y, np.int64)
         ranked = np.argsort(_logits(self.model, x, self.batch_size), axis=1)  # ascending
-        return x, y, np.eye(N_CLASSES, dtype=np.float32)[y], ranked
+        return x, y, np.eye(n_classes_of(self.model), dtype=np.float32)[y], ranked
 
     def attack(self, x: np.ndarray, y: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """``(fooled, x_adv)`` for images ``x`` with integer labels ``y`` at budget ``eps``.
@@ -175,7 +176,7 @@ class FABT:
         x, y, y1h, ranked = self._prepare(x, y)
         fooled = ranked[:, -1] != y
         x_adv = x.copy()
-        eye = np.eye(N_CLASSES, dtype=np.float32)
+        eye = np.eye(n_classes_of(self.model), dtype=np.float32)
         for k in range(2, self.n_target_classes + 2):
             todo = np.flatnonzero(~fooled)
             if not len(todo):
@@ -193,7 +194,7 @@ class FABT:
         x, y, y1h, ranked = self._prepare(x, y)
         best = np.where(ranked[:, -1] != y, 0.0, np.inf).astype(np.float32)
         x_adv = x.copy()
-        eye = np.eye(N_CLASSES, dtype=np.float32)
+        eye = np.eye(n_classes_of(self.model), dtype=np.float32)
         todo = np.flatnonzero(np.isinf(best))
         for k in range(2, self.n_target_classes + 2):
             if not len(todo):

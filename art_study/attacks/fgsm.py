@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from art_study.models import INPUT_SHAPE, N_CLASSES
+from art_study.models import input_shape_of, n_classes_of
 
 
 def input_gradient(model: keras.Model, loss_fn, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -45,11 +45,13 @@ class FGSM:
         self.batch_size = batch_size
         self.progress = progress
         loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        self._shapes = (None, *input_shape_of(model)), (None, n_classes_of(model))
+        x_shape, y_shape = self._shapes
 
         @tf.function(
             input_signature=[
-                tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
-                tf.TensorSpec((None, N_CLASSES), tf.float32),
+                tf.TensorSpec(x_shape, tf.float32),
+                tf.TensorSpec(y_shape, tf.float32),
                 tf.TensorSpec((), tf.float32),
             ]
         )
@@ -57,8 +59,8 @@ class FGSM:
             return tf.clip_by_value(x + eps * signed_gradient(model, loss_fn, x, y), 0.0, 1.0)
 
         @tf.function(input_signature=[
-            tf.TensorSpec((None, *INPUT_SHAPE), tf.float32),
-            tf.TensorSpec((None, N_CLASSES), tf.float32),
+            tf.TensorSpec(x_shape, tf.float32),
+            tf.TensorSpec(y_shape, tf.float32),
         ])
         def gradient(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
             return input_gradient(model, loss_fn, x, y)
@@ -69,7 +71,7 @@ class FGSM:
         """Trace the compiled step now (and, with ``sweep``, :meth:`sweep`'s gradient), so later
         timings measure throughput only. Each trace is a call: on a model with gradient noise
         it draws noise, so trace the sweep only where it will be used."""
-        x, y = tf.zeros((1, *INPUT_SHAPE)), tf.zeros((1, N_CLASSES))
+        x, y = (tf.zeros((1, *shape[1:])) for shape in self._shapes)
         self._step(x, y, tf.constant(0.0))
         if sweep:
             self._gradient(x, y)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from art_study.attacks.base import Attack, Outcome
-from art_study.models import INPUT_SHAPE, N_CLASSES
+from art_study.models import INPUT_SHAPE, input_shape_of, n_classes_of
 
 #: Iteration thresholds after which ``p`` halves (the reference's ``p_selection``).
 P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -39,9 +39,10 @@ def p_at(i: int, p_init: float, n_queries: int | None = None) -> float:
     return p_init / 2 ** sum(i > t for t in P_HALVINGS)
 
 
-def square_sizes(n_queries: int, p_init: float, rescale: bool = False) -> np.ndarray:
-    """The square's side per iteration: ``max(round(sqrt(p·h·w)), 1)``."""
-    h, w, _ = INPUT_SHAPE
+def square_sizes(n_queries: int, p_init: float, rescale: bool = False,
+                 image_shape: tuple[int, ...] = INPUT_SHAPE) -> np.ndarray:
+    """The square's side per iteration: ``max(round(sqrt(p·h·w)), 1)`` for images (h, w, c)."""
+    h, w, _ = image_shape
     scale = n_queries if rescale else None
     return np.array([max(round(math.sqrt(p_at(i, p_init, scale) * h * w)), 1)
                      for i in range(n_queries)], np.int32)
@@ -65,12 +66,13 @@ class Square(Attack):
             raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
         self.model, self.n_queries, self.p_init = model, n_queries, p_init
         self.batch_size, self.chunk = batch_size, chunk
-        self._sizes = tf.constant(square_sizes(n_queries, p_init, rescale_schedule))
+        self._sizes = tf.constant(square_sizes(n_queries, p_init, rescale_schedule,
+                                               input_shape_of(model)))
         self._run = self._build()
 
     def _build(self):
         model = self.model
-        h, w, _ = INPUT_SHAPE
+        h, w, c = input_shape_of(model)
         sizes = self._sizes
 
         def margin(x, y):
@@ -78,9 +80,10 @@ class Square(Attack):
             z_y = tf.reduce_sum(y * logits, axis=1)
             return z_y - tf.reduce_max(logits - 1e9 * y, axis=1)
 
-        spec = tf.TensorSpec((None, *INPUT_SHAPE), tf.float32)
+        spec = tf.TensorSpec((None, *input_shape_of(model)), tf.float32)
+        labels = tf.TensorSpec((None, n_classes_of(model)), tf.float32)
 
-        @tf.function(input_signature=[spec, tf.TensorSpec((None, N_CLASSES), tf.float32), spec,
+        @tf.function(input_signature=[spec, labels, spec,
                                       tf.TensorSpec((None,), tf.float32),
                                       tf.TensorSpec((), tf.float32), tf.TensorSpec((), tf.int32),
                                       tf.TensorSpec((), tf.int32), tf.TensorSpec((2,), tf.int32)])
@@ -91,13 +94,13 @@ class Square(Attack):
             cols = tf.range(w)[None, :, None]
             for i in tf.range(first, last):
                 s = sizes[i]
-                r = tf.random.stateless_uniform([3], tf.stack([seed[0], seed[1] + i]),
+                r = tf.random.stateless_uniform([2 + c], tf.stack([seed[0], seed[1] + i]),
                                                 dtype=tf.float32)
                 vh = tf.cast(r[0] * tf.cast(h - s, tf.float32), tf.int32)
                 vw = tf.cast(r[1] * tf.cast(w - s, tf.float32), tf.int32)
-                sign = tf.where(r[2] < 0.5, -1.0, 1.0)
+                sign = tf.where(r[2:] < 0.5, -1.0, 1.0)  # one per channel
                 inside = ((rows >= vh) & (rows < vh + s) & (cols >= vw) & (cols < vw + s))
-                delta = tf.where(inside, 2.0 * eps * sign, 0.0)  # (h, w, 1), c = 1
+                delta = tf.where(inside, 2.0 * eps * sign, 0.0)  # (h, w, c)
                 x_new = tf.clip_by_value(x_best + delta, lo, hi)
                 m = margin(x_new, y)
                 active = margin_min > 0.0
@@ -113,8 +116,9 @@ class Square(Attack):
 
         Random numbers come from NumPy's global RNG (seeded by the caller), as in ART."""
         x = np.asarray(x, np.float32)
-        y1h = np.eye(N_CLASSES, dtype=np.float32)[np.asarray(y, np.int64)]
-        stripes = np.random.choice([-1.0, 1.0], size=(len(x), 1, INPUT_SHAPE[1], 1))
+        y1h = np.eye(n_classes_of(self.model), dtype=np.float32)[np.asarray(y, np.int64)]
+        _, w, c = input_shape_of(self.model)
+        stripes = np.random.choice([-1.0, 1.0], size=(len(x), 1, w, c))
         x_best = np.clip(x + eps * stripes, 0.0, 1.0).astype(np.float32)
         margin_min = np.concatenate(
             [self._margin(x_best[s: s + self.batch_size], y1h[s: s + self.batch_size])

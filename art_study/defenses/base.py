@@ -59,11 +59,12 @@ class StageContext:
     metric_prefix: str = "train"
     step_offset: int = 0
     progress: bool = True
+    n_classes: int = 10  # the dataset's classes (the width of the one-hot labels)
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def y_train_onehot(self) -> np.ndarray:
-        return np.eye(10, dtype=np.float32)[self.y_train]
+        return np.eye(self.n_classes, dtype=np.float32)[self.y_train]
 
     @property
     def epoch_times(self) -> list[float]:

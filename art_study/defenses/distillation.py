@@ -46,7 +46,7 @@ from pydantic import ConfigDict, Field
 from tqdm.keras import TqdmCallback
 
 from art_study.defenses.base import DefenseSettings, StageContext
-from art_study.models import N_CLASSES, build_cnn, compile_model, make_optimizer
+from art_study.models import build_cnn, compile_model, input_shape_of, make_optimizer, n_classes_of
 from art_study.tracking import EpochRecorder, RaiseOnNaN
 
 
@@ -96,7 +96,7 @@ def distillation_loss(temperature: float, alpha: float):
     ce = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
 
     def loss(y_true, z):
-        p_teacher, y_hard = y_true[:, :N_CLASSES], y_true[:, N_CLASSES:]
+        p_teacher, y_hard = keras.ops.split(y_true, 2, axis=-1)
         entropy = -keras.ops.sum(p_teacher * keras.ops.log(keras.ops.clip(p_teacher, 1e-12, 1.0)),
                                  axis=-1)
         soft = (ce(p_teacher, z / t) - entropy) * (t * t)
@@ -108,7 +108,7 @@ def distillation_loss(temperature: float, alpha: float):
 
 def _hard_accuracy(y_true, z):
     """Top-1 accuracy on the one-hot half of the packed targets (T does not change argmax)."""
-    return keras.metrics.categorical_accuracy(y_true[:, N_CLASSES:], z)
+    return keras.metrics.categorical_accuracy(keras.ops.split(y_true, 2, axis=-1)[1], z)
 
 
 def soft_labels(teacher: keras.Model, x: np.ndarray, temperature: float,
@@ -176,7 +176,8 @@ def train(model: keras.Model, ctx: StageContext, epochs: int, settings: Settings
         ctx.log_epoch(merged)
 
     targets = np.concatenate([soft_labels(teacher, ctx.x_train, t), ctx.y_train_onehot], axis=1)
-    student = build_cnn(ctx.model_cfg, name=f"{teacher.name}_student")
+    student = build_cnn(ctx.model_cfg, name=f"{teacher.name}_student",
+                        input_shape=input_shape_of(teacher), n_classes=n_classes_of(teacher))
     if settings.student_init == "teacher":
         _copy_weights_by_name(teacher, student)
     student.compile(optimizer=make_optimizer(ctx.train),

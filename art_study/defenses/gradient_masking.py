@@ -36,7 +36,7 @@ import tensorflow as tf
 from pydantic import ConfigDict, Field
 
 from art_study.defenses.base import DefenseSettings, StageContext, fit
-from art_study.models import INPUT_SHAPE, compile_model
+from art_study.models import compile_model, input_shape_of
 
 
 class Settings(DefenseSettings):
@@ -245,7 +245,8 @@ def strip_masking(model: keras.Model) -> keras.Sequential:
               if not isinstance(layer, (*_GM_LAYERS, keras.layers.InputLayer))]
     if len(layers) == len(model.layers) and isinstance(model, keras.Sequential):
         return model
-    return keras.Sequential([keras.Input(INPUT_SHAPE, name="image"), *layers], name=model.name)
+    return keras.Sequential([keras.Input(input_shape_of(model), name="image"), *layers],
+                            name=model.name)
 
 
 def insert_masking(model: keras.Model, keep: dict[str, np.ndarray],
@@ -260,7 +261,8 @@ def insert_masking(model: keras.Model, keep: dict[str, np.ndarray],
             mask = UnitMask(len(keep[layer.name]), name=f"{layer.name}_mask")
             masks.append((mask, keep[layer.name]))
             layers.append(mask)
-    rebuilt = keras.Sequential([keras.Input(INPUT_SHAPE, name="image"), *layers], name=model.name)
+    rebuilt = keras.Sequential([keras.Input(input_shape_of(model), name="image"), *layers],
+                               name=model.name)
     for mask, k in masks:
         mask.set_mask(k)
     return rebuilt

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from art_study import numerics
 from art_study.config import ExperimentConfig
-from art_study.data import MnistData, load_mnist
+from art_study.data import MnistData, load_dataset, load_mnist
 from art_study.errors import ArtStudyError
 from art_study.study.backends import RayOptions, choose_backend
 from art_study.study.executor import RunResult, StudyResult, search_all
@@ -86,11 +86,15 @@ def stages_in_use(client: MlflowClient) -> StagesInUse:
 def load_data(cfg: ExperimentConfig, seeds: list[int]) -> dict[int, MnistData]:
     """The data of each seed (subsets are seeded; the full set is loaded once)."""
     d = cfg.data
+
+    def load(**kwargs) -> MnistData:
+        if d.path is None and d.name == "mnist":
+            return load_mnist(d.dir, download=d.download, **kwargs)
+        return load_dataset(d.name, path=d.path, data_dir=d.dir, download=d.download, **kwargs)
+
     if d.n_train is None and d.n_test is None:
-        data = load_mnist(d.dir, seed=seeds[0], download=d.download)
-        return dict.fromkeys(seeds, data)
-    return {s: load_mnist(d.dir, n_train=d.n_train, n_test=d.n_test, seed=s,
-                          download=d.download) for s in seeds}
+        return dict.fromkeys(seeds, load(seed=seeds[0]))
+    return {s: load(n_train=d.n_train, n_test=d.n_test, seed=s) for s in seeds}
 
 
 def run_study(cfg: ExperimentConfig, *, progress: bool = True,

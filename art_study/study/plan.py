@@ -43,11 +43,23 @@ SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}
 # Where results are stored and inputs read from, not what a study is: the same study run with
 # `--tracking-uri X`, `MLFLOW_TRACKING_URI=X`, another `--data-dir` (the data itself is in the
 # keys by fingerprint) or another stage cache has the same keys, so it resumes.
-LOCATION: dict[str, bool | set[str]] = {"tracking": True, "data": {"dir", "download"},
+LOCATION: dict[str, bool | set[str]] = {"tracking": True, "data": {"dir", "download", "path"},
                                         "study": {"cache_dir"}}
 # How the machine computes, not what: a study resumes under either numerics mode. Stage keys
 # carry the numerics fingerprint only with ``study.numerics_strict`` (``plan_runs``).
 NUMERICS: dict[str, bool | set[str]] = {"numerics": True, "study": {"numerics_strict"}}
+
+
+def data_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The data section as it enters stage and study keys: the dataset's name, except MNIST's
+    (keys made before other datasets existed stay valid), and a local dataset's ``path`` left
+    out like the other locations (its content is in the keys by fingerprint)."""
+    data = cfg.data.model_dump(mode="json", exclude={*LOCATION["data"], "name"})
+    if cfg.data.path is not None:
+        data["name"] = "local"
+    elif cfg.data.name != "mnist":
+        data["name"] = cfg.data.name
+    return data
 
 
 def stable_hash(obj: Any) -> str:
@@ -193,8 +205,7 @@ def _stage_chain(cfg: ExperimentConfig, chain: tuple[str, ...], epochs: list[int
         "version": PLAN_VERSION,
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json", exclude=SPEED_ONLY["train"]),
-        "data": {**cfg.data.model_dump(mode="json", exclude=LOCATION["data"]),
-                 "fingerprint": fingerprint},
+        "data": {**data_identity(cfg), "fingerprint": fingerprint},
         "seed": cfg.seed,
     }
     if numerics_id is not None:  # absent by default, so shared caches keep their keys
@@ -295,7 +306,7 @@ def study_key(cfg: ExperimentConfig, runs: list[RunSpec]) -> str:
     """The identity of a study's parent run: its name, config and runs (a rerun of the same
     command finds the parent by it and resumes); speed-only settings and where results are
     stored or data read from (:data:`LOCATION`) left out."""
-    config = cfg.model_dump(mode="json", exclude=key_exclude())
+    config = {**cfg.model_dump(mode="json", exclude=key_exclude()), "data": data_identity(cfg)}
     return stable_hash({"name": cfg.name, "config": config, "runs": [r.key for r in runs]})
 
 

@@ -57,11 +57,14 @@ def train_stage(stage: StageSpec, cfg: ExperimentConfig, data: MnistData, cache:
     """
     seed_everything(stage_seed(cfg.seed, stage.index))
     # A first stage builds the CNN; a later one reloads its parent's .h5 file (the hand-off).
-    model = build_cnn(cfg.model) if stage.parent is None else cache.load_model(stage.parent.key)
+    model = (build_cnn(cfg.model, input_shape=data.spec.input_shape,
+                       n_classes=data.spec.n_classes)
+             if stage.parent is None else cache.load_model(stage.parent.key))
     model = compile_model(model, cfg.train)
     ctx = StageContext(data.x_train, data.y_train, cfg.model, cfg.train, cfg.seed,
                        incoming_trained=stage.parent is not None,
-                       step_offset=step_offset(stage), progress=progress)
+                       step_offset=step_offset(stage), progress=progress,
+                       n_classes=data.spec.n_classes)
     defense = DEFENSES[stage.defense]
     settings = defense.settings(**stage.settings)
     t0 = time.perf_counter()
