@@ -698,9 +698,11 @@ def _as_uint8(array: np.ndarray, low: int, high: int, key: str, source: str) -> 
     if array.dtype == np.uint8 and (low, high) == (0, 255):
         return array
     if array.size and (array.min() < low or array.max() > high):
-        what = "labels outside the classes" if key.startswith("y") else "values"
+        if key.startswith("y"):
+            raise DataError(f"bad data array {key} in {source}: labels {array.min()}.."
+                            f"{array.max()}, outside the classes {low}..{high}")
         raise DataError(
-            f"bad data array {key} in {source}: {what} {array.min()}..{array.max()}, "
+            f"bad data array {key} in {source}: values {array.min()}..{array.max()}, "
             f"expected {low}..{high}"
         )
     return array.astype(np.uint8)

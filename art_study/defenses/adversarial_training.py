@@ -43,6 +43,7 @@ import numpy as np
 from pydantic import BeforeValidator, ConfigDict, Field
 from tqdm.auto import tqdm, trange
 
+from art_study.datasets import Eps
 from art_study.defenses.base import DefenseSettings, StageContext
 from art_study.estimator import CompiledKerasClassifier
 from art_study.tracking import RaiseOnNaN
@@ -64,7 +65,7 @@ class Settings(DefenseSettings):
 
     implementation: ClassVar[int] = 2  # 2: CompiledKerasClassifier (train_on_batch, not fit)
 
-    eps: float = Field(0.3, gt=0.0, le=1.0)
+    eps: Eps = Field(0.3, gt=0.0, le=1.0)
     """ε_train, the L∞ FGSM budget on the [0, 1] pixel scale. 0.3 is the standard MNIST budget
     (Madry et al. 2018), the top of the study's evaluation sweep: a model trained at the largest
     evaluated ε is the paper's best case. A study comparing at one ε may set ε_train to it."""

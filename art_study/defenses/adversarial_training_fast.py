@@ -37,6 +37,7 @@ import tensorflow as tf
 from pydantic import ConfigDict, Field
 
 from art_study.attacks.fgsm import signed_gradient
+from art_study.datasets import Eps
 from art_study.defenses.adversarial_training import LabelSource
 from art_study.defenses.base import DefenseSettings, StageContext
 
@@ -46,7 +47,7 @@ class Settings(DefenseSettings):
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    eps: float = Field(0.3, gt=0.0, le=1.0)
+    eps: Eps = Field(0.3, gt=0.0, le=1.0)
     """ε_train, the L∞ budget on the [0, 1] pixel scale; the default 0.3 is that of
     ``adversarial_training`` (the standard MNIST budget, the top of the evaluation sweep)."""
 

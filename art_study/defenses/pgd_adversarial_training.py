@@ -50,6 +50,7 @@ import tensorflow as tf
 from pydantic import ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
+from art_study.datasets import Eps
 from art_study.defenses.base import DefenseSettings, StageContext
 from art_study.estimator import CompiledKerasClassifier
 from art_study.tracking import RaiseOnNaN
@@ -60,7 +61,7 @@ class RobustSettings(DefenseSettings):
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
-    eps: float = Field(0.3, gt=0.0, le=1.0)
+    eps: Eps = Field(0.3, gt=0.0, le=1.0)
     """ε, the L∞ training budget on the [0, 1] pixel scale (0.3: the standard MNIST budget, the
     top of the evaluation sweep)."""
 

@@ -181,12 +181,13 @@ def example_models(results: pd.DataFrame, summary: pd.DataFrame, eps: float
 def example_images(run_id: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """The first test images the run evaluated, loaded as the run loaded them (its config)."""
     from art_study.config import config_from_mapping
-    from art_study.data import load_mnist
+    from art_study.data import load_dataset
 
     text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     cfg = config_from_mapping(yaml.safe_load(text), "config.yaml")
-    data = load_mnist(data_dir or cfg.data.dir, n_train=cfg.data.n_train,
-                      n_test=cfg.data.n_test, seed=cfg.seed, download=False)
+    data = load_dataset(cfg.data.name, path=cfg.data.path, data_dir=data_dir or cfg.data.dir,
+                        n_train=cfg.data.n_train, n_test=cfg.data.n_test, seed=cfg.seed,
+                        download=False)
     return data.x_test[:N_EXAMPLES], data.y_test[:N_EXAMPLES]
 
 
@@ -207,12 +208,14 @@ def plot_examples(models: list[ExampleModel], eps: float, data_dir: str | None,
         model = mlflow.keras.load_model(f"runs:/{spec.run_id}/model",
                                         load_model_kwargs={"compile": False})
         keras.utils.set_random_seed(0)
-        x_adv = FGSM(model, batch_size=N_EXAMPLES).generate(x, one_hot(y), eps)
+        x_adv = FGSM(model, batch_size=N_EXAMPLES).generate(
+            x, one_hot(y, int(model.output_shape[-1])), eps)
         for r, (images, kind) in enumerate(((x, "clean"), (x_adv, f"FGSM ε={eps:g}"))):
             preds = predict_labels(model, images)
             for j in range(N_EXAMPLES):
                 ax = axes[2 * m + r, j]
-                ax.imshow(images[j, :, :, 0], cmap="gray", vmin=0, vmax=1)
+                image = images[j, :, :, 0] if images.shape[-1] == 1 else images[j]
+                ax.imshow(image, cmap="gray", vmin=0, vmax=1)  # (cmap unused for colour)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title(f"pred {preds[j]}", fontsize=8,

@@ -1,0 +1,244 @@
+"""Datasets beyond MNIST: Fashion-MNIST from Debian's package, CIFAR-10 from its archive (a small
+synthetic one in the real format, made here: the real one cannot be downloaded on these
+machines), a local npz; the config's ``data:`` section; ε written as 8/255; MNIST's keys as
+they were; a whole tiny study and its report on 32×32×3 images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from art_study.config import config_from_mapping, load_config
+from art_study.data import FASHION_DEBIAN_DIR, load_dataset, load_mnist
+from art_study.datasets import CIFAR10, FASHION_MNIST, MNIST, eps_text
+from art_study.errors import ConfigError, DataError
+from art_study.evaluation import eps_key
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# -- MNIST's keys -------------------------------------------------------------------------------
+
+#: The stage, run and study keys of this plan (fingerprint "0" * 64), printed by the code of main
+#: before datasets existed (commit 496049c, `plan_runs` and `study_key` on KEYS_CONFIG): a
+#: MNIST study planned now must resume the studies and reuse the stages made then.
+KEYS_CONFIG = {
+    "name": "keys", "data": {"n_train": 300, "n_test": 100}, "model": {"n_conv": 2},
+    "study": {"seeds": [0], "stage_epochs": [1, 1], "blocks": [
+        {"depths": [2], "sequences": ["control", ["adversarial_training", "gradient_masking"]]}]}}
+MAIN_KEYS = {
+    "none": (["2958c05a8c1cbdb1767e6f631cdca7932d7c7c60dd3a0686f76164b7857286c1",
+              "bc1661d821e7e860b3c8bb3d7d6e1fe0b0a17be913deb76fc598009bb2f4a527"],
+             "10534c0ac8812bb68fdf83ac7ac10ffa251c81e74e4c30582455c036a188f8ef"),
+    "adversarial_training>gradient_masking": (
+        ["dfeac219b15fbf76d7c5686c7d21b441779f2730afa401775a4753bb1b804de6",
+         "3641124a14bca5f4370592f0d35de877c7170eb5d19c369144db791c8693c9dc"],
+        "dc8623437f123d4d11a8fc8b337acfc0ca26f01cb0095898e0e80d3f77ae5ac8"),
+}
+MAIN_STUDY_KEY = "ddd31c6c192fe07b914c5bc3da1300a97bbc774bb210faf48f74f750b8d9fd89"
+
+
+def plan(raw: dict):
+    from art_study.study.plan import plan_runs, study_key
+
+    cfg = config_from_mapping(raw)
+    runs = plan_runs(cfg, {0: "0" * 64})
+    return {r.sequence: ([s.key for s in r.stages], r.key) for r in runs}, study_key(cfg, runs)
+
+
+def test_mnist_keys_are_those_of_main() -> None:
+    for data in ({}, {"name": "mnist"}):
+        raw = {**KEYS_CONFIG, "data": {**KEYS_CONFIG["data"], **data}}
+        assert plan(raw) == (MAIN_KEYS, MAIN_STUDY_KEY)
+
+
+def test_other_datasets_have_other_keys() -> None:
+    fashion = {**KEYS_CONFIG, "data": {**KEYS_CONFIG["data"], "name": "fashion_mnist"},
+               "evaluation": {"eps": list(MNIST.eps)}}
+    keys, study = plan(fashion)
+    assert study != MAIN_STUDY_KEY
+    assert all(keys[s][0][0] != MAIN_KEYS[s][0][0] for s in MAIN_KEYS)
+
+
+# -- the config ---------------------------------------------------------------------------------
+
+
+def test_data_name_sets_the_eps_grid_and_fractions_read_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\nmodel: {n_conv: 2}\n")
+    assert load_config(path).evaluation.eps == list(MNIST.eps)
+    assert load_config(path, ["data.name=fashion_mnist"]).evaluation.eps == list(
+        FASHION_MNIST.eps)
+    cfg = load_config(path, ["data.name=cifar10", "evaluation.eps=[4/255, 8/255]",
+                             "defenses.pgd_adversarial_training.eps=8/255"])
+    assert cfg.evaluation.eps == [4 / 255, 8 / 255]
+    assert cfg.defenses["pgd_adversarial_training"]["eps"] == "8/255"  # validated when planned
+    assert load_config(path, ["data.name=cifar10"]).evaluation.eps[-2] == 8 / 255
+    with pytest.raises(ConfigError, match="data.name"):
+        load_config(path, ["data.name=svhn"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(path, ["data.name=cifar10", "data.path=x.npz"])
+
+
+def test_metric_names_round_trip_eps() -> None:
+    assert eps_key(0.1) == "eps_0.1" and eps_key(0.3) == "eps_0.3"  # MNIST's names unchanged
+    for eps in (*MNIST.eps, *FASHION_MNIST.eps, *CIFAR10.eps):
+        assert float(eps_key(eps).removeprefix("eps_")) == eps
+    assert eps_text(8 / 255) == repr(8 / 255)
+
+
+def test_configs_validate_and_plan() -> None:
+    from art_study.study.plan import plan_runs
+
+    fashion = load_config(CONFIGS / "fashion.yaml")
+    assert fashion.data.name == "fashion_mnist"
+    assert max(fashion.evaluation.eps) == 0.2 and 0.1 in fashion.evaluation.eps
+    assert fashion.study is not None and fashion.study.seeds == [0, 1, 2]
+    runs = plan_runs(fashion, dict.fromkeys([0, 1, 2], "f" * 64))
+    sequences = {r.sequence for r in runs}
+    assert {"none", "pgd_adversarial_training", "trades",
+            "adversarial_training>distillation"} <= sequences
+    settings = {s.defense: s.settings for r in runs for s in r.stages}
+    assert settings["pgd_adversarial_training"]["eps"] == 0.1
+    assert settings["adversarial_training"]["eps"] == 0.1
+    cifar = load_config(CONFIGS / "cifar10.yaml")
+    runs = plan_runs(cifar, {0: "c" * 64})
+    settings = {s.defense: s.settings for r in runs for s in r.stages}
+    assert settings["pgd_adversarial_training"]["eps"] == 8 / 255
+    assert 8 / 255 in cifar.evaluation.eps
+
+
+# -- Fashion-MNIST ------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_from_the_debian_package() -> None:
+    """`make test-deps` installs dataset-fashion-mnist; its files pass the published sha256."""
+    full = load_dataset("fashion_mnist", download=False)
+    assert full.source == str(FASHION_DEBIAN_DIR)
+    assert full.x_train.shape == (60_000, 28, 28, 1) and full.x_test.shape == (10_000, 28, 28, 1)
+    assert np.bincount(full.y_train).tolist() == [6000] * 10  # as published: 6000 per class
+    assert full.x_train.min() == 0.0 and full.x_train.max() == 1.0
+    mnist = load_mnist(n_train=600, n_test=100, download=False)
+    sub = load_dataset("fashion_mnist", n_train=600, n_test=100, download=False)
+    assert sub.spec is FASHION_MNIST and sub.fingerprint != mnist.fingerprint
+
+
+def test_fashion_mnist_corrupt_copy_is_refused(tmp_path: Path) -> None:
+    for path in FASHION_DEBIAN_DIR.glob("*.gz"):
+        data = gzip.decompress(path.read_bytes())
+        if path.name.startswith("t10k-labels"):
+            data = data[:-1] + bytes([(data[-1] + 1) % 10])  # one label changed
+        (tmp_path / path.name.removesuffix(".gz")).write_bytes(data)
+    with pytest.raises(DataError, match="checksum mismatch .*t10k-labels"):
+        load_dataset("fashion_mnist", data_dir=tmp_path, download=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="incomplete fashion_mnist IDX files"):
+        load_dataset("fashion_mnist", data_dir=tmp_path, download=False)
+
+
+# -- CIFAR-10 -----------------------------------------------------------------------------------
+
+
+def cifar_archive(directory: Path, per_batch: int = 20, *, bad_label: bool = False) -> Path:
+    """A cifar-10-python.tar.gz in the real layout: pickled dicts of channel-first uint8 rows."""
+    rng = np.random.default_rng(0)
+    path = directory / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+            labels = [i % 10 for i in range(per_batch)]
+            labels[0] += 10 * bad_label
+            blob = pickle.dumps({b"data": rng.integers(0, 256, (per_batch, 3072), np.uint8),
+                                 b"labels": labels, b"batch_label": name.encode()}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def test_cifar10_from_a_local_archive(tmp_path: Path, caplog) -> None:
+    path = cifar_archive(tmp_path)
+    data = load_dataset("cifar10", data_dir=tmp_path, n_test=10, seed=0, download=False)
+    assert data.spec is CIFAR10
+    assert data.x_train.shape == (100, 32, 32, 3) and data.x_test.shape == (10, 32, 32, 3)
+    assert "not the canonical CIFAR-10" in caplog.text
+    # channel-first rows become HWC: pixel (row 0, col 1) of channel 2 is byte 2·1024 + 1
+    with tarfile.open(path) as archive:
+        member = archive.extractfile("cifar-10-batches-py/data_batch_1")
+        first = pickle.load(member, encoding="bytes")[b"data"][0]
+    full = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert full.x_train[0, 0, 1, 2] == np.float32(first[2 * 1024 + 1]) / np.float32(255)
+
+
+def test_cifar10_bad_archives_are_refused(tmp_path: Path) -> None:
+    path = cifar_archive(tmp_path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="corrupt CIFAR-10 archive"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    cifar_archive(tmp_path, bad_label=True)
+    with pytest.raises(DataError, match="labels 0..10, outside the classes 0..9"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    with pytest.raises(DataError, match="no cifar-10-python.tar.gz"):
+        load_dataset("cifar10", data_dir=tmp_path / "nowhere", download=False)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    with tarfile.open(evil / "cifar-10-python.tar.gz", "w:gz") as archive:
+        blob = pickle.dumps(print)  # any global but numpy's arrays is refused, never called
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.size = len(blob)
+        archive.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DataError, match="refusing to load builtins.print"):
+        load_dataset("cifar10", data_dir=evil, download=False)
+
+
+# -- a local dataset ----------------------------------------------------------------------------
+
+
+def synthetic_npz(path: Path, n_train: int = 600, n_test: int = 200, classes: int = 10) -> Path:
+    """32×32×3 images whose class is a colour in one quadrant: learnable in one epoch."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % classes
+        x = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
+        for i, label in enumerate(y):
+            r, c = divmod(int(label) % 4, 2)
+            x[i, 16 * r: 16 * r + 16, 16 * c: 16 * c + 16, label % 3] = 150 + 10 * (label // 3)
+        return x, y
+
+    (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def test_local_npz_and_its_errors(tmp_path: Path) -> None:
+    path = synthetic_npz(tmp_path / "mine.npz", classes=5)
+    data = load_dataset(path=path, n_train=100, download=False)
+    assert data.spec.input_shape == (32, 32, 3) and data.spec.n_classes == 5
+    assert data.x_train.shape == (100, 32, 32, 3) and data.x_train.dtype == np.float32
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    np.savez(tmp_path / "bad.npz", **{**arrays, "y_test": arrays["y_test"] + 3})
+    with pytest.raises(DataError, match="labels 3..7, outside the classes 0..4"):
+        load_dataset(path=tmp_path / "bad.npz")
+    np.savez(tmp_path / "short.npz", x_train=arrays["x_train"])
+    with pytest.raises(DataError, match="lacks key"):
+        load_dataset(path=tmp_path / "short.npz")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(path=tmp_path / "none.npz")
+
+
+def test_cnn_builds_for_any_shape_and_class_count() -> None:
+    from art_study.config import ModelConfig
+    from art_study.models import build_cnn
+
+    for n_conv in (2, 5):
+        model = build_cnn(ModelConfig(n_conv=n_conv), input_shape=(32, 32, 3), n_classes=7)
+        assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 7)
+    five = build_cnn(ModelConfig(n_conv=5), input_shape=(32, 32, 3))
+    assert sum("pool" in layer.name for layer in five.layers) == 5  # 32 → 1: pools every block
