@@ -7,10 +7,11 @@ DATA_ENV := $(if $(wildcard $(SHARED_MNIST)/*.gz),ART_STUDY_DATA_DIR=$(SHARED_MN
 CONFIG ?= configs/paper.yaml
 
 # What the tests need from the system, from Debian: chromium (the browser test drives it through
-# Playwright; browsers are never downloaded) and PostgreSQL's server programs (the MLflow-server
-# test starts a throw-away cluster with initdb). Installed with apt-get only when missing, as
+# Playwright; browsers are never downloaded), PostgreSQL's server programs (the MLflow-server
+# test starts a throw-away cluster with initdb) and Fashion-MNIST (dataset-fashion-mnist: the
+# dataset tests load its IDX files from /usr/share/datasets/fashion-mnist). Installed with apt-get only when missing, as
 # root (sudo when not root), so `make test` passes on a fresh Debian machine by itself.
-TEST_DEB_PACKAGES := chromium postgresql
+TEST_DEB_PACKAGES := chromium postgresql dataset-fashion-mnist
 
 .PHONY: install study test test-deps lint
 install: $(VENV)/.installed
@@ -32,6 +33,8 @@ test-deps:
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 		|| missing="$$missing postgresql"; \
+	[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+		|| missing="$$missing dataset-fashion-mnist"; \
 	if [ -n "$$missing" ]; then \
 		if ! command -v apt-get >/dev/null; then \
 			echo "make test-deps: the tests need$$missing; install them (Debian: $(TEST_DEB_PACKAGES))" >&2; \

@@ -699,8 +699,8 @@ def _as_uint8(array: np.ndarray, low: int, high: int, key: str, source: str) -> 
         return array
     if array.size and (array.min() < low or array.max() > high):
         if key.startswith("y"):
-            raise DataError(f"bad data array {key} in {source}: labels {array.min()}.."
-                            f"{array.max()}, outside the classes {low}..{high}")
+            raise DataError(f"bad data array {key} in {source}: values {array.min()}.."
+                            f"{array.max()}, labels outside the classes {low}..{high}")
         raise DataError(
             f"bad data array {key} in {source}: values {array.min()}..{array.max()}, "
             f"expected {low}..{high}"

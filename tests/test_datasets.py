@@ -181,7 +181,7 @@ def test_cifar10_bad_archives_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="corrupt CIFAR-10 archive"):
         load_dataset("cifar10", data_dir=tmp_path, download=False)
     cifar_archive(tmp_path, bad_label=True)
-    with pytest.raises(DataError, match="labels 0..10, outside the classes 0..9"):
+    with pytest.raises(DataError, match="values 0..10, labels outside the classes 0..9"):
         load_dataset("cifar10", data_dir=tmp_path, download=False)
     with pytest.raises(DataError, match="no cifar-10-python.tar.gz"):
         load_dataset("cifar10", data_dir=tmp_path / "nowhere", download=False)
@@ -224,7 +224,7 @@ def test_local_npz_and_its_errors(tmp_path: Path) -> None:
     with np.load(path) as npz:
         arrays = dict(npz)
     np.savez(tmp_path / "bad.npz", **{**arrays, "y_test": arrays["y_test"] + 3})
-    with pytest.raises(DataError, match="labels 3..7, outside the classes 0..4"):
+    with pytest.raises(DataError, match="values 3..7, labels outside the classes 0..4"):
         load_dataset(path=tmp_path / "bad.npz")
     np.savez(tmp_path / "short.npz", x_train=arrays["x_train"])
     with pytest.raises(DataError, match="lacks key"):
@@ -242,3 +242,47 @@ def test_cnn_builds_for_any_shape_and_class_count() -> None:
         assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 7)
     five = build_cnn(ModelConfig(n_conv=5), input_shape=(32, 32, 3))
     assert sum("pool" in layer.name for layer in five.layers) == 5  # 32 → 1: pools every block
+
+
+# -- a whole study on colour images -------------------------------------------------------------
+
+
+def test_tiny_study_and_report_on_32x32x3(tmp_path: Path) -> None:
+    """Train the control, gradient masking and PGD-AT on a synthetic 32×32×3 dataset at
+    ε 8/255, attack them (PGD, APGD-CE, Square, FGSM transfer), run the masking checks, write
+    the report."""
+    from art_study import report
+    from art_study.study import run_study
+
+    data = synthetic_npz(tmp_path / "colour.npz", n_train=300, n_test=60)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config_from_mapping({
+        "name": "colour", "data": {"path": str(data)},
+        "model": {"n_conv": 2, "filters": [8, 16], "dense_units": 32},
+        "train": {"batch_size": 50},
+        "defenses": {"pgd_adversarial_training": {"eps": "8/255", "steps": 2}},
+        "evaluation": {"eps": ["4/255", "8/255"], "batch_size": 60,
+                       "attacks": [{"name": "pgd", "n_images": 30, "args": {"max_iter": 3}},
+                                   {"name": "apgd-ce", "n_images": 30, "args": {"max_iter": 3}},
+                                   {"name": "square", "n_images": 30,
+                                    "args": {"max_iter": 20}}],
+                       "transfer": ["fgsm"],
+                       "diagnostics": {"n_images": 30, "pgd_steps": 2}},
+        "tracking": {"uri": uri},
+        "study": {"seeds": [0], "stage_epochs": [1, 1], "blocks": [
+            {"depths": [2], "sequences": ["control", ["gradient_masking"],
+                                          ["pgd_adversarial_training"]]}]},
+    })
+    result = run_study(cfg, progress=False)
+    assert not result.failed and len(result.runs) == 3
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for run in result.runs:
+        metrics = client.get_run(run.run_id).data.metrics
+        assert metrics["clean/accuracy"] > 0.3  # chance is 0.1: the colour quadrant is learnt
+        for name in ("fgsm_custom", "attack/pgd", "attack/apgd-ce", "attack/square"):
+            assert f"{name}/accuracy_{eps_key(8 / 255)}" in metrics
+    files = report.write_report("colour", tracking_uri=uri, out_dir=tmp_path / "out", log=False)
+    md = files.markdown.read_text(encoding="utf-8")
+    assert "pgd_adversarial_training" in md and f"{8 / 255:g}" in md
