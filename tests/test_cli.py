@@ -167,8 +167,8 @@ def test_nan_loss_ends_failed_with_reason(tracking_uri, small_mnist, monkeypatch
     from art_study.study import execute, stages
 
     monkeypatch.setattr(execute, "load_mnist", lambda *a, **k: small_mnist)
-    monkeypatch.setattr(stages, "build_cnn", lambda cfg: keras.Sequential(
-        [build_cnn(cfg), keras.layers.Rescaling(float("nan"))]))
+    monkeypatch.setattr(stages, "build_cnn", lambda cfg, **shape: keras.Sequential(
+        [build_cnn(cfg, **shape), keras.layers.Rescaling(float("nan"))]))
     cfg = load_config(SMOKE)
     with pytest.raises(TrainingError, match=r"NaN|nan"):
         execute.run_experiment(cfg, progress=False)
