@@ -271,7 +271,7 @@ def distilled(mnist, mlflow_store):
     keras.utils.set_random_seed(7)
     init = small_cnn()
 
-    def same_init(cfg: ModelConfig, name: str | None = None) -> keras.Model:
+    def same_init(cfg: ModelConfig, name: str | None = None, **shape) -> keras.Model:
         model = keras.models.clone_model(init)
         model.set_weights(init.get_weights())
         return model
