@@ -32,7 +32,6 @@ from art_study.attacks import FGSM, art_fgsm, draws_randomness_in_inference
 from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
 from art_study.attacks.registry import Estimators, ResolvedAttack, resolve
 from art_study.config import AttackConfig, EvaluationConfig
-from art_study.datasets import eps_text
 from art_study.diagnostics import (
     Evidence,
     diagnose,
