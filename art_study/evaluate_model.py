@@ -35,6 +35,7 @@ from art_study.config import (
 from art_study.datasets import DATASETS, MNIST, dataset_evaluation
 from art_study.errors import TrackingError
 from art_study.model_source import PreparedModel
+from art_study.run_page import DataRef, dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,12 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
     import mlflow
 
     from art_study.attacks.registry import validate_attacks
-    from art_study.evaluation import craft_transfer, evaluate
     from art_study.model_source import load, locate, prepare
     from art_study.study.execute import load_data
-    from art_study.study.stages import seed_everything
     from art_study.tracking import (
         environment_tags,
         failure_reason,
         local_store_path,
-        log_evaluation,
         log_keras_model,
         prepare_store,
         redact,
@@ -146,24 +144,46 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
             mlflow.log_params({k: v for k, v in flatten(shown).items()
                                if k.split(".")[0] in SECTIONS})
             mlflow.log_dict(shown.model_dump(mode="json", include=set(SECTIONS)), "config.yaml")
-            t0 = time.perf_counter()
-            crafted = None
-            if reference is not None:
-                seed_everything(cfg.seed)
-                crafted = craft_transfer(reference.model, data.x_test, data.y_test, evaluation)
-            seed_everything(cfg.seed)
-            result = evaluate(prepared.model, data.x_test, data.y_test, evaluation,
-                              progress=progress, transfer_set=crafted)
-            metrics = {**result.metrics, "eval/time_s": time.perf_counter() - t0}
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags(result.tags)
-            log_evaluation(result)
+            metrics, verdict = evaluate_in_run(
+                prepared.model, data.x_test, data.y_test, cfg, tags,
+                DataRef(dataset_name(cfg.data), data.source, data.fingerprint),
+                reference=reference.model if reference else None, progress=progress)
             if cfg.tracking.log_model:
                 log_keras_model(prepared.model, data.x_test[:2])
         except BaseException as exc:
             mlflow.set_tag("failure_reason", failure_reason(exc))
             raise
-    return EvaluateOnly(run.info.run_id, redact(uri), prepared, metrics, {**tags, **result.tags})
+    return EvaluateOnly(run.info.run_id, redact(uri), prepared, metrics, {**tags, **verdict})
+
+
+def evaluate_in_run(model, x, y, cfg: ExperimentConfig, tags: dict[str, str], data: DataRef,
+                    *, reference=None, progress: bool = True
+                    ) -> tuple[dict[str, float], dict[str, str]]:
+    """Inside the active run: evaluate ``model`` on ``x``, ``y`` with ``cfg.evaluation`` (seeded
+    by ``cfg.seed``; the transfer attacks crafted on ``reference`` when given), then log the
+    metrics, the verdict's tags, the results table and the run page. Returns the
+    metrics and the verdict's tags. ``art-study evaluate`` and the ``art-robustness`` MLflow
+    evaluator both come through here."""
+    import mlflow
+
+    from art_study.evaluation import craft_transfer, evaluate
+    from art_study.run_page import log_run_page
+    from art_study.study.stages import seed_everything
+    from art_study.tracking import log_evaluation
+
+    t0 = time.perf_counter()
+    crafted = None
+    if reference is not None:
+        seed_everything(cfg.seed)
+        crafted = craft_transfer(reference, x, y, cfg.evaluation)
+    seed_everything(cfg.seed)
+    result = evaluate(model, x, y, cfg.evaluation, progress=progress, transfer_set=crafted)
+    metrics = {**result.metrics, "eval/time_s": time.perf_counter() - t0}
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags(result.tags)
+    log_evaluation(result)
+    log_run_page(metrics, {**tags, **result.tags}, data)
+    return metrics, result.tags
 
 
 def accuracy_table(metrics: dict[str, float]):

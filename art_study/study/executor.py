@@ -32,6 +32,7 @@ from art_study.data import MnistData
 from art_study.errors import ArtStudyError, TrackingError
 from art_study.evaluation import EvaluationResult
 from art_study.models import compile_model
+from art_study.run_page import DataRef, dataset_name, log_run_page
 from art_study.study.cache import StageCache, StageRecord
 from art_study.study.lease import OWNER, Lease, LeaseLost, busy
 from art_study.study.plan import RunSpec, StageSpec, distinct_stages, study_key
@@ -279,6 +280,8 @@ class Executor(abc.ABC):
         mlflow.log_metrics(metrics)
         mlflow.set_tags(result.tags)  # the gradient-masking verdict and its reasons
         log_evaluation(result)
+        log_run_page(metrics, result.tags, DataRef(dataset_name(cfg.data), data.source,
+                                                   data.fingerprint, context="training"))
         if cfg.tracking.log_model:
             log_keras_model(model, data.x_test[:2])
         return metrics
