@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -128,10 +127,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", str(local.parent / ARTIFACTS_DIR)]
     print(f"MLflow UI at http://127.0.0.1:{args.port} (store {redact(uri)}); Ctrl-C stops it",
           flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    from art_study.ui_server import serve
+
+    return serve(cmd, env)  # stops the server and its workers on Ctrl-C and SIGTERM alike
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -195,6 +193,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     graph, modelled = study_graph(runs, times, args.plain_epoch_s)
     print(f"study {cfg.name}: {len(runs)} runs, {len(distinct_stages(runs))} distinct stages")
     print(render(graph, args.nodes, modelled))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from art_study.model_registry import describe, register_run
+
+    print(describe(register_run(args.run_id, args.name, args.tracking_uri)))
     return 0
 
 
@@ -390,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--study", metavar="NAME_OR_ID",
                       help="only this study (its name or parent run id)")
     runs.set_defaults(func=cmd_runs)
+
+    reg = sub.add_parser("register", help="register a run's model with its robustness as tags; "
+                         "@most-robust names the most robust version")
+    reg.add_argument("run_id", help="a run of the store that logged a model")
+    reg.add_argument("--name", required=True, help="registered model name")
+    reg.add_argument("--tracking-uri", help="the store (default: sqlite under mlruns/)")
+    reg.set_defaults(func=cmd_register)
     return p
 
 

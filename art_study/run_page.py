@@ -54,7 +54,9 @@ def dataset_name(data_config: object) -> str:
 
 
 def curve_points(metrics: dict[str, float]) -> pd.DataFrame:
-    """Accuracy per attack and ε: columns ``attack``, ``eps``, ``accuracy``, ``n_images``.
+    """Accuracy per attack and ε: columns ``attack`` (as shown), ``key`` (as in metric names:
+    ``fgsm_custom``, ``pgd``, ``transfer/fgsm``, ``robust``), ``eps``, ``accuracy``,
+    ``n_images``.
 
     FGSM (ours and ART's), each configured and transfer attack, and the worst case over them
     (``attack`` = :data:`WORST_CASE`); the diagnostics' checks and cascade components are left
@@ -66,11 +68,10 @@ def curve_points(metrics: dict[str, float]) -> pd.DataFrame:
         if not found:
             continue
         name, eps = found.groups()
-        rows.append({"attack": _NAMES.get(name, name.partition("/")[2] if
-                                          name.startswith("attack/") else name),
-                     "eps": float(eps), "accuracy": float(value),
-                     "n_images": _n_images(metrics, name, eps)})
-    table = pd.DataFrame(rows, columns=["attack", "eps", "accuracy", "n_images"])
+        key = name.removeprefix("attack/")
+        rows.append({"attack": _NAMES.get(name, key), "key": key, "eps": float(eps),
+                     "accuracy": float(value), "n_images": _n_images(metrics, name, eps)})
+    table = pd.DataFrame(rows, columns=["attack", "key", "eps", "accuracy", "n_images"])
     first = table["attack"].map({a: i for i, a in enumerate(dict.fromkeys(table["attack"]))})
     return table.iloc[sorted(range(len(table)), key=lambda i: (first[i], table["eps"][i]))
                       ].reset_index(drop=True)

@@ -108,6 +108,9 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     cache = open_cache(cache_dir_for(cfg))  # so does a stage cache that cannot be reached
     n = cfg.numerics
     numerics.apply(n.mode, n.intra_op_threads, n.inter_op_threads)  # before any tensor exists
+    register = cfg.study is not None and cfg.study.register
+    if register and not cfg.tracking.log_model:
+        raise ArtStudyError("study.register needs the models: tracking.log_model is false")
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     data = load_data(cfg, seeds)
@@ -124,6 +127,10 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     finally:
         executor.close()
     result.stages_trained, result.stages_reused = executor.trained, executor.reused
+    if register:
+        from art_study.model_registry import register_study
+
+        register_study([r.run_id for r in result.runs], cfg.name, cfg.tracking.uri)
     if result.failed:
         spec, reason = result.failed[0]
         raise StudyIncomplete(
