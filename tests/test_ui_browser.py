@@ -38,6 +38,28 @@ def _numbers_on_row(page, label) -> list[float]:
     return numbers
 
 
+def check_run_page(page, client, base: str, experiment_id: str, run_id: str) -> None:
+    """A run's page says what it is: its description (the one-line summary) and its dataset
+    (name and digest); its artifact view shows the robustness curve as an image."""
+    from art_study.run_page import CURVE_ARTIFACT, NOTE_TAG
+
+    run = client.get_run(run_id)
+    note = run.data.tags[NOTE_TAG]
+    assert note.startswith("clean accuracy ")
+    page.get_by_text(note, exact=True).first.wait_for()
+    dataset = run.inputs.dataset_inputs[0].dataset
+    shown = page.get_by_text(re.compile(rf"{dataset.name}.*{dataset.digest[:8]}")).first
+    shown.wait_for()
+    shown.scroll_into_view_if_needed()
+    page.screenshot(path=SHOTS / "04-run-description-dataset.png", full_page=True)
+
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{CURVE_ARTIFACT}")
+    page.get_by_text(CURVE_ARTIFACT, exact=True).first.wait_for()  # the preview's title
+    widest = "() => Math.max(0, ...Array.from(document.images, img => img.naturalWidth))"
+    page.wait_for_function(f"({widest})() >= 600")  # the figure, not an icon, is shown
+    page.screenshot(path=SHOTS / "05-run-robustness-curve.png", full_page=True)
+
+
 def _browser_prerequisites():
     """Playwright's sync API; fails (never skips) with what to install when something is missing."""
     if not CHROMIUM.exists():
@@ -60,7 +82,8 @@ def _two_run_study(store: Path, mnist_dir: Path):
     uri = f"sqlite:///{store / 'mlflow.db'}"
     cfg = load_config(TINY, [
         f"tracking.uri={uri}", f"data.dir={mnist_dir}",
-        "study.blocks=[{depths: [2], sequences: [control, [adversarial_training]]}]"])
+        "study.blocks=[{depths: [2], sequences: [control, [adversarial_training]]}]",
+        "study.register=true"])
     result = run_study(cfg, progress=False)
     assert len(result.runs) == 2 and not result.failed
     return uri, result
@@ -111,6 +134,14 @@ def test_mlflow_ui_renders_runs_tags_and_compare_view(tmp_path, mnist_dir, mlflo
                 assert tag.inner_text().replace("\n", "") == f"{key}: {value}"
             page.get_by_role("link", name="tiny", exact=True).first.wait_for()  # parent run
             page.screenshot(path=SHOTS / "02-run-tags.png", full_page=True)
+            check_run_page(page, client, base, experiment_id, kids["adversarial_training"])
+
+            # The study registered both models (study.register), with their robustness as tags.
+            versions = client.search_model_versions("name = 'tiny'")
+            assert sorted(v.run_id for v in versions) == sorted(kids.values())
+            page.goto(f"{base}/#/models/tiny/versions/1")
+            page.get_by_text("robustness.clean_accuracy").first.wait_for()
+            page.screenshot(path=SHOTS / "06-registered-version-tags.png", full_page=True)
 
             # 3. The compare view of the two children: `clean/accuracy` with each run's value
             # on its row (MLflow 3: #/compare-runs?runs=[ids]&experiments=[ids], JSON).
