@@ -306,8 +306,10 @@ class StudySection(_Strict):
         "or a Ray cluster serves every machine, and runs tag stages trained under another "
         "fingerprint.",
     )
-    register: bool = Field(
-        False, description="Register each run's model in the MLflow Model Registry under the "
+    # `register` in YAML; as a field name it would shadow ABCMeta.register of the model class.
+    register_models: bool = Field(
+        False, alias="register",
+        description="Register each run's model in the MLflow Model Registry under the "
         "study's name, with its robustness as tags and @most-robust on the most robust.")
 
     @field_validator("seeds")

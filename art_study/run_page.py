@@ -49,8 +49,8 @@ class DataRef:
 
 
 def dataset_name(data_config: object) -> str:
-    """The dataset's name on the run page: the config's ``data.dataset`` where it has one."""
-    return getattr(data_config, "dataset", None) or "mnist"
+    """The dataset's name on the run page: the config's ``data.name``."""
+    return getattr(data_config, "name", None) or "mnist"
 
 
 def curve_points(metrics: dict[str, float]) -> pd.DataFrame:

@@ -108,7 +108,7 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     cache = open_cache(cache_dir_for(cfg))  # so does a stage cache that cannot be reached
     n = cfg.numerics
     numerics.apply(n.mode, n.intra_op_threads, n.inter_op_threads)  # before any tensor exists
-    register = cfg.study is not None and cfg.study.register
+    register = cfg.study is not None and cfg.study.register_models
     if register and not cfg.tracking.log_model:
         raise ArtStudyError("study.register needs the models: tracking.log_model is false")
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)

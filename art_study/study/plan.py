@@ -44,7 +44,7 @@ SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}
 # `--tracking-uri X`, `MLFLOW_TRACKING_URI=X`, another `--data-dir` (the data itself is in the
 # keys by fingerprint) or another stage cache has the same keys, so it resumes.
 LOCATION: dict[str, bool | set[str]] = {"tracking": True, "data": {"dir", "download", "path"},
-                                        "study": {"cache_dir"}}
+                                        "study": {"cache_dir", "register_models"}}
 # How the machine computes, not what: a study resumes under either numerics mode. Stage keys
 # carry the numerics fingerprint only with ``study.numerics_strict`` (``plan_runs``).
 NUMERICS: dict[str, bool | set[str]] = {"numerics": True, "study": {"numerics_strict"}}
