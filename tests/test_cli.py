@@ -248,10 +248,10 @@ def test_stderr_filter_drops_only_the_notices(capfd) -> None:
 def test_ui_shows_no_credentials(monkeypatch, capsys) -> None:
     """Before: `ui` printed the store URI with its password, and passed it on the server's
     command line (readable by any user with ps). Now: redacted, and in the environment."""
-    from art_study import cli
+    from art_study import ui_server
 
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(ui_server, "serve", lambda cmd, env: calls.append((cmd, env)) or 0)
     uri = "postgresql://alice:s3cret@db.example.org/mlflow"
     assert main(["ui", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
