@@ -58,7 +58,8 @@ def logged(tmp_path, tracking_uri, mnist_dir, trained_model):
     data = load_data(cfg, [cfg.seed])[cfg.seed]
     rows = pd.DataFrame(data.x_test.reshape(len(data.x_test), -1),
                         columns=[f"px{i}" for i in range(784)]).assign(label=data.y_test)
-    return config, cfg, f"runs:/{run.info.run_id}/model", rows
+    yield config, cfg, f"runs:/{run.info.run_id}/model", rows
+    mlflow.tracking.fluent._active_experiment_id = None  # its id belongs to this test's store
 
 
 def test_evaluator_gives_the_figures_of_art_study_evaluate(logged) -> None:

@@ -45,6 +45,8 @@ def register(run_id: str, uri: str, capsys) -> tuple[int, str, str]:
 def test_register_tags_alias_and_evaluate_at_the_alias(tmp_path, tracking_uri, mnist_dir,
                                                        trained_model, capsys) -> None:
     config = small_config(tmp_path, tracking_uri, mnist_dir)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("registry-test")  # not an experiment id of an earlier test's store
     trained_model.save(tmp_path / "model.keras")
     first = evaluate_model(str(tmp_path / "model.keras"), evaluation_config(config, []),
                            progress=False)
@@ -87,6 +89,7 @@ def test_register_tags_alias_and_evaluate_at_the_alias(tmp_path, tracking_uri, m
 
 def test_register_errors_are_one_line(tmp_path, tracking_uri, mnist_dir, capsys) -> None:
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("registry-test")
     with mlflow.start_run() as run:
         mlflow.log_metric("clean/accuracy", 0.9)
     unknown = "0" * 32
