@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"({sum(r.skipped for r in result.runs)} already finished), "
               f"{result.stages_trained} stages trained, {result.stages_reused} reused")
     for r in result.runs:
-        print(_summary(r, cfg.evaluation.eps))
+        print(_summary(r, r.spec.config.evaluation.eps))
     return 0
 
 

@@ -246,6 +246,11 @@ class StudyBlock(_Strict):
         None, min_length=1,
         description="This block's seeds; unset → study.seeds. Lets a study run its main block "
         "at three seeds and a costly extension (e.g. deeper nets) at one.")
+    evaluation: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the study's `evaluation` for this block's runs, merged into it "
+        "(mappings key by key, a list such as `attacks` replaced whole) and validated like it: "
+        "e.g. the headline models attacked on more images than a costly extension.")
     sequences: list[str | list[str]] = Field(
         ..., min_length=1,
         description="'control', 'singles', 'pairs', 'triples', or an explicit list of defenses "
@@ -377,12 +382,35 @@ class ExperimentConfig(_Strict):
             return raw
         return {**raw, "evaluation": {**evaluation, "eps": list(spec.eps)}}
 
+    def block_evaluation(self, index: int, source: str = "<mapping>") -> EvaluationConfig:
+        """The evaluation of study block ``index``'s runs: ``evaluation`` with the block's
+        overrides merged in, validated (a one-line ConfigError naming the block's key)."""
+        assert self.study is not None
+        overrides = self.study.blocks[index].evaluation
+        if not overrides:
+            return self.evaluation
+        try:
+            return EvaluationConfig.model_validate(merge(self.evaluation.model_dump(), overrides))
+        except ValidationError as err:
+            where = ("study", "blocks", index, "evaluation")
+            raise ConfigError(_format_error(err, source, where)) from None
 
-def _format_error(err: ValidationError, source: str) -> str:
-    """One line naming every offending key, e.g. ``model.n_conv: ... (got 7)``."""
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in: mappings key by key, any other value replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else value
+    return out
+
+
+def _format_error(err: ValidationError, source: str, where: tuple[str | int, ...] = ()) -> str:
+    """One line naming every offending key, e.g. ``model.n_conv: ... (got 7)``; ``where``
+    prefixes each key (a nested section validated on its own)."""
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in (*where, *e["loc"])) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -448,9 +476,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def config_from_mapping(raw: dict[str, Any], source: str = "<mapping>") -> ExperimentConfig:
     """Validate a raw mapping into an :class:`ExperimentConfig` or raise a one-line ConfigError."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+    for i in range(len(cfg.study.blocks) if cfg.study else 0):
+        cfg.block_evaluation(i, source)  # each block's merged evaluation is valid too
+    return cfg
 
 
 #: Keys that name or place an experiment without saying anything about it: a file with only

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from art_study.config import ExperimentConfig
+from art_study.config import EvaluationConfig, ExperimentConfig
 from art_study.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -182,11 +182,15 @@ def sequence_name(chain: tuple[str, ...]) -> str:
     return chain[0] if len(set(chain)) == 1 else ">".join(chain)
 
 
-def _run_config(cfg: ExperimentConfig, depth: int, seed: int) -> ExperimentConfig:
+def _run_config(cfg: ExperimentConfig, depth: int, seed: int,
+                evaluation: EvaluationConfig) -> ExperimentConfig:
+    """The config of one run: the study's, at ``depth`` and ``seed``, with its block's
+    ``evaluation``."""
     run_cfg = cfg.model_copy(deep=True)
     run_cfg.model.n_conv = depth
     run_cfg.seed = seed
     run_cfg.study = None
+    run_cfg.evaluation = evaluation.model_copy(deep=True)
     return run_cfg
 
 
@@ -250,33 +254,33 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
     check_defense_sections(cfg)
     if cfg.study is None:  # a single experiment: one stage of plain training
         chain, epochs = ("none",), [cfg.train.epochs]
-        blocks = [([cfg.model.n_conv], [cfg.seed], [chain])]
+        blocks = [([cfg.model.n_conv], [cfg.seed], [chain], cfg.evaluation)]
     else:
-        blocks = [(b.depths, b.seeds or cfg.study.seeds, expand_sequences(cfg, b.sequences))
-                  for b in cfg.study.blocks]
-    evaluation = evaluation_identity(cfg)
+        blocks = [(b.depths, b.seeds or cfg.study.seeds, expand_sequences(cfg, b.sequences),
+                   cfg.block_evaluation(i)) for i, b in enumerate(cfg.study.blocks)]
     runs: list[RunSpec] = []
     seen: set[tuple[str, int, int]] = set()
-    for depths, seeds, chains in blocks:
+    for depths, seeds, chains, evaluation in blocks:
+        if evaluation.attacks:
+            from art_study.attacks.registry import validate_attacks
+
+            validate_attacks(evaluation)  # a bad attack fails here, before any training
         for depth, seed, chain in itertools.product(depths, seeds, chains):
             name = sequence_name(chain)
             if (name, depth, seed) in seen:
                 continue
             seen.add((name, depth, seed))
-            run_cfg = _run_config(cfg, depth, seed)
+            run_cfg = _run_config(cfg, depth, seed, evaluation)
             n_epochs = cfg.study.stage_epochs[: len(chain)] if cfg.study else epochs
             stages = _stage_chain(run_cfg, chain, n_epochs, fingerprints[seed], numerics_id)
-            key = stable_hash({"stages": stages[-1].key, **evaluation})
+            key = stable_hash({"stages": stages[-1].key, **evaluation_identity(run_cfg)})
             runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
-    if cfg.evaluation.attacks:
-        from art_study.attacks.registry import validate_attacks
-
-        validate_attacks(cfg.evaluation)  # a bad attack fails here, before any training
-    return _with_references(runs) if cfg.evaluation.transfer else runs
+    return _with_references(runs)
 
 
 def evaluation_identity(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What a run's evaluation is, for its key: the evaluation config, every attack as ART will
+    """What a run's evaluation is, for its key (``cfg``: the run's config, with its block's
+    evaluation): the evaluation config, every attack as ART will
     run it (alias defaults merged with the configured arguments, class, step, estimator, ε), and
     :data:`EVALUATION_VERSION`. A changed alias default or evaluation code thus changes the run
     key, and a resumed study re-evaluates rather than mixing budgets."""
@@ -311,17 +315,20 @@ def study_key(cfg: ExperimentConfig, runs: list[RunSpec]) -> str:
 
 
 def _with_references(runs: list[RunSpec]) -> list[RunSpec]:
-    """Point every defended run at the control of its depth and seed (the transfer source).
+    """Point every defended run with ``evaluation.transfer`` at the control of its depth and
+    seed (the transfer source).
 
     The control must be part of the plan: it is trained and evaluated as a run of its own
     before the defended runs of its depth and seed, so its model is in the stage cache when
-    they need it.
+    they need it. The examples are crafted once per control, so the runs that share one must
+    share their evaluation.
     """
     controls = {(r.depth, r.seed): r for r in runs
                 if all(s.defense == "none" for s in r.stages)}
+    crafting: dict[tuple[int, int], RunSpec] = {}
     out = []
     for r in runs:
-        if all(s.defense == "none" for s in r.stages):
+        if all(s.defense == "none" for s in r.stages) or not r.config.evaluation.transfer:
             out.append(r)
             continue
         control = controls.get((r.depth, r.seed))
@@ -329,6 +336,12 @@ def _with_references(runs: list[RunSpec]) -> list[RunSpec]:
             raise ConfigError(
                 f"evaluation.transfer needs the undefended control at depth {r.depth}, seed "
                 f"{r.seed} (for {r.sequence}): add `control` to that block's sequences")
+        first = crafting.setdefault((r.depth, r.seed), r)
+        if first.config.evaluation != r.config.evaluation:
+            raise ConfigError(
+                f"{first.sequence} and {r.sequence} at depth {r.depth}, seed {r.seed} share the "
+                "control their transfer examples are crafted on, so they need the same "
+                "evaluation: give their blocks the same `evaluation` overrides")
         out.append(dataclasses.replace(r, reference=control.stages[-1]))
     # Each control runs before the first run that needs it, so its model exists by then.
     ordered: list[RunSpec] = []
