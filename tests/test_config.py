@@ -96,3 +96,42 @@ def test_empty_config_or_nothing_to_run_is_refused(tmp_path: Path, text: str) ->
     with pytest.raises(ConfigError, match=r"is empty|nothing to run") as err:
         load_config(write(tmp_path, text), ["model.n_conv=3"])
     assert "\n" not in str(err.value)
+
+
+STUDY = """evaluation:
+  eps: [0.1, 0.3]
+  n_attack: 200
+  attacks: [{name: pgd, n_images: 100}]
+  diagnostics: {n_images: 50}
+study:
+  blocks:
+    - {depths: [2], sequences: [control]%s}
+    - {depths: [3], sequences: [control]}
+"""
+
+
+def test_a_block_overrides_the_evaluation_key_by_key(tmp_path: Path) -> None:
+    """Mappings merge key by key, a list (attacks) is replaced whole, the other block keeps the
+    top-level evaluation."""
+    over = ", evaluation: {n_attack: 1000, diagnostics: {pgd_steps: 3}, attacks: [{name: fgsm}]}"
+    cfg = load_config(write(tmp_path, STUDY % over))
+    first, second = cfg.block_evaluation(0), cfg.block_evaluation(1)
+    assert first.n_attack == 1000 and first.eps == [0.1, 0.3]
+    assert (first.diagnostics.pgd_steps, first.diagnostics.n_images) == (3, 50)
+    assert [(a.name, a.n_images) for a in first.attacks] == [("fgsm", 500)]
+    assert second == cfg.evaluation and second.n_attack == 200
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [(", evaluation: {n_attack: 0}", "study.blocks.0.evaluation.n_attack"),
+     (", evaluation: {diagnostics: {n_imgs: 5}}", "study.blocks.0.evaluation.diagnostics.n_imgs"),
+     (", evaluation: {transfer: [square]}", "study.blocks.0.evaluation"),
+     (", evaluation: {attacks: [{name: pgd, n_images: -1}]}",
+      "study.blocks.0.evaluation.attacks.0.n_images")],
+)
+def test_a_blocks_evaluation_is_validated_like_the_top_level(tmp_path: Path, override: str,
+                                                             key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, STUDY % override))
+    assert key in str(err.value) and "\n" not in str(err.value)

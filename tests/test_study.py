@@ -534,3 +534,42 @@ def test_same_seed_same_metrics(tmp_path, mnist_dir) -> None:
     keep = [k for k in metrics[0] if "time" not in k and "per_s" not in k]
     assert len(keep) > 10
     assert {k: metrics[0][k] for k in keep} == {k: metrics[1][k] for k in keep}
+
+
+# -- a block's own evaluation (planning, no training) --------------------------------------------
+def test_robust_headline_block_attacks_all_test_images() -> None:
+    """robust.yaml: AutoAttack on all 10 000 test images for the depth-2 runs (the block's
+    `evaluation`), the first 1 000 at depths 3-5; the rest of the evaluation is the study's."""
+    cfg = load_config(REPO / "configs" / "robust.yaml")
+    for r in plan_runs(cfg, fake_fingerprints(cfg)):
+        budgets = {a.name: a.n_images for a in r.config.evaluation.attacks}
+        assert budgets == {"pgd": 1000, "autoattack-standard": 10_000 if r.depth == 2 else 1000}
+        assert r.config.evaluation.diagnostics == cfg.evaluation.diagnostics
+
+
+def test_a_blocks_evaluation_enters_only_its_runs_keys() -> None:
+    """The run key comes from the run's own evaluation: overriding one block's changes that
+    block's run keys only, and no stage key (the trained models stay valid)."""
+    two_blocks = ["study.blocks=[{depths: [2], sequences: [control, singles]}, "
+                  "{depths: [3], sequences: [control]}]"]
+    cfg = load_config(TINY, two_blocks)
+    before = {r.name: r for r in plan_runs(cfg, fake_fingerprints(cfg))}
+    cfg.study.blocks[0].evaluation = {"n_attack": 50}
+    after = {r.name: r for r in plan_runs(cfg, fake_fingerprints(cfg))}
+    for name, run in after.items():
+        assert [s.key for s in run.stages] == [s.key for s in before[name].stages]
+        assert (run.key != before[name].key) == (run.depth == 2)
+        assert run.config.evaluation.n_attack == (50 if run.depth == 2 else None)
+
+
+def test_runs_sharing_a_control_for_transfer_need_the_same_evaluation() -> None:
+    """Transfer examples are crafted once per control: two blocks whose runs share one but
+    evaluate differently are refused; a block without transfer needs no control."""
+    shared = ("study.blocks=[{depths: [2], sequences: [control, [distillation]]}, "
+              "{depths: [2], sequences: [[gradient_masking]], evaluation: {n_attack: 50}}]")
+    with pytest.raises(ConfigError, match="same evaluation"):
+        cfg = load_config(TINY, [shared])
+        plan_runs(cfg, fake_fingerprints(cfg))
+    alone = "study.blocks=[{depths: [2], sequences: [[distillation]], evaluation: {transfer: []}}]"
+    cfg = load_config(TINY, [alone])
+    assert [r.reference for r in plan_runs(cfg, fake_fingerprints(cfg))] == [None]
