@@ -216,12 +216,19 @@ def summary(done: EvaluateOnly) -> str:
         lines.append("gradient masking suspected: "
                      + t.get("gradient_masking_reasons", "").replace("; ", "\n  "))
     else:
-        passed = sorted(k[len("diag."):] for k, v in t.items()
-                        if k.startswith("diag.") and v.startswith("pass"))
-        unchecked = sorted(k[len("diag."):] for k, v in t.items()
-                           if k.startswith("diag.") and v.startswith("not evaluated"))
+        masking = {k[len("diag."):]: v for k, v in t.items()
+                   if k.startswith("diag.") and not k.startswith("diag.autoattack_")}
+        passed = sorted(k for k, v in masking.items() if v.startswith("pass"))
+        unchecked = sorted(k for k, v in masking.items() if v.startswith("not evaluated"))
         lines.append(f"gradient masking: not suspected (passed: {', '.join(passed)}"
                      + (f"; not evaluated: {', '.join(unchecked)}" if unchecked else "") + ")")
+    if "evaluation_unreliable" in t:  # AutoAttack's own verdict, apart from the masking checks
+        detail = t.get("diag.autoattack_square", "").partition(": ")[2]
+        detail = detail.removeprefix("evaluation unreliable: ")
+        verdict = "UNRELIABLE" if t["evaluation_unreliable"] == "true" else "not flagged"
+        lines.append(f"AutoAttack's Square check: evaluation {verdict} ({detail})")
+    if "autoattack_warnings" in t:
+        lines.append("AutoAttack warnings: " + t["autoattack_warnings"].replace("; ", "\n  "))
     if "transfer" in t and t["transfer"].startswith("skipped"):
         lines.append(f"transfer attacks {t['transfer']}")
     if t.get("gradient_attacks_weakened") == "true":

@@ -340,3 +340,34 @@ def test_failure_during_the_evaluation_ends_the_run_failed(tmp_path, tracking_ur
     runs = all_runs(tracking_uri)
     assert list(runs.status) == ["FAILED"]
     assert "planted failure" in runs["tags.failure_reason"].iloc[0]
+
+
+@pytest.mark.parametrize(("square", "verdict"), [(0.892, "UNRELIABLE"), (0.904, "not flagged")])
+def test_summary_prints_autoattacks_verdict_apart_from_the_masking_checks(square, verdict) -> None:
+    """The tags diagnostics writes for a cascade whose Square broke 13 of 1 000 images after the
+    white-box components (AutoAttack's check fires) or 1 (it does not), and a model whose
+    outputs are probabilities (AutoAttack's warning): each on its own line."""
+    from types import SimpleNamespace
+
+    from art_study.diagnostics import Check, Diagnosis, output_check, square_checks
+    from art_study.evaluate_model import EvaluateOnly, summary
+
+    table = {"apgd-ce": 0.913, "apgd-t": 0.905, "fab-t": 0.905, "square": square}
+    diagnosis = Diagnosis([Check("falls_to_chance", True, "PGD at ε 0.5 leaves 0 %")],
+                          [square_checks({"autoattack-standard": {0.3: table}}),
+                           output_check(np.full((4, 10), 0.1, np.float32))])
+    prepared = SimpleNamespace(source=SimpleNamespace(uri="m.keras", sha256="0" * 64),
+                               output="logits")
+    metrics = {"clean/accuracy": 0.99, "eval/n_images": 1000.0,
+               "attack/autoattack-standard/accuracy_eps_0.3": square}
+    lines = summary(EvaluateOnly("r", "sqlite:///x", prepared, metrics,
+                                 diagnosis.tags())).splitlines()
+    masking = next(x for x in lines if x.startswith("gradient masking"))
+    assert masking == "gradient masking: not suspected (passed: falls_to_chance)"
+    aa = [x for x in lines if x.startswith("AutoAttack's Square check")]
+    assert len(aa) == 1
+    assert aa[0].startswith(f"AutoAttack's Square check: evaluation {verdict} "
+                            "(autoattack-standard at ε 0.3: ")
+    assert ("after Square 89.2%" in aa[0]) == (verdict == "UNRELIABLE")
+    assert sum(x.startswith("AutoAttack warnings: autoattack_output_not_probability")
+               for x in lines) == 1
