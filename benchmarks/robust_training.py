@@ -140,18 +140,22 @@ def validation_accuracy(model, x, y, n: int, batch_size: int) -> dict[str, float
     evaluation code)."""
     from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
     from art_study.config import EvaluationConfig
-    from art_study.evaluation import eps_key, evaluate
+    from art_study.evaluation import evaluate
     from art_study.models import accuracy
+    from art_study.results import Kind
 
     cfg = EvaluationConfig(
         eps=[EPS], batch_size=batch_size, diagnostics={"enabled": False},
         attacks=[{"name": "autoattack-standard", "eps": [EPS], "n_images": n}])
-    metrics = evaluate(model, x[:n], y[:n], cfg, progress=False).metrics
-    name, acc = "attack/autoattack-standard", f"accuracy_{eps_key(EPS)}"
-    out = {"val_clean": accuracy(model, x, y), "val_clean_n": metrics["clean/accuracy"],
-           "val_fgsm": metrics[f"fgsm_custom/{acc}"], "val_autoattack": metrics[f"{name}/{acc}"]}
-    return out | {f"val_{c}": metrics[f"{name}/{c}/{acc}"] for c in (*COMPONENTS, *PLUS_COMPONENTS)
-                  if f"{name}/{c}/{acc}" in metrics}
+    result = evaluate(model, x[:n], y[:n], cfg, progress=False)
+    out = {"val_clean": accuracy(model, x, y), "val_clean_n": result.find(Kind.CLEAN).accuracy,
+           "val_fgsm": result.find(Kind.FGSM, eps=EPS).accuracy,
+           "val_autoattack": result.find(Kind.ATTACK, "autoattack-standard", EPS).accuracy}
+    for c in (*COMPONENTS, *PLUS_COMPONENTS):
+        row = result.find(Kind.ATTACK, "autoattack-standard", EPS, component=c)
+        if row is not None:
+            out[f"val_{c}"] = row.accuracy
+    return out
 
 
 def recipe(args: argparse.Namespace) -> None:
