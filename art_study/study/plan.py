@@ -311,6 +311,9 @@ def study_key(cfg: ExperimentConfig, runs: list[RunSpec]) -> str:
     command finds the parent by it and resumes); speed-only settings and where results are
     stored or data read from (:data:`LOCATION`) left out."""
     config = {**cfg.model_dump(mode="json", exclude=key_exclude()), "data": data_identity(cfg)}
+    for block in (config["study"] or {}).get("blocks", []):
+        if not block["evaluation"]:  # in its runs' keys; out when empty, as before blocks had one
+            del block["evaluation"]
     return stable_hash({"name": cfg.name, "config": config, "runs": [r.key for r in runs]})
 
 
