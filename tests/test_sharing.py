@@ -3,6 +3,7 @@ the stage cache checks itself, no credentials are recorded, Ray listens on loopb
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -156,7 +157,8 @@ def test_second_writer_of_a_stage_uses_the_first_ones_entry(tmp_path, fitted, mo
     def replace(src, dst):
         if Path(dst).name == key and not raced:
             raced.append(True)
-            cache.save(fitted, record(key))  # the other writer, completing first
+            first = dataclasses.replace(record(key), train_time_s=0.25)
+            cache.save(fitted, first)  # the other writer, completing first
         try:
             return real_replace(src, dst)
         except OSError as exc:
@@ -181,6 +183,7 @@ def test_second_writer_of_a_stage_uses_the_first_ones_entry(tmp_path, fitted, mo
     # The second writer's rename was refused (the first one's entry is not replaced under a
     # reader), the refusal handled, and the first writer's entry kept.
     assert refused == [errno.ENOTEMPTY]
+    assert cache.record(key).train_time_s == 0.25
 
 
 def test_entry_without_checksum_is_checked_once_then_kept(tmp_path, fitted) -> None:

@@ -484,7 +484,8 @@ def test_failed_run_is_retried_once_on_rerun(tmp_path, mnist_dir, monkeypatch) -
 
 
 def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
-    """Kill the study with SIGKILL after its first child finished; rerun; every run once."""
+    """Kill the study with SIGKILL after its first child finished; rerun; every run once, and
+    the finished child is kept as it was (same run, same end time), not rerun."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [str(Path(sys.executable).with_name("art-study")), "run", str(TINY), "--no-progress",
             "--tracking-uri", uri, "--data-dir", str(mnist_dir),
@@ -496,7 +497,7 @@ def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
     prepare_store(uri, "art-study")
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline, finished = time.time() + 300, []
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
@@ -509,6 +510,8 @@ def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the study ended before it could be killed"
+    assert finished, "no child finished before the kill"
+    done_id, done_end = finished[0].info.run_id, finished[0].info.end_time
 
     rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -519,6 +522,9 @@ def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
     assert len(kids) == 2
     assert all(k.info.status == "FINISHED" for k in kids)
     assert len({k.data.tags["sequence"] for k in kids}) == 2
+    kept = next(k for k in kids if k.info.run_id == done_id)
+    assert kept.info.end_time == done_end
+    assert "2 runs (1 already finished)" in rerun.stdout, rerun.stdout
 
 
 def test_same_seed_same_metrics(tmp_path, mnist_dir) -> None:
