@@ -540,3 +540,29 @@ def test_same_seed_same_metrics(tmp_path, mnist_dir) -> None:
     keep = [k for k in metrics[0] if "time" not in k and "per_s" not in k]
     assert len(keep) > 10
     assert {k: metrics[0][k] for k in keep} == {k: metrics[1][k] for k in keep}
+
+
+def test_two_processes_starting_the_same_new_study_never_collide(tmp_path, mnist_dir) -> None:
+    """Two `art-study run` of one new study started at once: at most one parent run survives,
+    each of its runs exists once, and a process that backs off says so in one line."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from art_study.tracking import prepare_store
+
+    prepare_store(uri, "art-study")  # one database, created once (as a team's server is)
+    args = [str(Path(sys.executable).with_name("art-study")), "run", str(TINY), "--no-progress",
+            "--tracking-uri", uri, "--data-dir", str(mnist_dir),
+            "--set", "study.blocks=[{depths: [2], sequences: [control]}]",
+            "--set", "data.n_train=100", "--set", "data.n_test=50",
+            "--set", "evaluation.transfer=[]", "--set", "evaluation.diagnostics.enabled=false"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 or "is being run by another process" in err, err[-2000:]
+    codes = sorted(p.returncode for p in procs)
+    mlflow.set_tracking_uri(uri)
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`art_study.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", codes
+    kids = children(uri, parents[0].info.run_id)
+    assert len(kids) == 1 and kids[0].info.status == "FINISHED"
