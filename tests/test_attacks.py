@@ -175,12 +175,13 @@ def test_pgd_alias_builds_arts_pgd_with_its_documented_defaults() -> None:
     """``pgd``: ART's PGD, 40 iterations, a random start, step 0.1·ε, L∞."""
     from art.attacks.evasion import ProjectedGradientDescent
 
-    from art_study.attacks.registry import Estimators, _throwaway_model, resolve
+    from art_study.attacks.registry import Estimators, resolve
+    from art_study.attacks.validation import throwaway_model
     from art_study.config import AttackConfig
 
     eps = 0.3
     attack = resolve(AttackConfig(name="pgd"), [eps]).build(
-        Estimators(_throwaway_model())["keras"], eps, batch_size=10)
+        Estimators(throwaway_model())["keras"], eps, batch_size=10)
     assert isinstance(attack, ProjectedGradientDescent)
     assert attack.max_iter == 40
     assert attack.num_random_init >= 1
