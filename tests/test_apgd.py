@@ -205,6 +205,8 @@ class ScriptedModel:
     input gradient has sign ``directions[k]`` on every pixel (a zero-valued term carries it).
     Call 0 is the clean prediction, call 1 the start, call 2 + i iteration i."""
 
+    input_shape, output_shape = (None, 28, 28, 1), (None, 10)
+
     def __init__(self, values, directions):
         import tensorflow as tf
 

@@ -88,7 +88,7 @@ class APGD:
 
     ``record=True`` keeps, per run of the loop, the step size and the iterate of every iteration
     (after the checkpoint's halving and restore) in :attr:`history`, for checking the schedule;
-    off (the default), the traced loop carries no extra tensor.
+    off (the default), nothing is written: two empty arrays ride along in the loop.
     """
 
     def __init__(self, model: keras.Model, *, loss: str = "ce", n_iter: int = 100,
@@ -103,7 +103,7 @@ class APGD:
         self.n_restarts, self.batch_size = n_restarts, batch_size
         self.record = record
         #: ``(steps, iterates)`` per loop run when ``record``: shapes ``(n_iter, n)`` and
-        #: ``(n_iter, n, *INPUT_SHAPE)``.
+        #: ``(n_iter, n, *image shape)``.
         self.history: list[tuple[np.ndarray, np.ndarray]] = []
         self._run = self._build()
 
