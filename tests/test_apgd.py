@@ -145,3 +145,118 @@ def test_autoattack_cascade_only_attacks_what_is_left(model, small_mnist) -> Non
     steps = [misclassified, *after.values()]
     assert all((b >= a).all() for a, b in itertools.pairwise(steps))
     assert (after["square"] == fooled).all()
+
+
+# --- the losses against their formulas, on hand-written logits ---------------------------------
+
+#: Sorted descending, ``z = [3, 1, 0, -1]``: z_(1) = 3, z_(2) = 1, z_(3) = 0, z_(4) = -1.
+Z = np.array([[3.0, 1.0, 0.0, -1.0]], np.float32)
+
+
+def _numpy_dlr(z: np.ndarray, y: int, t: int | None = None) -> float:
+    """Croce & Hein (2020), eq. 6 and its targeted form: ``-(z_y - max_{i≠y} z_i) / (z_(1) -
+    z_(3))`` and ``-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2)``."""
+    s = np.sort(z)[::-1]
+    if t is None:
+        return -(z[y] - np.delete(z, y).max()) / (s[0] - s[2])
+    return -(z[y] - z[t]) / (s[0] - (s[2] + s[3]) / 2)
+
+
+@pytest.mark.parametrize(("y", "expected"), [(0, -2 / 3), (2, 1.0), (3, 4 / 3)])
+def test_dlr_matches_the_papers_formula(y: int, expected: float) -> None:
+    """The estimator's DLR (APGD-DLR through ART) and the compiled APGD's, by hand and against
+    NumPy on random 10-class logits: a wrong but scale-invariant denominator fails here."""
+    from art_study.attacks.apgd import _LOSS_FNS
+    from art_study.estimator import dlr_loss
+
+    y1h = np.eye(4, dtype=np.float32)[[y]]
+    assert float(dlr_loss(y1h, Z)[0]) == pytest.approx(expected, rel=1e-6)
+    assert float(_LOSS_FNS["dlr"](Z, y1h, None)[0]) == pytest.approx(expected, rel=1e-6)
+    z = np.random.default_rng(y).normal(0, 3, (50, 10)).astype(np.float32)
+    labels = np.arange(50) % 10
+    want = [_numpy_dlr(row, label) for row, label in zip(z, labels, strict=True)]
+    np.testing.assert_allclose(dlr_loss(np.eye(10, dtype=np.float32)[labels], z), want,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize(("y", "t", "expected"), [(0, 1, -4 / 7), (1, 0, 4 / 7),
+                                                  (0, 3, -8 / 7)])
+def test_targeted_dlr_matches_the_papers_formula(y: int, t: int, expected: float) -> None:
+    """APGD-T's loss: z_(1) - (z_(3) + z_(4)) / 2 = 3 - (0 - 1) / 2 = 3.5 below z_t - z_y."""
+    from art_study.attacks.apgd import _LOSS_FNS
+
+    eye = np.eye(4, dtype=np.float32)
+    loss = _LOSS_FNS["dlr-targeted"](Z, eye[[y]], eye[[t]])
+    assert float(loss[0]) == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(_numpy_dlr(Z[0], y, t))
+    z = np.random.default_rng(t).normal(0, 3, (50, 10)).astype(np.float32)
+    labels, targets = np.arange(50) % 10, (np.arange(50) + 1 + t) % 10
+    eye = np.eye(10, dtype=np.float32)
+    np.testing.assert_allclose(
+        _LOSS_FNS["dlr-targeted"](z, eye[labels], eye[targets]),
+        [_numpy_dlr(r, a, b) for r, a, b in zip(z, labels, targets, strict=True)], rtol=1e-5)
+
+
+# --- the step-size control on scripted losses ---------------------------------------------------
+
+class ScriptedModel:
+    """Stands in for the model: its k-th call returns logits whose cross-entropy on label 0 is
+    increasing in ``values[k]`` (``z = [-v, 0, …, 0]``: loss ``v + log(9 + e^-v)``) and whose
+    input gradient has sign ``directions[k]`` on every pixel (a zero-valued term carries it).
+    Call 0 is the clean prediction, call 1 the start, call 2 + i iteration i."""
+
+    input_shape, output_shape = (None, 28, 28, 1), (None, 10)
+
+    def __init__(self, values, directions):
+        import tensorflow as tf
+
+        self.values = tf.constant(values, tf.float32)
+        self.directions = tf.constant(directions, tf.float32)
+        self.calls = tf.Variable(0)
+
+    def __call__(self, x, training=False):
+        import tensorflow as tf
+
+        k = self.calls.assign_add(1) - 1
+        s = self.directions[k] * tf.reduce_sum(x, axis=[1, 2, 3])
+        z0 = -self.values[k] - (s - tf.stop_gradient(s))
+        return tf.concat([z0[:, None], tf.zeros([tf.shape(x)[0], 9])], axis=1)
+
+
+def _scripted_run(values_per_iter, directions_per_iter, v_start=0.0):
+    """One image of grey 0.5 at ε = 0.1, 20 iterations (first checkpoint after iteration 3):
+    the step sizes and iterates APGD recorded."""
+    n_iter = 20
+    assert checkpoints(n_iter)[0] == (3, 4)
+    model = ScriptedModel([-10.0, v_start, *values_per_iter],
+                          [1.0, *directions_per_iter, 1.0])
+    attack = APGD(model, n_iter=n_iter, batch_size=1, record=True)
+    np.random.seed(0)
+    attack.attack(np.full((1, 28, 28, 1), 0.5, np.float32), np.array([0]), 0.1)
+    (steps, iterates), = attack.history
+    return steps[:, 0], iterates[:, 0]
+
+
+def test_a_rising_loss_never_halves_the_step() -> None:
+    steps, _ = _scripted_run(np.arange(1.0, 21.0), np.ones(20))
+    np.testing.assert_allclose(steps, 0.2)  # 2·ε throughout
+
+
+def test_a_flat_loss_halves_the_step_at_the_first_checkpoint() -> None:
+    steps, _ = _scripted_run(np.ones(20), np.ones(20), v_start=1.0)
+    np.testing.assert_allclose(steps[:3], 0.2)
+    assert steps[3] == pytest.approx(0.1)
+
+
+def test_momentum_and_the_restore_to_the_best_point() -> None:
+    """Directions +, +, −, +: iterations 0 and 1 end at the box's top 0.6; iteration 2 steps
+    down by 0.2 with momentum 0.75 and a zero previous move: 0.6 − 0.75·0.2 = 0.45 (0.4 without
+    momentum). Losses 2, 1, 5, 3: two increases in the window of 4 ≤ 0.75·4, so the checkpoint
+    after iteration 3 halves the step and goes back to iteration 2's point, the best."""
+    steps, x = _scripted_run([2.0, 1.0, 5.0, 3.0, *np.ones(16)], [1.0, 1.0, -1.0, 1.0,
+                                                                   *np.ones(16)])
+    np.testing.assert_allclose(x[0], 0.6, atol=1e-6)
+    np.testing.assert_allclose(x[1], 0.6, atol=1e-6)
+    np.testing.assert_allclose(x[2], 0.45, atol=1e-6)
+    np.testing.assert_allclose(steps[:4], [0.2, 0.2, 0.2, 0.1], atol=1e-7)
+    np.testing.assert_array_equal(x[3], x[2])  # restored (not 0.45 + 0.75·0.15 − 0.25·0.15)

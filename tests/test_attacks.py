@@ -7,7 +7,7 @@ import pytest
 
 from art_study.attacks import FGSM, art_fgsm
 from art_study.config import EvaluationConfig
-from art_study.evaluation import evaluate
+from art_study.evaluation import eps_key, evaluate
 from art_study.models import accuracy, one_hot, to_art
 
 
@@ -122,3 +122,68 @@ def test_randomness_no_layer_declares_is_caught_by_two_gradients(
     cfg = EvaluationConfig(eps=[0.1, 0.3], n_attack=100, batch_size=100, xcheck_images=50)
     evaluate(noisy, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
     assert calls["sweep"] == 0
+
+
+# --- attacks from a config: scoring, the worst case, alias defaults ------------------------------
+
+def _scoring_cfg() -> EvaluationConfig:
+    return EvaluationConfig(
+        eps=[0.1, 0.3], n_attack=60, batch_size=100,
+        attacks=[{"name": "deepfool", "n_images": 60, "args": {"max_iter": 5, "nb_grads": 3}},
+                 {"name": "pgd", "n_images": 60, "eps": [0.3], "args": {"max_iter": 5}}],
+        transfer=["fgsm", "pgd"], diagnostics={"enabled": False})
+
+
+@pytest.fixture(scope="module")
+def scored(trained_model, small_mnist):
+    from art_study.evaluation import craft_transfer
+
+    cfg = _scoring_cfg()
+    np.random.seed(0)
+    crafted = craft_transfer(trained_model, small_mnist.x_test, small_mnist.y_test, cfg)
+    return evaluate(trained_model, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
+                    transfer_set=crafted)
+
+
+def test_minimal_perturbation_is_scored_per_image_within_each_eps(scored) -> None:
+    """DeepFool runs once; an image is broken at ε only if its perturbation is within ε: the
+    images robust at 0.3 are a subset of those at 0.1, and here a strictly smaller one."""
+    at_01 = scored.correct["attack/deepfool_eps_0.1"]
+    at_03 = scored.correct["attack/deepfool_eps_0.3"]
+    assert not (at_03 & ~at_01).any()
+    assert (at_01 & ~at_03).any(), "no image needs more than 0.1 and at most 0.3"
+
+
+def test_worst_case_covers_every_configured_attack(scored) -> None:
+    """The expected set comes from the config: our FGSM, every attack configured at ε and every
+    transfer attack; an attack whose verdicts were never recorded fails with a KeyError."""
+    cfg, c, m = _scoring_cfg(), scored.correct, scored.metrics
+    for eps in cfg.eps:
+        k = eps_key(eps)
+        at_eps = [a for a in cfg.attacks if eps in (a.eps or cfg.eps)]
+        names = ["fgsm", *(f"attack/{a.key}" for a in at_eps),
+                 *(f"transfer/{t}" for t in cfg.transfer if t == "fgsm" or t in {
+                     a.key for a in at_eps})]
+        n = min([cfg.n_attack, *(a.n_images for a in at_eps)])
+        expected = np.logical_and.reduce([c[f"{name}_{k}"][:n] for name in names])
+        assert m[f"robust/n_images_{k}"] == n
+        np.testing.assert_array_equal(c[f"robust_{k}"], expected)
+        assert m[f"robust/accuracy_{k}"] == pytest.approx(float(np.mean(expected)))
+
+
+def test_pgd_alias_builds_arts_pgd_with_its_documented_defaults() -> None:
+    """``pgd``: ART's PGD, 40 iterations, a random start, step 0.1·ε, L∞."""
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    from art_study.attacks.registry import Estimators, resolve
+    from art_study.attacks.validation import throwaway_model
+    from art_study.config import AttackConfig
+
+    eps = 0.3
+    attack = resolve(AttackConfig(name="pgd"), [eps]).build(
+        Estimators(throwaway_model())["keras"], eps, batch_size=10)
+    assert isinstance(attack, ProjectedGradientDescent)
+    assert attack.max_iter == 40
+    assert attack.num_random_init >= 1
+    assert attack.eps == eps and attack.eps_step == pytest.approx(0.1 * eps)
+    assert attack.norm == np.inf

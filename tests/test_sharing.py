@@ -3,6 +3,7 @@ the stage cache checks itself, no credentials are recorded, Ray listens on loopb
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -151,11 +152,18 @@ def test_second_writer_of_a_stage_uses_the_first_ones_entry(tmp_path, fitted, mo
     key = "2c" + "5" * 62
     real_replace, synced, raced = os.replace, [], []
 
+    refused = []  # errno of each rename refused because the entry was already there
+
     def replace(src, dst):
         if Path(dst).name == key and not raced:
             raced.append(True)
-            cache.save(fitted, record(key))  # the other writer, completing first
-        return real_replace(src, dst)
+            first = dataclasses.replace(record(key), train_time_s=0.25)
+            cache.save(fitted, first)  # the other writer, completing first
+        try:
+            return real_replace(src, dst)
+        except OSError as exc:
+            refused.append(exc.errno)
+            raise
 
     real_fsync = os.fsync
 
@@ -172,7 +180,10 @@ def test_second_writer_of_a_stage_uses_the_first_ones_entry(tmp_path, fitted, mo
     assert any(s.endswith("model.h5") for s in synced)
     assert any(".stage.json." in s for s in synced)
     assert str(path.parent.parent) in synced
-    assert errno.ENOTEMPTY  # the error the rename raised before
+    # The second writer's rename was refused (the first one's entry is not replaced under a
+    # reader), the refusal handled, and the first writer's entry kept.
+    assert refused == [errno.ENOTEMPTY]
+    assert cache.record(key).train_time_s == 0.25
 
 
 def test_entry_without_checksum_is_checked_once_then_kept(tmp_path, fitted) -> None:
@@ -185,6 +196,27 @@ def test_entry_without_checksum_is_checked_once_then_kept(tmp_path, fitted) -> N
     (path.parent / "stage.json").write_text(json.dumps(rec))
     assert cache.has(key)
     assert cache.record(key).model_sha256 == digest
+
+
+@pytest.mark.parametrize("checked_first", [False, True])
+def test_damaged_entry_without_checksum_is_not_trusted(tmp_path, fitted, checked_first) -> None:
+    """An entry from before checksums is trusted only if it loads; once checked and given its
+    checksum, a later flipped bit (which still loads) is caught by that checksum."""
+    cache = StageCache(tmp_path)
+    key = "4e" + "7" * 62
+    path = cache.save(fitted, record(key))
+    rec = json.loads((path.parent / "stage.json").read_text())
+    del rec["model_sha256"]
+    (path.parent / "stage.json").write_text(json.dumps(rec))
+    blob = bytearray(path.read_bytes())
+    if checked_first:
+        assert cache.has(key)  # checked once: it loads, and now has a checksum
+        blob[len(blob) // 2] ^= 0x01
+    else:
+        blob = blob[: len(blob) // 2]
+    path.write_bytes(bytes(blob))
+    assert not cache.has(key)
+    assert not path.parent.exists()  # evicted, so the study retrains it
 
 
 # -- a study is owned: a lease with a heartbeat on the parent run --------------------------------
@@ -287,7 +319,10 @@ def test_a_process_that_lost_its_lease_stops_and_leaves_the_parent(store, mnist_
         client = mlflow.MlflowClient()
         client.set_tag(self._parent, lease.OWNER, "new-owner")
         client.set_tag(self._parent, lease.STALE_AFTER, "120")
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60  # a heartbeat (every 0.1 s) notices; poll for it
+        while not self._lease.lost:
+            assert time.monotonic() < deadline, "the heartbeat never noticed the takeover"
+            time.sleep(0.02)
         return out
 
     monkeypatch.setattr(_Executor, "_in_run", taken_over)

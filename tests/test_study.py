@@ -484,7 +484,8 @@ def test_failed_run_is_retried_once_on_rerun(tmp_path, mnist_dir, monkeypatch) -
 
 
 def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
-    """Kill the study with SIGKILL after its first child finished; rerun; every run once."""
+    """Kill the study with SIGKILL after its first child finished; rerun; every run once, and
+    the finished child is kept as it was (same run, same end time), not rerun."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [str(Path(sys.executable).with_name("art-study")), "run", str(TINY), "--no-progress",
             "--tracking-uri", uri, "--data-dir", str(mnist_dir),
@@ -496,7 +497,7 @@ def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
     prepare_store(uri, "art-study")
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    deadline, finished = time.time() + 300, []
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
@@ -509,6 +510,8 @@ def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the study ended before it could be killed"
+    assert finished, "no child finished before the kill"
+    done_id, done_end = finished[0].info.run_id, finished[0].info.end_time
 
     rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -519,6 +522,9 @@ def test_sigkill_midway_then_resume(tmp_path, mnist_dir) -> None:
     assert len(kids) == 2
     assert all(k.info.status == "FINISHED" for k in kids)
     assert len({k.data.tags["sequence"] for k in kids}) == 2
+    kept = next(k for k in kids if k.info.run_id == done_id)
+    assert kept.info.end_time == done_end
+    assert "2 runs (1 already finished)" in rerun.stdout, rerun.stdout
 
 
 def test_same_seed_same_metrics(tmp_path, mnist_dir) -> None:
@@ -573,3 +579,29 @@ def test_runs_sharing_a_control_for_transfer_need_the_same_evaluation() -> None:
     alone = "study.blocks=[{depths: [2], sequences: [[distillation]], evaluation: {transfer: []}}]"
     cfg = load_config(TINY, [alone])
     assert [r.reference for r in plan_runs(cfg, fake_fingerprints(cfg))] == [None]
+
+
+def test_two_processes_starting_the_same_new_study_never_collide(tmp_path, mnist_dir) -> None:
+    """Two `art-study run` of one new study started at once: at most one parent run survives,
+    each of its runs exists once, and a process that backs off says so in one line."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from art_study.tracking import prepare_store
+
+    prepare_store(uri, "art-study")  # one database, created once (as a team's server is)
+    args = [str(Path(sys.executable).with_name("art-study")), "run", str(TINY), "--no-progress",
+            "--tracking-uri", uri, "--data-dir", str(mnist_dir),
+            "--set", "study.blocks=[{depths: [2], sequences: [control]}]",
+            "--set", "data.n_train=100", "--set", "data.n_test=50",
+            "--set", "evaluation.transfer=[]", "--set", "evaluation.diagnostics.enabled=false"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 or "is being run by another process" in err, err[-2000:]
+    codes = sorted(p.returncode for p in procs)
+    mlflow.set_tracking_uri(uri)
+    parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`art_study.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", codes
+    kids = children(uri, parents[0].info.run_id)
+    assert len(kids) == 1 and kids[0].info.status == "FINISHED"

@@ -85,10 +85,14 @@ class APGD:
     Settings go to the constructor, data to :meth:`attack` (as in Foolbox). The iteration loop
     is traced once per instance (``n_iter`` fixes the checkpoints); ε is a tensor, so any ε
     reuses it.
+
+    ``record=True`` keeps, per run of the loop, the step size and the iterate of every iteration
+    (after the checkpoint's halving and restore) in :attr:`history`, for checking the schedule;
+    off (the default), nothing is written: two empty arrays ride along in the loop.
     """
 
     def __init__(self, model: keras.Model, *, loss: str = "ce", n_iter: int = 100,
-                 n_restarts: int = 1, batch_size: int = 500):
+                 n_restarts: int = 1, batch_size: int = 500, record: bool = False):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         for name, v in (("max_iter", n_iter), ("nb_random_init", n_restarts),
@@ -97,10 +101,15 @@ class APGD:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
         self.model, self.loss, self.n_iter = model, loss, n_iter
         self.n_restarts, self.batch_size = n_restarts, batch_size
+        self.record = record
+        #: ``(steps, iterates)`` per loop run when ``record``: shapes ``(n_iter, n)`` and
+        #: ``(n_iter, n, *image shape)``.
+        self.history: list[tuple[np.ndarray, np.ndarray]] = []
         self._run = self._build()
 
     def _build(self):
         model, n_iter, loss_fn = self.model, self.n_iter, _LOSS_FNS[self.loss]
+        record = self.record
         checks = checkpoints(n_iter)
         is_check = np.zeros(n_iter, bool)
         window = np.ones(n_iter, np.int32)
@@ -140,6 +149,9 @@ class APGD:
             loss_steps = tf.zeros([n_iter, n])
             last_check_best = loss_best
             reduced_last = tf.ones([n], tf.bool)
+            # empty and never written when not recording (a loop variable must exist either way)
+            steps_seen = tf.TensorArray(tf.float32, size=n_iter if record else 0)
+            points_seen = tf.TensorArray(tf.float32, size=n_iter if record else 0)
             for i in tf.range(n_iter):
                 grad2 = x_adv - x_old
                 x_old = x_adv
@@ -169,7 +181,11 @@ class APGD:
                     reduced_last, last_check_best = halve, loss_best
                     step = tf.where(halve, step / 2.0, step)
                     x_adv, grad = where(halve, x_best, x_adv), where(halve, grad_best, grad)
-            return fooled, where(fooled, x_best_adv, x_best)
+                if record:
+                    steps_seen = steps_seen.write(i, step)
+                    points_seen = points_seen.write(i, x_adv)
+            out = fooled, where(fooled, x_best_adv, x_best)
+            return (*out, steps_seen.stack(), points_seen.stack()) if record else out
 
         return run
 
@@ -205,8 +221,10 @@ class APGD:
             for s in range(0, len(todo), self.batch_size):
                 idx = todo[s: s + self.batch_size]
                 start = self._random_start(x[idx], eps)
-                f, xa = self._run(tf.constant(x[idx]), tf.constant(y1h[idx]),
-                                  tf.constant(t1h[idx]), eps_t, tf.constant(start))
+                f, xa, *seen = self._run(tf.constant(x[idx]), tf.constant(y1h[idx]),
+                                         tf.constant(t1h[idx]), eps_t, tf.constant(start))
+                if seen:
+                    self.history.append((seen[0].numpy(), seen[1].numpy()))
                 f = f.numpy()
                 fooled[idx[f]] = True
                 x_adv[idx[f]] = xa.numpy()[f]
