@@ -118,20 +118,23 @@ def test_runs_are_submitted_in_plan_order_a_window_ahead(tmp_path, mnist_dir,
 
 
 def test_killed_worker_is_retried(tmp_path, mnist_dir, ray_cluster) -> None:
-    """SIGKILL the worker process training the first stage: Ray runs the task again and the
-    study ends with its run present once and FINISHED."""
+    """SIGKILL the worker process training the first stage: Ray runs that task again, in
+    another worker process (its second attempt), and the study ends with its run present once
+    and FINISHED."""
     uri, cfg = tiny(tmp_path, mnist_dir, "tracking.log_model=false",
                     "evaluation.diagnostics.enabled=false",
                     "study.blocks=[{depths: [2], sequences: [control]}]")
-    killed: list[str] = []
+    killed: list[tuple[int, str]] = []
+    seen: set[tuple[int, str]] = set()  # every (worker pid, stage task) seen running
     stop = threading.Event()
 
     def kill_first_stage_worker() -> None:
         while not stop.is_set():
             for pid, title in stage_workers():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(title)
-                return
+                seen.add((pid, title))
+                if not killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((pid, title))
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_first_stage_worker, daemon=True)
@@ -142,6 +145,9 @@ def test_killed_worker_is_retried(tmp_path, mnist_dir, ray_cluster) -> None:
         stop.set()
         killer.join()
     assert killed, "no stage task was seen running"
+    (dead, task), = killed
+    retries = {pid for pid, title in seen if title == task and pid != dead}
+    assert retries, f"{task} never ran again after its worker {dead} was killed"
     assert result.stages_trained == 2
     kids = children(uri, result.parent_run_id)
     assert len(kids) == 1 and kids[0].info.status == "FINISHED"
