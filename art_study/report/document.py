@@ -253,7 +253,11 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
              "gradients, not robustness. For an ensemble (AutoAttack) the `after` column "
              "gives the mean robust accuracy left after each component in turn (cumulative: "
              "an image broken by an earlier component stays broken), so it shows which "
-             "component does the work.")
+             "component does the work. `AutoAttack unreliable` counts the seeds where "
+             "AutoAttack's own Square check fired (Square, black-box, still broke images the "
+             "white-box components left): the gradients the white-box attacks followed are "
+             "suspect, and the figure shown includes the stronger attacks the check escalates "
+             "to (unless `escalate` was turned off).")
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)

@@ -216,11 +216,19 @@ def masking_verdict(group: pd.DataFrame) -> str | None:
             + (f" ({', '.join(failed)})" if failed else ""))
 
 
+def unreliable_verdict(group: pd.DataFrame) -> str | None:
+    """Seeds whose AutoAttack figure its own Square check calls unreliable / seeds it checked;
+    None where no run had the check (no AutoAttack cascade)."""
+    flags = group.get("tags.evaluation_unreliable", pd.Series(dtype=str)).dropna()
+    return f"{int((flags == 'true').sum())}/{len(flags)}" if len(flags) else None
+
+
 def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, order: list[str]
                  ) -> pd.DataFrame | None:
     """Accuracy (mean ± 95 % CI over seeds) under each stronger attack and the transfer attack,
-    an ensemble attack's (AutoAttack's) robust accuracy after each of its components, and the
-    gradient-masking verdict (seeds flagged / seeds, with the failed checks)."""
+    an ensemble attack's (AutoAttack's) robust accuracy after each of its components, the
+    gradient-masking verdict (seeds flagged / seeds, with the failed checks) and AutoAttack's
+    Square check (seeds whose figure it calls unreliable / seeds checked)."""
     at = results[results["depth"] == depth]
     attacked = at[at["kind"].isin([Kind.ATTACK, Kind.TRANSFER]) & (at["component"] == "")]
     attacked = attacked.dropna(subset=["accuracy"])
@@ -248,6 +256,9 @@ def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, orde
         verdict = masking_verdict(checked)
         if verdict is not None:
             row["masking suspected"] = verdict
+        unreliable = unreliable_verdict(checked)
+        if unreliable is not None:
+            row["AutoAttack unreliable"] = unreliable
         rows.append(row)
     return pd.DataFrame(rows) if rows else None
 

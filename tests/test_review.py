@@ -1,0 +1,39 @@
+"""Review findings: each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from art_study.report.tables import attack_table
+from art_study.results import Kind
+
+
+def _autoattack_rows(seed: int, accuracy: float) -> list[dict]:
+    return [{"run_id": f"t{seed}", "sequence": "trades", "depth": 2, "seed": seed,
+             "kind": str(Kind.ATTACK), "attack": "autoattack-standard", "component": "",
+             "eps": 0.3, "n_images": 100, "accuracy": accuracy, "seconds": 1.0, "budget": {},
+             "row": -1}]
+
+
+def test_attack_table_shows_autoattack_square_check_verdict() -> None:
+    """A seed whose AutoAttack figure its own Square check calls unreliable is counted beside
+    the figure, as the masking verdict is: the report must not show it as if it were sound."""
+    results = pd.DataFrame(_autoattack_rows(0, 0.91) + _autoattack_rows(1, 0.90))
+    finished = pd.DataFrame({"run_id": ["t0", "t1"], "sequence": "trades", "depth": 2,
+                             "seed": [0, 1],
+                             "tags.gradient_masking_suspected": ["false", "false"],
+                             "tags.evaluation_unreliable": ["true", "false"]})
+    table = attack_table(results, finished, 2, ["trades"])
+    [row] = table.to_dict("records")
+    assert row["masking suspected"] == "0/2"
+    assert row["AutoAttack unreliable"] == "1/2"
+
+
+def test_attack_table_without_the_square_check_has_no_unreliable_column() -> None:
+    results = pd.DataFrame(_autoattack_rows(0, 0.91))
+    finished = pd.DataFrame({"run_id": ["t0"], "sequence": "trades", "depth": 2, "seed": [0],
+                             "tags.gradient_masking_suspected": ["false"]})
+    [row] = attack_table(results, finished, 2, ["trades"]).to_dict("records")
+    assert "AutoAttack unreliable" not in row and np.isclose(float(row[
+        "autoattack-standard ε 0.3"].split()[0]), 91.0)
