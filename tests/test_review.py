@@ -37,3 +37,27 @@ def test_attack_table_without_the_square_check_has_no_unreliable_column() -> Non
     [row] = attack_table(results, finished, 2, ["trades"]).to_dict("records")
     assert "AutoAttack unreliable" not in row and np.isclose(float(row[
         "autoattack-standard ε 0.3"].split()[0]), 91.0)
+
+
+def _five_class_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(5)])
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_targeted_attacks_refuse_more_targets_than_wrong_classes_when_built() -> None:
+    """On a 5-class model there are 4 wrong classes: 9 targets must be refused when the attack
+    is built (plan time), not when it first runs (after training)."""
+    import pytest
+
+    from art_study.attacks.apgd import APGDT
+    from art_study.attacks.autoattack import AutoAttackStandard
+
+    model = _five_class_model()
+    for cls in (APGDT, AutoAttackStandard):
+        with pytest.raises(ValueError, match=r"n_target_classes must be an integer in 1\.\.4"):
+            cls(model, n_target_classes=9)
+    assert APGDT(model, n_target_classes=4).n_target_classes == 4

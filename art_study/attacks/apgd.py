@@ -301,9 +301,10 @@ class APGDT(APGDCE):
 
     def __init__(self, model: keras.Model, *, max_iter: int = 100, nb_random_init: int = 1,
                  norm=np.inf, n_target_classes: int = 9, batch_size: int = 500):
-        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= 9:
+        n_wrong = n_classes_of(model) - 1
+        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
             raise ValueError(
-                f"n_target_classes must be an integer in 1..9, got {n_target_classes!r}")
+                f"n_target_classes must be an integer in 1..{n_wrong}, got {n_target_classes!r}")
         super().__init__(model, max_iter=max_iter, nb_random_init=nb_random_init, norm=norm,
                          batch_size=batch_size)
         self.n_target_classes = n_target_classes

@@ -33,6 +33,7 @@ from art_study.attacks.base import Attack, Outcome
 from art_study.attacks.fab import FABT
 from art_study.attacks.square import Square
 from art_study.diagnostics import square_check
+from art_study.models import n_classes_of
 
 #: The components in the order they run (the names in metric keys).
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -66,8 +67,9 @@ class AutoAttackStandard(Attack):
     def __init__(self, model: keras.Model, *, max_iter: int = 100, n_target_classes: int = 9,
                  n_queries: int = 5000, p_init: float = 0.8, batch_size: int = 500,
                  escalate: bool = True):
-        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= 9:
-            raise ValueError(f"n_target_classes must be an integer in 1..9, "
+        n_wrong = n_classes_of(model) - 1
+        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
+            raise ValueError(f"n_target_classes must be an integer in 1..{n_wrong}, "
                              f"got {n_target_classes!r}")
         self.model, self.max_iter, self.n_target_classes = model, max_iter, n_target_classes
         self.batch_size, self.escalate = batch_size, escalate
