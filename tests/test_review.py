@@ -61,3 +61,23 @@ def test_targeted_attacks_refuse_more_targets_than_wrong_classes_when_built() ->
         with pytest.raises(ValueError, match=r"n_target_classes must be an integer in 1\.\.4"):
             cls(model, n_target_classes=9)
     assert APGDT(model, n_target_classes=4).n_target_classes == 4
+
+
+def test_autoattack_chain_averages_the_same_seeds_in_every_cell() -> None:
+    """The escalation runs only where the Square check fires: a seed without it keeps its
+    figure after Square, so the chain's last cell is the headline's mean, not the mean of the
+    escalated seeds alone."""
+    steps = ("apgd-ce", "apgd-t", "fab-t", "square", "plus-apgd-ce", "plus-apgd-dlr",
+             "plus-square")
+    figures = {0: (0.90, 0.88, 0.87, 0.85, 0.84, 0.84, 0.83), 1: (0.95, 0.93, 0.92, 0.92)}
+    rows = []
+    for seed, accs in figures.items():
+        rows += _autoattack_rows(seed, accs[-1])
+        rows += [{**rows[-1], "component": c, "accuracy": a}
+                 for c, a in zip(steps, accs, strict=False)]
+    finished = pd.DataFrame({"run_id": ["t0", "t1"], "sequence": "trades", "depth": 2,
+                             "seed": [0, 1]})
+    [row] = attack_table(pd.DataFrame(rows), finished, 2, ["trades"]).to_dict("records")
+    chain = row[f"autoattack-standard ε 0.3 after {' → '.join(steps)}"].split(" → ")
+    assert chain == ["92.50", "90.50", "89.50", "88.50", "88.00", "88.00", "87.50"]
+    assert row["autoattack-standard ε 0.3"].startswith("87.50")

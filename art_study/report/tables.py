@@ -40,10 +40,12 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def select(frame: pd.DataFrame, kind: Kind, eps: float | None = None, attack: str | None = None,
-           component: str = "", **where) -> pd.DataFrame:
+           component: str | None = "", **where) -> pd.DataFrame:
     """The rows of ``frame`` (results or summary) of one kind (and ε, attack, component, and
-    any other column's value given as a keyword)."""
-    mask = (frame["kind"] == kind) & (frame["component"] == component)
+    any other column's value given as a keyword); ``component=None``: every component's."""
+    mask = frame["kind"] == kind
+    if component is not None:
+        mask &= frame["component"] == component
     if eps is not None:
         mask &= frame["eps"] == eps
     if attack is not None:
@@ -201,6 +203,18 @@ def components(rows: pd.DataFrame) -> dict[tuple[str, float], list[str]]:
     return {k: sorted(v, key=lambda c: (rank.get(c, len(rank)), c)) for k, v in found.items()}
 
 
+def chain_means(group: pd.DataFrame, kind: Kind, eps: float, attack: str,
+                steps: list[str]) -> list[float | None]:
+    """Mean robust accuracy (%) over the runs after each of an ensemble's ``steps``, in order. A
+    run without a step (AutoAttack's escalation runs only where its Square check fires) keeps
+    its figure after the step before, so every cell averages the same runs."""
+    parts = select(group, kind, eps, attack=attack, component=None)
+    parts = parts[parts["component"].isin(steps)]
+    wide = parts.pivot_table(index="run_id", columns="component", values="accuracy",
+                             aggfunc="first").reindex(columns=steps).ffill(axis=1) * 100
+    return [None if wide[c].dropna().empty else float(wide[c].mean()) for c in steps]
+
+
 def masking_verdict(group: pd.DataFrame) -> str | None:
     """Seeds flagged for gradient masking / seeds, with the checks that failed; None where the
     runs were not checked."""
@@ -251,8 +265,8 @@ def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, orde
             steps = parts.get((name, eps)) if kind == Kind.ATTACK else None
             if steps:
                 row[f"{name} ε {eps:g} after {' → '.join(steps)}"] = " → ".join(
-                    "—" if (cell := _pct(group, kind, eps, attack=name, component=c)) is None
-                    else f"{cell['mean']:.2f}" for c in steps)
+                    "—" if mean is None else f"{mean:.2f}"
+                    for mean in chain_means(group, kind, eps, name, steps))
         verdict = masking_verdict(checked)
         if verdict is not None:
             row["masking suspected"] = verdict
