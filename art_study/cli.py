@@ -185,7 +185,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.times is not None:
         if not args.times.is_file():
             raise ArtStudyError(f"--times: no such file {args.times} (a runs.csv export)")
-        times = pd.read_csv(args.times)
+        try:
+            times = pd.read_csv(args.times)
+        except (ValueError, OSError) as exc:  # empty, not CSV, unreadable
+            raise ArtStudyError(f"--times: cannot read {args.times} as a runs.csv: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+                                ) from None
         missing = {"sequence", "depth", "seed"} - set(times.columns)
         if missing:
             raise ArtStudyError(f"--times: {args.times} lacks {', '.join(sorted(missing))}: "

@@ -118,6 +118,12 @@ def test_plan_command_refuses_bad_times(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.startswith("art-study: error: --times:") and "\n" not in err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    code = main(["plan", str(PAPER), "--times", str(empty)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err
+    assert err.startswith("art-study: error: --times: cannot read")
     with pytest.raises(SystemExit) as exc:
         main(["plan", str(PAPER), "--nodes", "0"])
     assert exc.value.code == 2
