@@ -16,7 +16,8 @@ below is a symptom a truly robust model does not show:
    training signature, which a comparison with the best white-box attack hides as soon as PGD
    runs at that ε), and no black-box or transfer attack beats any white-box attack;
 3. ``falls_to_chance``: accuracy under PGD at a budget that can grey out any digit
-   (``destroy_eps``, 0.5) is near chance, and the FGSM sweep does not rise with ε;
+   (``destroy_eps``, 0.5) is near chance (1 / the model's classes, plus ``chance_margin``),
+   and the FGSM sweep does not rise with ε;
 4. ``more_iterations_not_weaker``: 5× the PGD iterations do not raise accuracy;
 5. ``gradients_not_vanishing``: the loss gradient is not numerically zero on most test inputs;
 6. ``gradients_deterministic``: the same attack on the same input gives the same image (a
@@ -59,7 +60,6 @@ from art_study.config import DiagnosticsConfig
 VANISHING_SHARE = 0.5
 #: A per-image loss gradient whose largest component is below this is numerically zero.
 ZERO_GRADIENT = 1e-12
-CHANCE = 0.1  # ten classes
 
 #: check_square_sr: Square may lower robust accuracy after the white-box components by this much.
 SQUARE_ALPHA = 0.002
@@ -150,6 +150,8 @@ class Evidence:
     pgd_destroy: str  # key of PGD at destroy_eps
     grad_zero_share: float
     repeat_max_abs_diff: float
+    #: classes the model scores: chance accuracy, for the "falls to chance" check, is 1 / this
+    n_classes: int
     iterative: frozenset[str] = frozenset()
     blackbox: frozenset[str] = frozenset()
     counterparts: dict[str, str] = field(default_factory=dict)
@@ -235,9 +237,9 @@ def diagnose(ev: Evidence, cfg: DiagnosticsConfig) -> Diagnosis:
     destroy = ev.attacks.get(ev.pgd_destroy, {})
     if destroy:
         acc = float(np.mean(next(iter(destroy.values()))))
-        if acc > CHANCE + cfg.chance_margin:
-            problems.append(f"PGD at ε {cfg.destroy_eps:g} leaves {acc:.1%} "
-                            f"(> {CHANCE + cfg.chance_margin:.0%})")
+        bound = 1 / ev.n_classes + cfg.chance_margin
+        if acc > bound:
+            problems.append(f"PGD at ε {cfg.destroy_eps:g} leaves {acc:.1%} (> {bound:.0%})")
     # against the lowest accuracy at any smaller ε, so a slow climb over many steps counts too
     sweep = sorted(ev.fgsm_sweep.items())
     for i, (e1, a1) in enumerate(sweep[1:], start=1):

@@ -299,6 +299,7 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
         pgd_destroy="diag-pgd_destroy",
         grad_zero_share=result.gradients.zero_share,
         repeat_max_abs_diff=result.repeat_max_abs_diff,
+        n_classes=n_classes_of(model),
         iterative=frozenset(kinds["iterative"]),
         blackbox=frozenset(kinds["blackbox"]),
         counterparts=counterparts,

@@ -30,7 +30,7 @@ def evidence(**over) -> Evidence:
                  "diag-pgd20": vs({0.3: 0.0}), "diag-pgd100": vs({0.3: 0.0}),
                  "diag-pgd_destroy": vs({0.5: 0.0})},
         pgd_steps=("diag-pgd20", "diag-pgd100"), pgd_destroy="diag-pgd_destroy",
-        grad_zero_share=0.1, repeat_max_abs_diff=0.0,
+        grad_zero_share=0.1, repeat_max_abs_diff=0.0, n_classes=10,
         iterative=frozenset({"pgd", "diag-pgd20", "diag-pgd100", "diag-pgd_destroy"}),
         blackbox=frozenset({"square"}))
     base.update(over)
@@ -152,6 +152,21 @@ def test_a_slow_climb_with_eps_is_a_rise() -> None:
 def test_destroyed_digits_must_reach_chance() -> None:
     ev = evidence(attacks=attacks(**{"diag-pgd_destroy": vs({0.5: 0.6})}))
     assert verdicts(ev)["falls_to_chance"] is False
+
+
+def test_chance_is_one_over_the_number_of_classes() -> None:
+    """22% left at destroy_eps: above chance + margin for ten classes (20%), within it for
+    seven (1/7 + 10% ≈ 24.3%); 30% is above the seven-class bound, which the detail names."""
+
+    def falls(acc: float, n_classes: int) -> tuple[bool | None, str]:
+        destroyed = attacks(**{"diag-pgd_destroy": vs({0.5: acc})})
+        d = diagnose(evidence(attacks=destroyed, n_classes=n_classes), CFG)
+        check = next(c for c in d.checks if c.name == "falls_to_chance")
+        return check.passed, check.detail
+
+    assert falls(0.22, 10) == (False, "PGD at ε 0.5 leaves 22.0% (> 20%)")
+    assert falls(0.22, 7)[0] is True
+    assert falls(0.30, 7) == (False, "PGD at ε 0.5 leaves 30.0% (> 24%)")
 
 
 def test_missing_evidence_is_not_evaluated_rather_than_passed() -> None:
