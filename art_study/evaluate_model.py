@@ -114,12 +114,12 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
             raise TrackingError(f"no MLflow store at {local}: {named} names a run or model of "
                                 "a store that does not exist")
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
-    validate_attacks(cfg.evaluation)
     evaluation = cfg.evaluation
     with tempfile.TemporaryDirectory(prefix="art-study-model-") as tmp:
         source = locate(spec, Path(tmp) / "model")
         model = load(source, unsafe=unsafe_load)
         data = load_data(cfg, [cfg.seed])[cfg.seed]
+        validate_attacks(evaluation, data.spec)  # on the data's shape, before any attack runs
         x_probe, y_probe = data.x_test[:N_PROBE], data.y_test[:N_PROBE]
         prepared = prepare(model, source, x_probe, y_probe, data.spec)
         reference = None

@@ -3,6 +3,8 @@ and arguments fail before any training with the list of what exists."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
@@ -10,9 +12,10 @@ from art_study.attacks import FGSM
 from art_study.attacks.base import Attack, HandWritten, Outcome
 from art_study.attacks.registry import ALIASES, Estimators, resolve, validate_attacks
 from art_study.config import AttackConfig, EvaluationConfig
+from art_study.datasets import MNIST
 from art_study.errors import ConfigError
 from art_study.evaluation import craft_transfer, eps_key, evaluate
-from art_study.models import one_hot, predict_labels
+from art_study.models import input_shape_of, n_classes_of, one_hot, predict_labels
 
 
 def _cfg() -> EvaluationConfig:
@@ -38,7 +41,7 @@ def evaluated(trained_model, small_mnist):
     """Everything at once on the shared 2-epoch model (it misclassifies about half the slice:
     the clean-correct condition matters). Transfer examples are crafted on the model itself."""
     cfg = _cfg()
-    validate_attacks(cfg)
+    validate_attacks(cfg, MNIST)
     np.random.seed(0)
     crafted = craft_transfer(trained_model, small_mnist.x_test, small_mnist.y_test, cfg)
     return evaluate(trained_model, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
@@ -135,7 +138,7 @@ def test_apgd_by_class_name_starts_at_the_references_step() -> None:
 def _tiny_model():
     from art_study.attacks.validation import throwaway_model
 
-    return throwaway_model()
+    return throwaway_model(MNIST.input_shape, MNIST.n_classes)
 
 
 def test_every_alias_resolves_to_its_class_and_passes_its_checks() -> None:
@@ -149,14 +152,14 @@ def test_every_alias_resolves_to_its_class_and_passes_its_checks() -> None:
             assert issubclass(cls, Attack) and cls.__module__.startswith("art_study.attacks")
         else:
             assert cls.__module__.startswith("art.attacks.evasion")
-    resolved = validate_attacks(EvaluationConfig(attacks=[{"name": n} for n in ALIASES]))
+    resolved = validate_attacks(EvaluationConfig(attacks=[{"name": n} for n in ALIASES]), MNIST)
     assert [r.key for r in resolved] == list(ALIASES)
     assert {r.key for r in resolved if not r.bounded} == {"cw-linf", "deepfool", "hopskipjump"}
 
 
 def test_unknown_attack_lists_aliases_and_classes() -> None:
     with pytest.raises(ConfigError) as err:
-        validate_attacks(EvaluationConfig(attacks=[{"name": "pgdd"}]))
+        validate_attacks(EvaluationConfig(attacks=[{"name": "pgdd"}]), MNIST)
     msg = str(err.value)
     assert "unknown attack 'pgdd'" in msg
     assert "apgd-ce" in msg and "ProjectedGradientDescent" in msg and "SquareAttack" in msg
@@ -164,15 +167,17 @@ def test_unknown_attack_lists_aliases_and_classes() -> None:
 
 def test_wrong_argument_lists_what_the_class_takes() -> None:
     with pytest.raises(ConfigError, match=r"does not take max_iters; it takes: .*max_iter"):
-        validate_attacks(EvaluationConfig(attacks=[{"name": "pgd", "args": {"max_iters": 3}}]))
+        validate_attacks(
+            EvaluationConfig(attacks=[{"name": "pgd", "args": {"max_iters": 3}}]), MNIST)
     with pytest.raises(ConfigError, match="attack 'square'"):  # ART's own check of the value
-        validate_attacks(EvaluationConfig(attacks=[{"name": "square", "args": {"p_init": 7}}]))
+        validate_attacks(
+            EvaluationConfig(attacks=[{"name": "square", "args": {"p_init": 7}}]), MNIST)
     with pytest.raises(ConfigError, match=r"does not take eps_step.*max_iter, n_queries"):
         validate_attacks(EvaluationConfig(attacks=[{"name": "autoattack-standard",
-                                                    "args": {"eps_step": 3}}]))
+                                                    "args": {"eps_step": 3}}]), MNIST)
     with pytest.raises(ConfigError, match="attack 'apgd-t': n_target_classes"):
         validate_attacks(EvaluationConfig(attacks=[{"name": "apgd-t",
-                                                    "args": {"n_target_classes": 10}}]))
+                                                    "args": {"n_target_classes": 10}}]), MNIST)
 
 
 def test_dlr_estimator_is_scale_invariant(trained_model, small_mnist) -> None:
@@ -214,11 +219,13 @@ def test_a_hand_written_attack_is_its_class_and_one_registry_line(
     verdicts those of the same step taken by the FGSM sweep."""
     monkeypatch.setitem(ALIASES, "sign-step", HandWritten(SignStep))
     with pytest.raises(ConfigError, match=r"does not take steps; it takes: scale \("):
-        validate_attacks(EvaluationConfig(attacks=[{"name": "sign-step", "args": {"steps": 2}}]))
+        validate_attacks(
+            EvaluationConfig(attacks=[{"name": "sign-step", "args": {"steps": 2}}]), MNIST)
     with pytest.raises(ConfigError, match="attack 'sign-step': scale must be positive"):
-        validate_attacks(EvaluationConfig(attacks=[{"name": "sign-step", "args": {"scale": 0}}]))
+        validate_attacks(
+            EvaluationConfig(attacks=[{"name": "sign-step", "args": {"scale": 0}}]), MNIST)
     cfg = EvaluationConfig(eps=[0.1, 0.3], attacks=[{"name": "Sign-Step", "n_images": 60}])
-    [r] = validate_attacks(cfg)
+    [r] = validate_attacks(cfg, MNIST)
     assert (r.bounded, r.iterative, r.blackbox, r.kwargs) == (True, False, False, {"scale": 1.0})
     assert r.budget() == {"n_images": 60.0}
     x, y = small_mnist.x_test[:60], small_mnist.y_test[:60]
@@ -232,3 +239,47 @@ def test_a_hand_written_attack_is_its_class_and_one_registry_line(
         # ART's generate() for callers written against ART (crafting transfer examples)
         np.testing.assert_array_equal(r.build(est, eps, 50).generate(x, one_hot(y)), x_fgsm)
     assert robust[0.1].sum() > robust[0.3].sum() and robust[0.3].sum() < clean.sum()
+
+
+class TargetProbe(Attack):
+    """Refuses more target classes than the model has wrong classes (as APGD-T and FAB-T do),
+    and records the input shape and classes of each model it is built on."""
+
+    built: ClassVar[list[tuple[tuple[int, ...], int]]] = []
+
+    def __init__(self, model, *, n_target_classes: int = 1, batch_size: int = 500):
+        n_classes = n_classes_of(model)
+        if not 1 <= n_target_classes <= n_classes - 1:
+            raise ValueError(f"n_target_classes must be in 1..{n_classes - 1}")
+        TargetProbe.built.append((input_shape_of(model), n_classes))
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
+        raise AssertionError("only built, never run, by the checks")
+
+
+def test_attacks_are_checked_on_the_datasets_shape_and_classes(monkeypatch) -> None:
+    """validate_attacks builds each attack on a model of the dataset's shape and classes: six
+    target classes pass on seven classes and fail on six; planning a CIFAR-10 config checks on
+    32×32×3, a local dataset's plan (its shape unknown before loading) builds nothing."""
+    from art_study.config import config_from_mapping
+    from art_study.datasets import local_spec
+    from art_study.study.plan import plan_runs
+
+    monkeypatch.setitem(ALIASES, "target-probe", HandWritten(TargetProbe))
+    monkeypatch.setattr(TargetProbe, "built", [])
+    six = EvaluationConfig(attacks=[{"name": "target-probe", "args": {"n_target_classes": 6}}])
+    validate_attacks(six, local_spec((28, 28, 1), 7))
+    with pytest.raises(ConfigError, match=r"attack 'target-probe': n_target_classes .* 1\.\.5"):
+        validate_attacks(six, local_spec((12, 12, 3), 6))
+    assert TargetProbe.built == [((28, 28, 1), 7)]  # the refused one is not built
+
+    evaluation = {"attacks": [{"name": "target-probe"}]}
+    plan_runs(config_from_mapping({"name": "c", "data": {"name": "cifar10"},
+                                   "evaluation": evaluation}), {0: "c" * 64})
+    assert TargetProbe.built[-1] == ((32, 32, 3), 10)
+    local = config_from_mapping({"name": "l", "data": {"path": "/nowhere/own.npz"},
+                                 "evaluation": evaluation})
+    plan_runs(local, {0: "l" * 64})
+    assert len(TargetProbe.built) == 2
+    plan_runs(local, {0: "l" * 64}, spec=local_spec((20, 20, 1), 4))
+    assert TargetProbe.built[-1] == ((20, 20, 1), 4)

@@ -178,10 +178,12 @@ def test_pgd_alias_builds_arts_pgd_with_its_documented_defaults() -> None:
     from art_study.attacks.registry import Estimators, resolve
     from art_study.attacks.validation import throwaway_model
     from art_study.config import AttackConfig
+    from art_study.datasets import MNIST
 
     eps = 0.3
     attack = resolve(AttackConfig(name="pgd"), [eps]).build(
-        Estimators(throwaway_model())["keras"], eps, batch_size=10)
+        Estimators(throwaway_model(MNIST.input_shape, MNIST.n_classes))["keras"], eps,
+        batch_size=10)
     assert isinstance(attack, ProjectedGradientDescent)
     assert attack.max_iter == 40
     assert attack.num_random_init >= 1

@@ -37,6 +37,7 @@ from art_study.attacks.validation import (
     unknown_attack,
 )
 from art_study.config import AttackConfig, EvaluationConfig
+from art_study.datasets import DatasetSpec
 from art_study.estimator import Estimators
 
 ALIASES: dict[str, AttackFactory] = {
@@ -81,8 +82,9 @@ def resolve(cfg: AttackConfig, default_eps: list[float]) -> ResolvedAttack:
                           eps=tuple(cfg.eps or default_eps))
 
 
-def validate_attacks(cfg: EvaluationConfig) -> list[ResolvedAttack]:
-    """Resolve every configured attack and let it check its values on a throw-away model.
+def validate_attacks(cfg: EvaluationConfig, spec: DatasetSpec) -> list[ResolvedAttack]:
+    """Resolve every configured attack and let it check its values on a throw-away model of
+    ``spec``'s input shape and classes (the dataset the attacks will run on).
 
     Runs before any training, so a typo in the tenth attack of a study costs seconds, not the
     study. Raises :class:`~art_study.errors.ConfigError` with the attack's name and message.
@@ -90,7 +92,7 @@ def validate_attacks(cfg: EvaluationConfig) -> list[ResolvedAttack]:
     if not cfg.attacks:
         return []
     resolved = [resolve(a, cfg.eps) for a in cfg.attacks]
-    estimators = Estimators(throwaway_model())
+    estimators = Estimators(throwaway_model(spec.input_shape, spec.n_classes))
     for r in resolved:
         check_values(r.cfg.name, lambda r=r: r.build(estimators[r.estimator], max(r.eps),
                                                       cfg.batch_size))

@@ -1,5 +1,5 @@
 """The checks of a configured attack, before any training: its name, its arguments, and ART's
-own checks of their values on a throw-away model.
+own checks of their values on a throw-away model of the dataset's input shape and classes.
 
 Unknown names list what exists, unknown arguments list what the attack accepts; a value an
 attack refuses gives the attack's name and its first line of complaint.
@@ -40,14 +40,14 @@ def check_values(name: str, build: Callable[[], object]) -> None:
 
 
 @functools.cache
-def throwaway_model():
-    """A one-layer model of the right shapes, for the attacks' parameter checks (built once per
-    process: every plan of a study, and every test that plans one, checks on the same)."""
+def throwaway_model(input_shape: tuple[int, int, int], n_classes: int):
+    """A one-layer model of the dataset's input shape and classes, for the attacks' parameter
+    checks (an attack may check a value against them: target classes, image size). Built once
+    per shape and process: every plan of a study, and every test that plans one, checks on
+    the same."""
     import keras
 
-    from art_study.models import INPUT_SHAPE, N_CLASSES
-
-    model = keras.Sequential([keras.Input(INPUT_SHAPE), keras.layers.Flatten(),
-                              keras.layers.Dense(N_CLASSES)])
+    model = keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                              keras.layers.Dense(n_classes)])
     model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     return model

@@ -116,7 +116,7 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     data = load_data(cfg, seeds)
     strict = cfg.study is not None and cfg.study.numerics_strict
     runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
-                     numerics.fingerprint()["id"] if strict else None)
+                     numerics.fingerprint()["id"] if strict else None, data[seeds[0]].spec)
     executor = make_executor(cfg, data, cache, progress)
     try:
         if cfg.study is None:

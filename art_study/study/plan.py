@@ -24,6 +24,7 @@ from art_study.config import EvaluationConfig, ExperimentConfig
 from art_study.errors import ConfigError
 
 if TYPE_CHECKING:
+    from art_study.datasets import DatasetSpec
     from art_study.defenses import DefenseSettings
 
 PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cached stages
@@ -243,13 +244,19 @@ def _stage_key(cfg: ExperimentConfig, parent_key: str, index: int, defense: str,
 
 
 def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
-              numerics_id: str | None = None) -> list[RunSpec]:
+              numerics_id: str | None = None, spec: DatasetSpec | None = None
+              ) -> list[RunSpec]:
     """Every run of the config, in execution order (depth, seed, then sequence).
 
     ``fingerprints`` maps each seed to the fingerprint of the data that seed's runs use (subsets
     are seeded), so a stage trained on other data never matches. ``numerics_id`` (given with
     ``study.numerics_strict``) enters every stage key, so a stage trained under another numerics
     fingerprint never matches either.
+
+    ``spec`` is the loaded data's (input shape, classes): the attacks check their values on a
+    model of that shape before any training. Without it, the config's named dataset is taken;
+    a local dataset (``data.path``), whose shape only its data tells, then has its attacks'
+    names and arguments checked, their values only once a run passes its data.
     """
     check_defense_sections(cfg)
     if cfg.study is None:  # a single experiment: one stage of plain training
@@ -258,13 +265,18 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
     else:
         blocks = [(b.depths, b.seeds or cfg.study.seeds, expand_sequences(cfg, b.sequences),
                    cfg.block_evaluation(i)) for i, b in enumerate(cfg.study.blocks)]
+    if spec is None and cfg.data.path is None:
+        from art_study.datasets import DATASETS
+
+        spec = DATASETS[cfg.data.name]
     runs: list[RunSpec] = []
     seen: set[tuple[str, int, int]] = set()
     for depths, seeds, chains, evaluation in blocks:
-        if evaluation.attacks:
+        if evaluation.attacks and spec is not None:
             from art_study.attacks.registry import validate_attacks
 
-            validate_attacks(evaluation)  # a bad attack fails here, before any training
+            # a bad attack fails here, before any training
+            validate_attacks(evaluation, spec)
         for depth, seed, chain in itertools.product(depths, seeds, chains):
             name = sequence_name(chain)
             if (name, depth, seed) in seen:
