@@ -272,6 +272,9 @@ def test_attacks_are_checked_on_the_datasets_shape_and_classes(monkeypatch) -> N
     with pytest.raises(ConfigError, match=r"attack 'target-probe': n_target_classes .* 1\.\.5"):
         validate_attacks(six, local_spec((12, 12, 3), 6))
     assert TargetProbe.built == [((28, 28, 1), 7)]  # the refused one is not built
+    with pytest.raises(ConfigError, match=r"attack 'apgd-t': n_target_classes .* 1\.\.6"):
+        validate_attacks(EvaluationConfig(attacks=[{"name": "apgd-t"}]),  # nine by default
+                         local_spec((28, 28, 1), 7))
 
     evaluation = {"attacks": [{"name": "target-probe"}]}
     plan_runs(config_from_mapping({"name": "c", "data": {"name": "cifar10"},
