@@ -97,22 +97,12 @@ class TrainConfig(_Strict):
 
 
 def _check_eps(v: list[float]) -> list[float]:
-    """In [0, 1], sorted, without duplicates, and distinct in metric names.
-
-    Metric names carry ε as ``%g`` (``accuracy_eps_0.1``): two values equal to six significant
-    digits would share a name and overwrite each other's results, so they are refused.
-    """
+    """In [0, 1], sorted, without duplicates. (Metric names carry ε exactly, ``eps_text``, so
+    two distinct values never share a name.)"""
     for e in v:
         if not math.isfinite(e) or e < 0.0 or e > 1.0:
             raise ValueError(f"each ε must be in [0, 1] (pixel scale), got {e}")
-    out = sorted(set(v))
-    names: dict[str, float] = {}
-    for e in out:
-        if f"{e:g}" in names:
-            raise ValueError(f"ε {names[f'{e:g}']!r} and {e!r} differ below the 6 significant "
-                             f"digits of metric names (both eps_{e:g}); keep one")
-        names[f"{e:g}"] = e
-    return out
+    return sorted(set(v))
 
 
 class AttackConfig(_Strict):

@@ -113,6 +113,7 @@ def test_verdicts_are_kept_once_under_their_former_names_too(result) -> None:
 
 def test_a_run_logs_the_table_and_verdicts_the_report_reads(result, tracking_uri) -> None:
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("results")  # not the active id of another test's store
     with mlflow.start_run() as run:
         log_evaluation(result)
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}

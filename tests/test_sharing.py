@@ -442,16 +442,20 @@ def test_misspelled_defense_section_is_refused() -> None:
 
 
 @pytest.mark.parametrize("field", ["evaluation.eps", "evaluation.attacks"])
-def test_eps_sharing_a_metric_name_is_refused(field) -> None:
-    """Before: 0.1 and 0.1000001 both logged as accuracy_eps_0.1, one overwriting the other."""
+def test_close_eps_get_metric_names_of_their_own(field) -> None:
+    """Before: 0.1 and 0.1000001 both logged as accuracy_eps_0.1, one overwriting the other
+    (then refused in the config); metric names now carry ε exactly, so both are kept, each
+    under a name that reads back as itself."""
     from art_study.evaluation import eps_key
 
-    assert eps_key(0.1) == eps_key(0.1000001)  # what the check guards against
     value = ("[0.1, 0.1000001]" if field == "evaluation.eps"
              else "[{name: pgd, eps: [0.3, 0.30000004]}]")
-    with pytest.raises(ConfigError, match="differ below the 6 significant digits"):
-        load_config(TINY, [f"{field}={value}"])
-    assert load_config(TINY, ["evaluation.eps=[0.1, 0.10001]"]).evaluation.eps == [0.1, 0.10001]
+    cfg = load_config(TINY, [f"{field}={value}"])
+    kept = cfg.evaluation.eps if field == "evaluation.eps" else cfg.evaluation.attacks[0].eps
+    assert len(kept) == 2
+    names = [eps_key(e) for e in kept]
+    assert len(set(names)) == 2
+    assert [float(n.removeprefix("eps_")) for n in names] == kept
 
 
 def test_leading_zero_numbers_are_decimal(tmp_path) -> None:
