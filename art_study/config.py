@@ -522,10 +522,10 @@ def flatten(cfg: BaseModel) -> dict[str, str]:
         else:
             out[prefix] = "null" if value is None else str(value)
 
-    walk("", cfg.model_dump(mode="json"))
+    walk("", cfg.model_dump(mode="json", by_alias=True))
     return out
 
 
 def to_yaml(cfg: BaseModel) -> str:
     """The fully resolved config (defaults filled in) as YAML: what reproduces a run."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

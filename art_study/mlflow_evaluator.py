@@ -100,10 +100,10 @@ def images_of(features, model) -> np.ndarray:
 def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
     """The data's fingerprint as :mod:`art_study.data` computes it: over the uint8 images and
     the labels."""
-    from art_study.data import _fingerprint
+    from art_study.data import data_fingerprint
 
     pixels = np.rint(x[..., 0] * 255 if x.shape[-1] == 1 else x * 255).astype(np.uint8)
-    return _fingerprint(pixels, y)
+    return data_fingerprint(pixels, y)
 
 
 def weights_sha256(model) -> str:

@@ -89,6 +89,18 @@ def test_flatten_and_yaml_round_trip() -> None:
     assert ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
 
 
+@pytest.mark.parametrize("name", ["paper", "robust", "fashion", "tiny"])
+def test_a_logged_study_config_loads_back(name: str) -> None:
+    """What a run logs as config.yaml is a config the loader takes: the report re-reads it
+    (a field logged by its Python name, not its YAML key, made every report skip its examples)."""
+    import yaml
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", ["study.register=true"])
+    again = ExperimentConfig.model_validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg and again.study.register_models
+    assert flatten(cfg)["study.register"] == "True"
+
+
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n", "{}\n", "null\n",
                                   "name: x\n", "name: x\ntracking: {experiment: e}\n"])
 def test_empty_config_or_nothing_to_run_is_refused(tmp_path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from art_study.data import _fingerprint
+from art_study.data import data_fingerprint
 from art_study.evaluate_model import evaluate_model, evaluation_config
 from art_study.mlflow_evaluator import NAME, ArtRobustnessEvaluator, EvaluatorError
 from art_study.run_page import CURVE_ARTIFACT, DIGEST_CHARS, NOTE_TAG, TABLE_ARTIFACT
@@ -81,7 +81,7 @@ def test_evaluator_gives_the_figures_of_art_study_evaluate(logged) -> None:
     assert {k: logged_run.data.tags[k] for k in verdict} == verdict
     # The data's fingerprint is over the images given (the CLI's over the train and test split).
     pixels = np.rint(rows.drop(columns="label").to_numpy() * 255).astype(np.uint8)
-    given = _fingerprint(pixels.reshape(-1, 28, 28), rows["label"].to_numpy())
+    given = data_fingerprint(pixels.reshape(-1, 28, 28), rows["label"].to_numpy())
     assert logged_run.data.tags["data.fingerprint"] == given
 
     # Both runs carry the run page: figure, table, dataset input, description.

@@ -32,7 +32,7 @@ class MnistData:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str  # where it was loaded from: a path, or "keras-download"
-    fingerprint: str  # sha256 over the uint8 images and labels actually used (see _fingerprint)
+    fingerprint: str  # sha256 over the uint8 images and labels actually used (see data_fingerprint)
     spec: DatasetSpec = MNIST  # which dataset: input shape, classes, ε budgets
 
 
@@ -86,7 +86,7 @@ def load_dataset(
         x_test=_to_float_nhwc(x_test),
         y_test=y_test.astype(np.int64),
         source=raw.source,
-        fingerprint=_fingerprint(x_train, y_train, x_test, y_test, label=label),
+        fingerprint=data_fingerprint(x_train, y_train, x_test, y_test, label=label),
         spec=spec,
     )
 
@@ -184,7 +184,7 @@ def _to_float_nhwc(x: np.ndarray) -> np.ndarray:
     return out[..., np.newaxis] if out.ndim == 3 else out
 
 
-def _fingerprint(*arrays: np.ndarray, label: tuple[str, ...] = ()) -> str:
+def data_fingerprint(*arrays: np.ndarray, label: tuple[str, ...] = ()) -> str:
     """sha256 over ``label`` (the dataset's name; none for MNIST) and the arrays in the order
     given (shape included, so splits can't blur). uint8 arrays are hashed as their bytes; any
     other (a local dataset's float images) as its bytes after its dtype."""
