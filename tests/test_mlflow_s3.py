@@ -6,18 +6,13 @@ its model loads back from ``runs:/…/model``, read from the bucket through the 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from test_mlflow_server import free_port, postgres_uri  # noqa: F401 (a fixture)
+from test_mlflow_server import postgres_uri, serving_mlflow  # noqa: F401 (a fixture)
 
 from art_study.config import load_config
 from art_study.data import load_mnist
@@ -33,37 +28,10 @@ def mlflow_s3_server(postgres_uri, s3_server, tmp_path_factory):  # noqa: F811
     """``mlflow server`` on the PostgreSQL store, its artifacts under ``s3://BUCKET/artifacts``
     (boto3 with MLFLOW_S3_ENDPOINT_URL and the bucket's credentials, in the server's
     environment only)."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("mlflow-s3") / "mlflow-server.log").open("w")
     env = {**os.environ, **s3_server.env()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
-         "--artifacts-destination", f"s3://{s3_server.bucket}/artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "mlflow server exited; see " + log.name
-            assert time.time() < deadline, "mlflow server did not answer within 180 s"
-            time.sleep(1)
+    log = tmp_path_factory.mktemp("mlflow-s3") / "mlflow-server.log"
+    with serving_mlflow(postgres_uri, f"s3://{s3_server.bucket}/artifacts", log, env) as base:
         yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # its workers linger on open connections
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        log.close()
 
 
 def test_a_study_logs_through_the_server_its_models_in_the_bucket(mnist_dir, s3,

@@ -7,6 +7,7 @@ The test starts its own services on loopback and stops them: a throw-away Postgr
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -86,36 +88,50 @@ def _user_exists(name: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def serving_mlflow(postgres_uri: str, artifacts: str, log_path: Path,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """``mlflow server`` on the PostgreSQL store with ``--artifacts-destination artifacts``, on
+    a free loopback port, until it answers ``/health``; its base URL while the block runs, then
+    stopped (SIGTERM, SIGKILL after 10 s: its workers linger on open connections)."""
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
+             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        try:
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert proc.poll() is None, f"mlflow server exited; see {log_path}"
+                assert time.time() < deadline, "mlflow server did not answer within 180 s"
+                time.sleep(1)
+            yield base
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(postgres_uri, tmp_path_factory):
     """``mlflow server`` on the PostgreSQL store, serving artifacts from a local directory."""
     artifacts = tmp_path_factory.mktemp("server-artifacts")
-    port = free_port()
-    log = (artifacts.parent / "mlflow-server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "mlflow server exited; see " + log.name
-            assert time.time() < deadline, "mlflow server did not answer within 180 s"
-            time.sleep(1)
+    with serving_mlflow(postgres_uri, str(artifacts), artifacts.parent / "mlflow-server.log") \
+            as base:
         yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        log.close()
 
 
 def children(client: mlflow.MlflowClient, parent: str) -> list:
