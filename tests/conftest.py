@@ -176,3 +176,21 @@ def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+def briefly_trained_cnn(data, epochs: int):
+    """The paper's 2-conv CNN, seeded and trained ``epochs`` epochs on ``data`` (a small slice),
+    with BatchNorm momentum 0.9 so that its running statistics settle within the slice."""
+    import keras
+
+    from art_study.config import ModelConfig, TrainConfig
+    from art_study.models import build_cnn, compile_model, one_hot
+
+    keras.utils.set_random_seed(1)
+    m = build_cnn(ModelConfig(n_conv=2))
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
+    m = compile_model(m, TrainConfig(batch_size=32))
+    m.fit(data.x_train, one_hot(data.y_train), epochs=epochs, batch_size=32, verbose=0)
+    return m

@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import briefly_trained_cnn
 
 from art_study.attacks.apgd import APGD, apgd_targeted, checkpoints
 from art_study.attacks.autoattack import COMPONENTS, AutoAttackStandard
@@ -21,21 +22,11 @@ def model(small_mnist):
     """A 2-conv CNN whose BatchNorm running statistics settle within the few steps of a slice
     (momentum 0.9: at Keras' 0.99 the shared fixture classifies under half the slice in
     inference mode), so the attacks have correctly classified images to work on."""
-    import keras
     import tensorflow as tf
 
-    from art_study.config import ModelConfig, TrainConfig
-    from art_study.models import build_cnn, compile_model
 
     tf.config.experimental.enable_op_determinism()  # the same model alone as in the suite
-    keras.utils.set_random_seed(1)
-    m = build_cnn(ModelConfig(n_conv=2))
-    for layer in m.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.9
-    m = compile_model(m, TrainConfig(batch_size=32))
-    m.fit(small_mnist.x_train, one_hot(small_mnist.y_train), epochs=3, batch_size=32, verbose=0)
-    return m
+    return briefly_trained_cnn(small_mnist, epochs=3)
 
 
 def _robust(model, x_adv, x, y) -> np.ndarray:

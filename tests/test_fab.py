@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import briefly_trained_cnn
 from scipy.optimize import linprog
 
 from art_study.attacks.apgd import _predict
@@ -56,19 +57,9 @@ def linear(small_mnist):
 def cnn(small_mnist):
     """The paper's 2-conv CNN, briefly trained (BatchNorm momentum 0.9 so that its running
     statistics settle within the slice, as in test_apgd.py)."""
-    import keras
 
-    from art_study.config import ModelConfig, TrainConfig
-    from art_study.models import build_cnn, compile_model
 
-    keras.utils.set_random_seed(1)
-    m = build_cnn(ModelConfig(n_conv=2))
-    for layer in m.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.9
-    m = compile_model(m, TrainConfig(batch_size=32))
-    m.fit(small_mnist.x_train, one_hot(small_mnist.y_train), epochs=2, batch_size=32, verbose=0)
-    return m
+    return briefly_trained_cnn(small_mnist, epochs=2)
 
 
 def test_the_projection_is_the_minimal_linf_step_onto_hyperplane_and_box() -> None:
