@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from art_study.attacks import FGSM, art_fgsm, draws_randomness_in_inference
 from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
+from art_study.attacks.checkpoints import Checkpoints
 from art_study.attacks.registry import Estimators, ResolvedAttack, resolve
 from art_study.config import AttackConfig, EvaluationConfig
 from art_study.diagnostics import (
@@ -100,11 +101,14 @@ def craft_transfer(reference: keras.Model, x: np.ndarray, y: np.ndarray,
 
 
 def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationConfig,
-             progress: bool = True, transfer_set: TransferSet | None = None) -> EvaluationResult:
+             progress: bool = True, transfer_set: TransferSet | None = None,
+             checkpoints: Checkpoints | None = None) -> EvaluationResult:
     """Everything :mod:`art_study.evaluation` promises, for one model.
 
     ``transfer_set`` holds the transfer attacks' examples, crafted on the undefended control
     of the same depth and seed (:func:`craft_transfer`; ``None`` for the control itself).
+    ``checkpoints``: where the configured attacks that checkpoint (AutoAttack) save their
+    finished chunks, so that an evaluation stopped midway resumes there.
     """
     if cfg.n_attack is not None:
         x, y = x[: cfg.n_attack], y[: cfg.n_attack]
@@ -113,7 +117,7 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     attacks = [resolve(a, cfg.eps) for a in cfg.attacks]  # validated when the plan was made
     estimators = Estimators(model)
     for attack in tqdm(attacks, desc="attacks", disable=not progress, leave=False):
-        run_attack(attack, estimators, x, y, cfg, result, Kind.ATTACK)
+        run_attack(attack, estimators, x, y, cfg, result, Kind.ATTACK, checkpoints)
     if transfer_set is not None:
         transfer(model, transfer_set, y, result)
     worst_case(result)
@@ -178,14 +182,15 @@ def fgsm_sweep(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: Evaluation
 
 
 def run_attack(attack: ResolvedAttack, estimators: dict, x: np.ndarray, y: np.ndarray,
-               cfg: EvaluationConfig, result: EvaluationResult, kind: Kind) -> None:
+               cfg: EvaluationConfig, result: EvaluationResult, kind: Kind,
+               checkpoints: Checkpoints | None = None) -> None:
     """One attack on the first ``n_images``: accuracy per ε, its wall time and budget; for a
     cascade (``autoattack-standard``) also the cumulative accuracy after each component."""
     n = min(attack.cfg.n_images, len(x))
     t0 = time.perf_counter()
     components: dict[str, dict[float, np.ndarray]] = {}
     correct = attack.run(estimators[attack.estimator], x[:n], y[:n], cfg.batch_size,
-                         components=components)
+                         components=components, checkpoints=checkpoints)
     budget = attack.budget()
     budget.pop("n_images", None)
     record(result, kind, attack.key, correct, time.perf_counter() - t0, n, budget)

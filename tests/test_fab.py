@@ -221,9 +221,12 @@ def test_the_escalations_own_attacks_run_on_what_is_left(linear, small_mnist,
     assert np.abs(x_adv - x).max() <= eps + 1e-6
 
 
-def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mnist) -> None:
+def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mnist,
+                                                                tmp_path) -> None:
     """An evaluation with ``autoattack-standard`` logs FAB-T's figure and gives the Square
-    check (read from the logged per-component figures) and the model checks a verdict."""
+    check (read from the logged per-component figures) and the model checks a verdict; with
+    checkpoints, the cascade saves its chunk there and a second evaluation reuses it."""
+    from art_study.attacks.checkpoints import Checkpoints
     from art_study.config import EvaluationConfig
     from art_study.evaluation import evaluate
 
@@ -232,9 +235,19 @@ def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mn
         attacks=[{"name": "autoattack-standard", "n_images": 40,
                   "args": {"max_iter": 5, "n_target_classes": 2, "n_queries": 20}}],
         transfer=[], diagnostics={"n_images": 40, "pgd_steps": 2})
+    store = Checkpoints(tmp_path)
     np.random.seed(0)
-    result = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
+    result = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
+                      checkpoints=store)
     m, tags = result.metrics, result.tags
+    saved = list(tmp_path.glob("*/*.npz"))
+    assert len(saved) in (1, 2)  # the standard chunk, and the escalation's if it ran
+    np.random.seed(0)
+    again = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
+                     checkpoints=store)
+    timeless = {k: v for k, v in m.items() if not k.endswith(("time_s", "_per_s"))}
+    assert {k: again.metrics[k] for k in timeless} == timeless
+    assert list(tmp_path.glob("*/*.npz")) == saved
     assert "attack/autoattack-standard/fab-t/accuracy_eps_0.1" in m
     assert tags["diag.autoattack_square"].split(":")[0] in ("pass", "FAIL")
     assert "autoattack-standard at ε 0.1" in tags["diag.autoattack_square"]
@@ -269,3 +282,81 @@ def test_the_references_other_checks_flag_models_built_to_trip_them(linear, smal
     grads = np.ones((4, 28, 28, 1), np.float32)
     grads[1] = 0.0
     assert zero_gradient_count(grads) == 1
+
+
+def test_a_stopped_cascade_resumes_from_its_checkpoints_bit_for_bit(linear, small_mnist,
+                                                                    monkeypatch,
+                                                                    tmp_path) -> None:
+    """In chunks of 20 images, a cascade stopped in its second chunk and run again loads the
+    first chunk, computes the rest and gives the verdicts, adversarial images and RNG state
+    of an uninterrupted run; a damaged checkpoint is recomputed, another model's is not used."""
+    import art_study.attacks.autoattack as aa_module
+    from art_study.attacks.checkpoints import Checkpoints
+    from art_study.diagnostics import Check
+
+    monkeypatch.setattr(aa_module, "square_check",  # the escalation runs in chunks too
+                        lambda table: Check("autoattack_square", False, "forced"))
+    x, y, eps = small_mnist.x_test[:60], small_mnist.y_test[:60], 0.05
+
+    def attack(checkpoints=None):
+        aa = AutoAttackStandard(linear, max_iter=5, n_target_classes=2, n_queries=20,
+                                batch_size=60, plus_restarts=2)
+        aa.chunk_images = 20
+        if checkpoints is not None:
+            aa.resume_from(checkpoints)
+        return aa
+
+    def run(aa):
+        np.random.seed(0)
+        out = aa.cascade(x, y, eps)
+        return out, np.random.random()
+
+    (fooled, x_adv, after), after_draw = run(attack())
+    assert 0 < fooled.sum() < len(x) and aa_module.PLUS_COMPONENTS[-1] in after
+
+    store = Checkpoints(tmp_path / "checkpoints")
+    stopped = attack(store)
+    real, calls = stopped._component, []
+
+    def stop_in_second_chunk(name, xs, ys, e):
+        calls.append(name)
+        if len(calls) > len(COMPONENTS):
+            raise KeyboardInterrupt
+        return real(name, xs, ys, e)
+
+    monkeypatch.setattr(stopped, "_component", stop_in_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped)
+    assert len(list(store.root.glob("*/*.npz"))) == 1
+
+    resumed = attack(store)
+    (fooled2, x_adv2, after2), after_draw2 = run(resumed)
+    assert resumed.resumed == 1
+    np.testing.assert_array_equal(fooled2, fooled)
+    np.testing.assert_array_equal(x_adv2, x_adv)
+    assert after2.keys() == after.keys()
+    for name in after:
+        np.testing.assert_array_equal(after2[name], after[name])
+    assert after_draw2 == after_draw
+    # the loaded chunk brings its recorded cost: APGD-CE attacked every clean-correct image
+    assert resumed.costs["apgd-ce"][2] == (_predict(linear, x, 60) == y).sum()
+
+    saved = sorted(store.root.glob("*/*.npz"))
+    assert len(saved) == 6  # 3 chunks × (standard, plus)
+    saved[0].write_bytes(b"not an npz")
+    again = attack(store)
+    (fooled3, _, _), _ = run(again)
+    assert again.resumed == 5
+    np.testing.assert_array_equal(fooled3, fooled)
+
+    import keras
+
+    nudged = keras.models.clone_model(linear)
+    nudged.set_weights([w * 1.01 for w in linear.get_weights()])
+    other = AutoAttackStandard(nudged, max_iter=5, n_target_classes=2, n_queries=20,
+                               batch_size=60)
+    other.chunk_images = 20
+    other.resume_from(store)
+    np.random.seed(0)
+    other.cascade(x, y, eps)
+    assert other.resumed == 0

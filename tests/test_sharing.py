@@ -493,6 +493,11 @@ def test_cache_command_shows_and_prunes(tmp_path, mnist_dir, capsys) -> None:
     leftover = cache.root / f".tmp-{os.uname().nodename}-{dead}-0badc0de"
     leftover.mkdir()
     (leftover / "model.h5").write_bytes(b"half")
+    old, fresh = cache.checkpoints.scoped("old"), cache.checkpoints.scoped("fresh")
+    for where in (old, fresh):
+        where.save("chunk", {"fooled": np.zeros(3, bool)})
+    week_ago = time.time() - 8 * 24 * 3600
+    os.utime(old._path("chunk"), (week_ago, week_ago))
 
     assert main(["cache", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
@@ -511,6 +516,7 @@ def test_cache_command_shows_and_prunes(tmp_path, mnist_dir, capsys) -> None:
     assert "pruned 1 entries and 1 leftovers" in capsys.readouterr().out
     assert cache.has(used) and not cache.model_path(unused).parent.exists()
     assert not leftover.exists()
+    assert old.load("chunk") is None and fresh.load("chunk") is not None
 
 
 # -- the store deleted under a running study ------------------------------------------------------

@@ -10,11 +10,19 @@ The reference warns (``checks.check_square_sr``) when Square, a black-box attack
 more than 0.2 % of the images after the white-box components: the gradients the white-box
 attacks followed are then suspect, and the figure unreliable. Here the warning triggers the
 remedy it names: the images still robust are attacked again by stronger settings (APGD-CE and
-APGD-DLR with 5 restarts each, Square with 5 restarts of 5 000 queries). The reference's "plus"
-version has the same APGD budgets, adds untargeted FAB with 5 restarts and runs Square once:
-the extra Square restarts are the remedy the check's message names. Both figures are
-returned: the standard one after ``square``, the escalated one after ``plus-square``; an image
-broken by either counts broken, so the headline is the lower.
+APGD-DLR with ``plus_restarts`` restarts each, Square with ``plus_restarts`` restarts of 5 000
+queries; 5 by default). The reference's "plus" version has the same APGD budgets, adds untargeted
+FAB with 5 restarts and runs Square once: the extra Square restarts are the remedy the check's
+message names. Both figures are returned: the standard one after ``square``, the escalated one
+after ``plus-square``; an image broken by either counts broken, so the headline is the lower.
+
+The images are attacked in chunks of :data:`CHUNK_IMAGES`, each chunk through every component
+before the next chunk starts, each seeded by itself from one draw of the caller-seeded NumPy RNG
+(an image is attacked alone; only which random numbers it gets depends on its chunk). That makes
+a long evaluation resumable: with checkpoints (:meth:`AutoAttackStandard.resume_from`,
+:mod:`.checkpoints`) every finished chunk is saved, and a run stopped midway computes only the
+chunks it has not saved, with the verdicts of an uninterrupted run. The Square check reads the
+figures of all chunks together, and the escalation then runs chunk by chunk the same way.
 
 ART's ``AutoAttack`` class is no substitute: it scores each component by its returned point
 only, and its APGD starts at the configured ``eps_step`` rather than 2·ε.
@@ -30,6 +38,7 @@ import numpy as np
 
 from art_study.attacks.apgd import APGD, _predict, apgd_targeted
 from art_study.attacks.base import Attack, Outcome
+from art_study.attacks.checkpoints import Checkpoints, digest, model_digest
 from art_study.attacks.fab import FABT
 from art_study.attacks.square import Square
 from art_study.diagnostics import square_check
@@ -39,8 +48,8 @@ from art_study.models import n_classes_of
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 #: The escalation's components, run only when the Square check fires.
 PLUS_COMPONENTS = ("plus-apgd-ce", "plus-apgd-dlr", "plus-square")
-#: Restarts of each escalation component.
-PLUS_RESTARTS = 5
+#: Images per chunk: the unit of work that is seeded by itself and checkpointed.
+CHUNK_IMAGES = 1000
 
 
 def accuracies(after: dict[str, np.ndarray], clean_fooled: np.ndarray) -> dict[str, float]:
@@ -55,24 +64,29 @@ class AutoAttackStandard(Attack):
     target classes, 5 000 Square queries with ``p_init`` 0.8, one restart each; ``escalate``:
     run the plus set when the Square check fires."""
 
-    note: ClassVar[str] = ("APGD-CE, APGD-T, FAB-T, Square as a cascade; escalated to APGD-CE "
-                           "and APGD-DLR (5 restarts each) and Square (5 restarts) when "
-                           "AutoAttack's Square check fires")
+    note: ClassVar[str] = ("APGD-CE, APGD-T, FAB-T, Square as a cascade; escalated to APGD-CE, "
+                           "APGD-DLR and Square (plus_restarts restarts each) when AutoAttack's "
+                           "Square check fires")
 
     @classmethod
     def budget(cls, settings: dict) -> dict[str, float]:
-        """FAB-T's targets: as many as APGD-T's."""
-        return {"fab_target_classes": float(settings.get("n_target_classes", 9))}
+        """FAB-T's targets (as many as APGD-T's) and the escalation's restarts."""
+        return {"fab_target_classes": float(settings.get("n_target_classes", 9)),
+                "plus_restarts": float(settings.get("plus_restarts", 5))}
 
     def __init__(self, model: keras.Model, *, max_iter: int = 100, n_target_classes: int = 9,
                  n_queries: int = 5000, p_init: float = 0.8, batch_size: int = 500,
-                 escalate: bool = True):
+                 escalate: bool = True, plus_restarts: int = 5):
         n_wrong = n_classes_of(model) - 1
         if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
             raise ValueError(f"n_target_classes must be an integer in 1..{n_wrong}, "
                              f"got {n_target_classes!r}")
+        if not isinstance(plus_restarts, int) or plus_restarts < 1:
+            raise ValueError(f"plus_restarts must be a positive integer, got {plus_restarts!r}")
         self.model, self.max_iter, self.n_target_classes = model, max_iter, n_target_classes
-        self.batch_size, self.escalate = batch_size, escalate
+        self.batch_size, self.escalate, self.plus_restarts = batch_size, escalate, plus_restarts
+        self.n_queries, self.p_init = n_queries, p_init
+        self.chunk_images = CHUNK_IMAGES
         self.apgd_ce = APGD(model, loss="ce", n_iter=max_iter, batch_size=batch_size)
         self.apgd_t = APGD(model, loss="dlr-targeted", n_iter=max_iter, batch_size=batch_size)
         self.fab_t = FABT(model, n_iter=max_iter, n_target_classes=n_target_classes,
@@ -82,13 +96,25 @@ class AutoAttackStandard(Attack):
         # the escalation's attacks (their loops are traced only if an escalation runs them)
         self.plus_apgd = {
             f"plus-apgd-{loss}": APGD(model, loss=loss, n_iter=max_iter,
-                                      n_restarts=PLUS_RESTARTS, batch_size=batch_size)
+                                      n_restarts=plus_restarts, batch_size=batch_size)
             for loss in ("ce", "dlr")}
-        #: per component of the last cascade: (wall s, process CPU s, images it attacked)
+        #: per component of the last cascade: (wall s, process CPU s, images it attacked),
+        #: summed over its chunks (a chunk loaded from a checkpoint brings its recorded cost)
         self.costs: dict[str, tuple[float, float, int]] = {}
         #: the last cascade's Square check, and whether it escalated
         self.check = None
         self.escalated = False
+        #: where finished chunks are saved (:meth:`resume_from`), and how many the last
+        #: cascade loaded from there
+        self.checkpoints: Checkpoints | None = None
+        self.resumed = 0
+
+    def resume_from(self, checkpoints: Checkpoints) -> None:
+        """Save every finished chunk in ``checkpoints`` and load the ones already there, under
+        a scope of this model's weights and these settings."""
+        self.checkpoints = checkpoints.scoped(
+            model_digest(self.model), self.max_iter, self.n_target_classes, self.n_queries,
+            self.p_init, self.batch_size, self.escalate, self.plus_restarts, self.chunk_images)
 
     def cascade(self, x: np.ndarray, y: np.ndarray, eps: float
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -102,20 +128,65 @@ class AutoAttackStandard(Attack):
         fooled = _predict(self.model, x, self.batch_size) != y
         clean_fooled = fooled.copy()
         after: dict[str, np.ndarray] = {}
-        self.costs = {}
-        self._run(COMPONENTS, x, y, eps, fooled, x_adv, after)
-        self.check = square_check(accuracies(after, clean_fooled))
-        self.escalated = bool(self.escalate and self.check.passed is False)
-        if self.escalated:
-            self._run(PLUS_COMPONENTS, x, y, eps, fooled, x_adv, after)
+        self.costs, self.resumed = {}, 0
+        base = int(np.random.randint(0, 2**31 - 1))  # every chunk's seed derives from it
+        state = np.random.get_state()  # what follows the cascade draws as if nothing resumed
+        try:
+            self._phase("standard", COMPONENTS, x, y, eps, base, fooled, x_adv, after)
+            self.check = square_check(accuracies(after, clean_fooled))
+            self.escalated = bool(self.escalate and self.check.passed is False)
+            if self.escalated:
+                self._phase("plus", PLUS_COMPONENTS, x, y, eps, base, fooled, x_adv, after)
+        finally:
+            np.random.set_state(state)
         return fooled, x_adv, after
 
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
         fooled, x_adv, after = self.cascade(x, y, eps)
         return Outcome(x_adv, fooled, after)
 
-    def _run(self, names, x, y, eps, fooled, x_adv, after) -> None:
-        """Each component on the images still robust, updating ``fooled`` and ``x_adv``."""
+    def _phase(self, phase: str, names, x, y, eps, base, fooled, x_adv, after) -> None:
+        """``names`` on every chunk of images in turn, updating ``fooled``, ``x_adv``,
+        ``after`` and :attr:`costs`."""
+        for name in names:
+            after[name] = fooled.copy()
+        totals = {name: np.zeros(3) for name in names}
+        for i, start in enumerate(range(0, len(x), self.chunk_images)):
+            s = slice(start, start + self.chunk_images)
+            done = self._chunk(phase, i, names, x[s], y[s], eps, base, fooled[s], x_adv[s])
+            fooled[s] = done["fooled"]
+            x_adv[s][done["fooled"]] = done["x_adv_fooled"]
+            for k, name in enumerate(names):
+                after[name][s] = done[f"after_{name}"]
+                totals[name] += done["costs"][k]
+        for name, (wall, cpu, n) in totals.items():
+            self.costs[name] = (float(wall), float(cpu), int(n))
+
+    def _chunk(self, phase: str, i: int, names, x, y, eps, base, fooled, x_adv
+               ) -> dict[str, np.ndarray]:
+        """Chunk ``i`` through ``names``, seeded by ``(base, phase, i)``; from its checkpoint
+        when one was saved for exactly these inputs."""
+        where = (self.checkpoints.scoped(phase, i, float(eps), base, x, y, fooled)
+                 if self.checkpoints is not None else None)
+        saved = where.load("chunk") if where is not None else None
+        if saved is not None:
+            self.resumed += 1
+            return saved
+        np.random.seed(int(digest(base, phase, i)[:8], 16) % (2**31 - 1))
+        fooled, x_adv = fooled.copy(), x_adv.copy()
+        after: dict[str, np.ndarray] = {}
+        costs = self._run(names, x, y, eps, fooled, x_adv, after)
+        done = {"fooled": fooled, "x_adv_fooled": x_adv[fooled],
+                **{f"after_{name}": after[name] for name in names},
+                "costs": np.array([costs[name] for name in names], np.float64)}
+        if where is not None:
+            where.save("chunk", done)
+        return done
+
+    def _run(self, names, x, y, eps, fooled, x_adv, after) -> dict[str, tuple]:
+        """Each component on the images still robust, updating ``fooled`` and ``x_adv``; the
+        (wall s, CPU s, images) of each."""
+        costs = {}
         for name in names:
             todo = np.flatnonzero(~fooled)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -124,7 +195,8 @@ class AutoAttackStandard(Attack):
                 fooled[todo[f]] = True
                 x_adv[todo[f]] = xa[f]
             after[name] = fooled.copy()
-            self.costs[name] = (time.perf_counter() - t0, time.process_time() - c0, len(todo))
+            costs[name] = (time.perf_counter() - t0, time.process_time() - c0, len(todo))
+        return costs
 
     def _component(self, name: str, x: np.ndarray, y: np.ndarray, eps: float):
         if name == "apgd-ce":
@@ -141,12 +213,11 @@ class AutoAttackStandard(Attack):
             return self._restarts(self.square, x, y, eps)
         raise ValueError(f"unknown component {name!r}")
 
-    @staticmethod
-    def _restarts(attack: Square, x: np.ndarray, y: np.ndarray, eps: float):
-        """``attack`` :data:`PLUS_RESTARTS` times, each on the images still robust."""
+    def _restarts(self, attack: Square, x: np.ndarray, y: np.ndarray, eps: float):
+        """``attack`` ``plus_restarts`` times, each on the images still robust."""
         fooled = np.zeros(len(x), bool)
         x_adv = x.copy()
-        for _ in range(PLUS_RESTARTS):
+        for _ in range(self.plus_restarts):
             todo = np.flatnonzero(~fooled)
             if not len(todo):
                 break

@@ -59,6 +59,12 @@ class Attack(ABC):
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
         """Attack images ``x`` with integer labels ``y`` at budget ``eps``."""
 
+    def resume_from(self, checkpoints) -> None:
+        """Save progress in ``checkpoints`` (:class:`~.checkpoints.Checkpoints`) and resume
+        from what is there. Only an attack long enough to need it does (the AutoAttack
+        cascade); the others ignore it."""
+        return None
+
 
 @dataclass(frozen=True)
 class AtEpsilon:

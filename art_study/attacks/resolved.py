@@ -9,6 +9,7 @@ import numpy as np
 
 from art_study.attacks import scoring
 from art_study.attacks.base import Attack, AttackFactory
+from art_study.attacks.checkpoints import Checkpoints
 from art_study.config import AttackConfig
 
 #: Settings logged with the budget when an attack has them.
@@ -77,10 +78,12 @@ class ResolvedAttack:
         return self.factory.build(estimator, eps, batch_size, self.kwargs)
 
     def run(self, estimator, x: np.ndarray, y: np.ndarray, batch_size: int,
-            components: dict[str, scoring.Verdicts] | None = None) -> scoring.Verdicts:
+            components: dict[str, scoring.Verdicts] | None = None,
+            checkpoints: Checkpoints | None = None) -> scoring.Verdicts:
         """Which of ``x`` (labels ``y``) are robust, per ε of this attack: classified correctly
         clean **and** not fooled (:mod:`art_study.attacks.scoring`). ``components``, if given,
-        receives a cascade's cumulative verdict after each of its components."""
+        receives a cascade's cumulative verdict after each of its components; ``checkpoints``,
+        if given, lets an attack that checkpoints resume there."""
 
         def predict(images: np.ndarray) -> np.ndarray:
             return np.argmax(estimator.predict(images.astype(np.float32),
@@ -88,6 +91,8 @@ class ResolvedAttack:
 
         y = np.asarray(y)
         attack = self.attack(estimator, batch_size)
+        if checkpoints is not None:
+            attack.resume_from(checkpoints.scoped(self.key, sorted(self.kwargs.items())))
         if self.bounded:
             return scoring.bounded(attack, predict, x, y, self.eps, components)
         return scoring.minimal(attack, predict, x, y, self.eps)

@@ -36,6 +36,8 @@ from typing import Any
 
 import keras
 
+from art_study.attacks.checkpoints import Checkpoints
+from art_study.attacks.checkpoints import prune as prune_checkpoints
 from art_study.errors import ArtStudyError, TrackingError
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,12 @@ class StageCache:
 
     def _dir(self, key: str) -> Path:
         return self.root / key[:2] / key
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        """Where long attacks save their finished chunks (``checkpoints/``, beside the stage
+        entries and never one of them), so that a stopped evaluation resumes."""
+        return Checkpoints(self.root / "checkpoints")
 
     def model_path(self, key: str) -> Path:
         return self._dir(key) / self.MODEL
@@ -263,6 +271,7 @@ class StageCache:
         for path in self.leftovers():
             freed += dir_size(path)
             shutil.rmtree(path, ignore_errors=True)
+        freed += prune_checkpoints(self.checkpoints.root)[1]
         return removed, freed
 
 

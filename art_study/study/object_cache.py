@@ -116,6 +116,10 @@ class ObjectStageCache:
             raise TrackingError(f"stage cache {self.root}: no bucket {bucket!r} at "
                                 f"{_endpoint()} (create it first)")
 
+    #: An object store keeps no attack checkpoints: an evaluation on a cluster, stopped
+    #: midway, is computed again as a whole.
+    checkpoints = None
+
     def _dir(self, key: str) -> str:
         return f"{self.base}/{key[:2]}/{key}"
 

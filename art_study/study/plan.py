@@ -37,7 +37,9 @@ PLAN_VERSION = 1  # bump when the meaning of a stage changes, to invalidate cach
 #      attacks, diagnostics on common images and exact ε keys.
 #   3: AutoAttack's standard cascade with FAB-T, its Square check and escalation, and the
 #      reference's model checks.
-EVALUATION_VERSION = 3
+#   4: AutoAttack in chunks of 1 000 images, each seeded by itself (resumable), and the
+#      escalation's restarts as a setting (plus_restarts).
+EVALUATION_VERSION = 4
 # Settings that change how fast a stage trains, never its weights (tested bit for bit): left
 # out of stage and study keys, so a cached stage or a resumed study serves any value of them.
 SPEED_ONLY: dict[str, set[str]] = {"train": {"steps_per_execution"}}

@@ -117,5 +117,6 @@ def evaluate_run(spec: RunSpec, model: keras.Model, data: MnistData,
         crafted = sets[spec.reference.key]
     seed_everything(spec.seed)  # the evaluation's own randomness, whether or not it crafted
     result = evaluate(model, data.x_test, data.y_test, spec.config.evaluation, progress=progress,
-                      transfer_set=crafted)
+                      transfer_set=crafted,
+                      checkpoints=None if cache is None else cache.checkpoints)
     return result, time.perf_counter() - t0
