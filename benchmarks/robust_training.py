@@ -15,7 +15,11 @@ rest of the training set, with the config's model and training settings. Printed
 its cost in plain epochs of the same network (a plain epoch timed before and after all
 recipes), clean accuracy on the whole validation split, and AutoAttack-standard at ε 0.3
 (APGD-CE → APGD-T → FAB-T → Square, escalated when its Square check fires) on its first
-``--n`` images, with each component's figure. ``--save DIR`` keeps each model.
+``--n`` images, with each component's figure. ``--save DIR`` keeps each recipe's model, its
+training times and its figures, named by the recipe: run the same command again after a stop
+and it resumes (AutoAttack from its last finished chunk). A recipe may set ``n_conv``; its cost
+is in plain epochs of the 2-conv network (the study's unit), timed in the process that trained
+it.
 
     PYTHONPATH=$PWD nice python benchmarks/robust_training.py step --images 6000 --rounds 2
     PYTHONPATH=$PWD nice python benchmarks/robust_training.py recipe --n 1000 \
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from _common import FULL_TRAIN, interleaved, machine_line, print_round
 
@@ -113,9 +118,10 @@ def plain_epoch(x, y, model_cfg, train_cfg) -> tuple[float, float]:
     return w1 - w0, c1 - c0
 
 
-def recipes(args: argparse.Namespace, cfg) -> list[tuple[str, int, dict]]:
-    """(defense, epochs, settings) of each recipe: ``--recipe`` mappings over the config's
-    ``defenses:``, else the config's own robust recipes; ``--epochs`` overrides every one."""
+def recipes(args: argparse.Namespace, cfg) -> list[tuple[str, int, dict, int]]:
+    """(defense, epochs, settings, conv blocks) of each recipe: ``--recipe`` mappings over the
+    config's ``defenses:``, else the config's own robust recipes; ``--epochs`` overrides every
+    one, ``n_conv`` in a recipe its depth (default ``--n-conv``)."""
     import yaml
 
     from art_study.study.plan import resolve_settings
@@ -128,16 +134,18 @@ def recipes(args: argparse.Namespace, cfg) -> list[tuple[str, int, dict]]:
             raise SystemExit(f"--recipe needs a mapping with a defense, got {r!r}")
         r = dict(r)
         defense, epochs = r.pop("defense"), r.pop("epochs", cfg.study.stage_epochs[0])
+        n_conv = int(r.pop("n_conv", args.n_conv))
         merged = cfg.model_copy(update={"defenses": {
             **cfg.defenses, defense: {**cfg.defenses.get(defense, {}), **r}}})
-        out.append((defense, args.epochs or epochs, resolve_settings(merged, defense)))
+        out.append((defense, args.epochs or epochs, resolve_settings(merged, defense), n_conv))
     return out
 
 
-def validation_accuracy(model, x, y, n: int, batch_size: int) -> dict[str, float]:
+def validation_accuracy(model, x, y, n: int, batch_size: int,
+                        checkpoints=None) -> dict[str, float]:
     """Clean accuracy on all of ``(x, y)``; on its first ``n``: clean, FGSM and
     AutoAttack-standard at ε 0.3 with each component's cumulative figure (the study's
-    evaluation code)."""
+    evaluation code; ``checkpoints`` lets a stopped AutoAttack resume)."""
     from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
     from art_study.config import EvaluationConfig
     from art_study.evaluation import evaluate
@@ -147,10 +155,12 @@ def validation_accuracy(model, x, y, n: int, batch_size: int) -> dict[str, float
     cfg = EvaluationConfig(
         eps=[EPS], batch_size=batch_size, diagnostics={"enabled": False},
         attacks=[{"name": "autoattack-standard", "eps": [EPS], "n_images": n}])
-    result = evaluate(model, x[:n], y[:n], cfg, progress=False)
+    t0 = time.perf_counter()
+    result = evaluate(model, x[:n], y[:n], cfg, progress=False, checkpoints=checkpoints)
     out = {"val_clean": accuracy(model, x, y), "val_clean_n": result.find(Kind.CLEAN).accuracy,
            "val_fgsm": result.find(Kind.FGSM, eps=EPS).accuracy,
-           "val_autoattack": result.find(Kind.ATTACK, "autoattack-standard", EPS).accuracy}
+           "val_autoattack": result.find(Kind.ATTACK, "autoattack-standard", EPS).accuracy,
+           "eval_wall_s": time.perf_counter() - t0}
     for c in (*COMPONENTS, *PLUS_COMPONENTS):
         row = result.find(Kind.ATTACK, "autoattack-standard", EPS, component=c)
         if row is not None:
@@ -158,12 +168,30 @@ def validation_accuracy(model, x, y, n: int, batch_size: int) -> dict[str, float
     return out
 
 
+def recipe_dir(root: Path, defense: str, epochs: int, settings: dict, n_conv: int,
+               args: argparse.Namespace) -> Path:
+    """Where a recipe's model and figures are kept: named by everything that decides them."""
+    import hashlib
+
+    ident = json.dumps([defense, epochs, settings, n_conv, args.seed, args.images, args.n,
+                        args.config], sort_keys=True, default=str)
+    return root / f"{defense}-{n_conv}conv-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+
+
 def recipe(args: argparse.Namespace) -> None:
-    """Each recipe's training cost in plain epochs and its accuracy on the validation split."""
+    """Each recipe's training cost in plain epochs and its accuracy on the validation split.
+
+    Resumable with ``--save DIR``: a recipe whose model is saved there is not trained again, one
+    whose figures are saved is not evaluated again, and AutoAttack resumes from its checkpoints;
+    run the same command again after a stop."""
+    import tempfile
+
     import keras
     import mlflow
 
+    from art_study import numerics
     from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
+    from art_study.attacks.checkpoints import Checkpoints
     from art_study.config import load_config
     from art_study.data import load_mnist
     from art_study.defenses import DEFENSES
@@ -171,50 +199,63 @@ def recipe(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config)
     todo = recipes(args, cfg)
+    root = Path(args.save or tempfile.mkdtemp(prefix="recipes-"))
     mlflow.set_tracking_uri(args.tracking_uri)
     data = load_mnist(args.data_dir, seed=0)  # all 60 000 training images, in file order
     x_val, y_val = data.x_train[-VALIDATION:], data.y_train[-VALIDATION:]
     x_fit = data.x_train[:-VALIDATION][: args.images]
     y_fit = data.y_train[:-VALIDATION][: args.images]
-    model_cfg = cfg.model.model_copy(update={"n_conv": args.n_conv})
     train_cfg = cfg.train
     print(f"training on {len(x_fit)} images, validating on the last {VALIDATION} training "
-          f"images (AutoAttack on the first {min(args.n, VALIDATION)}); {machine_line()}",
-          flush=True)
+          f"images (AutoAttack on the first {min(args.n, VALIDATION)}); kept in {root}; "
+          f"{machine_line()}", flush=True)
+    plain: tuple[float, float] | None = None  # this process's 2-conv plain epoch, if needed
     rows = []
     with mlflow.start_run(run_name="bench-recipes"):
-        pw0, pc0 = plain_epoch(x_fit, y_fit, model_cfg, train_cfg)
-        print(f"plain epoch (before): {pw0:.1f} s wall / {pc0:.1f} s CPU", flush=True)
-        trained = []
-        for i, (defense, epochs, settings) in enumerate(todo):
-            print(f"[{i}] {defense} × {epochs} epochs {settings}", flush=True)
-            model = _fresh(model_cfg, train_cfg, seed=args.seed)
-            ctx = _ctx(x_fit, y_fit, train_cfg, model_cfg, seed=args.seed)
-            ctx.progress = args.progress
-            w0, c0 = _times()
-            DEFENSES[defense].train(model, ctx, epochs, DEFENSES[defense].settings(**settings))
-            w1, c1 = _times()
-            trained.append((compile_model(model, train_cfg), w1 - w0, c1 - c0))
-        pw1, pc1 = plain_epoch(x_fit, y_fit, model_cfg, train_cfg)
-    print(f"plain epoch (after): {pw1:.1f} s wall / {pc1:.1f} s CPU; {machine_line()}",
-          flush=True)
-    pw, pc = (pw0 + pw1) / 2, (pc0 + pc1) / 2
-    for i, ((defense, epochs, settings), (model, wall, cpu)) in enumerate(
-            zip(todo, trained, strict=True)):
-        if args.save:
-            model.save(f"{args.save}/recipe-{i}.keras")
-        keras.utils.set_random_seed(0)
-        row = {"recipe": i, "defense": defense, "epochs": epochs, "settings": settings,
-               "train_wall_s": wall, "plain_epochs_wall": wall / pw, "plain_epochs_cpu": cpu / pc,
-               **validation_accuracy(model, x_val, y_val, args.n, train_cfg.batch_size)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for defense, epochs, settings, n_conv in todo:
+            where = recipe_dir(root, defense, epochs, settings, n_conv, args)
+            model_cfg = cfg.model.model_copy(update={"n_conv": n_conv})
+            print(f"{where.name}: {defense} × {epochs} epochs, {n_conv} conv, {settings}",
+                  flush=True)
+            if not (where / "train.json").is_file():
+                if plain is None:
+                    plain = plain_epoch(x_fit, y_fit, cfg.model.model_copy(
+                        update={"n_conv": 2}), train_cfg)
+                    print(f"plain 2-conv epoch: {plain[0]:.1f} s wall / {plain[1]:.1f} s CPU",
+                          flush=True)
+                model = _fresh(model_cfg, train_cfg, seed=args.seed)
+                ctx = _ctx(x_fit, y_fit, train_cfg, model_cfg, seed=args.seed)
+                ctx.progress = args.progress
+                w0, c0 = _times()
+                DEFENSES[defense].train(model, ctx, epochs,
+                                        DEFENSES[defense].settings(**settings))
+                w1, c1 = _times()
+                where.mkdir(parents=True, exist_ok=True)
+                compile_model(model, train_cfg).save(where / "model.keras")
+                (where / "train.json").write_text(json.dumps({
+                    "train_wall_s": w1 - w0, "train_cpu_s": c1 - c0,
+                    "plain_epoch_wall_s": plain[0], "plain_epoch_cpu_s": plain[1],
+                    "machine": machine_line(), "numerics": numerics.fingerprint()}, indent=1))
+            trained = json.loads((where / "train.json").read_text())
+            if not (where / "row.json").is_file():
+                model = keras.models.load_model(where / "model.keras")
+                keras.utils.set_random_seed(0)
+                figures = validation_accuracy(model, x_val, y_val, args.n, train_cfg.batch_size,
+                                              Checkpoints(where / "checkpoints"))
+                (where / "row.json").write_text(json.dumps(figures, indent=1))
+            row = {"recipe": where.name, "defense": defense, "epochs": epochs,
+                   "n_conv": n_conv, "settings": settings,
+                   "plain_epochs_wall": trained["train_wall_s"] / trained["plain_epoch_wall_s"],
+                   "plain_epochs_cpu": trained["train_cpu_s"] / trained["plain_epoch_cpu_s"],
+                   **trained, **json.loads((where / "row.json").read_text())}
+            print(json.dumps(row, default=str), flush=True)
+            rows.append(row)
     print(f"\nvalidation split (last {VALIDATION} training images), ε {EPS}, %; cost in plain "
-          "epochs (CPU / wall):")
+          "2-conv epochs (CPU / wall), each timed in the process that trained the recipe:")
     for r in rows:
         parts = " → ".join(f"{r[f'val_{c}'] * 100:.1f}" for c in (*COMPONENTS, *PLUS_COMPONENTS)
                            if f"val_{c}" in r)
-        print(f"  [{r['recipe']}] {r['defense']} × {r['epochs']}: "
+        print(f"  {r['recipe']}: {r['defense']} × {r['epochs']}, {r['n_conv']} conv: "
               f"{r['plain_epochs_cpu']:.1f} / {r['plain_epochs_wall']:.1f} plain epochs; clean "
               f"{r['val_clean'] * 100:.2f}; on the first {args.n}: clean "
               f"{r['val_clean_n'] * 100:.1f}, AutoAttack {r['val_autoattack'] * 100:.1f} "
@@ -241,7 +282,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000,
                    help="recipe: validation images AutoAttack attacks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None, help="recipe: save each model in this directory")
+    p.add_argument("--save", default=None,
+                   help="recipe: keep each model and its figures here (and resume from them)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     from art_study.errors import ArtStudyError
