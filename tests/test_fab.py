@@ -300,7 +300,8 @@ def test_a_stopped_cascade_resumes_from_its_checkpoints_bit_for_bit(linear, smal
 
     def attack(checkpoints=None):
         aa = AutoAttackStandard(linear, max_iter=5, n_target_classes=2, n_queries=20,
-                                batch_size=60, plus_restarts=2)
+                                batch_size=60, plus_restarts=2,
+                                plus_square_restarts=2)
         aa.chunk_images = 20
         if checkpoints is not None:
             aa.resume_from(checkpoints)

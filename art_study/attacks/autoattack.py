@@ -10,11 +10,12 @@ The reference warns (``checks.check_square_sr``) when Square, a black-box attack
 more than 0.2 % of the images after the white-box components: the gradients the white-box
 attacks followed are then suspect, and the figure unreliable. Here the warning triggers the
 remedy it names: the images still robust are attacked again by stronger settings (APGD-CE and
-APGD-DLR with ``plus_restarts`` restarts each, Square with ``plus_restarts`` restarts of 5 000
-queries; 5 by default). The reference's "plus" version has the same APGD budgets, adds untargeted
-FAB with 5 restarts and runs Square once: the extra Square restarts are the remedy the check's
-message names. Both figures are returned: the standard one after ``square``, the escalated one
-after ``plus-square``; an image broken by either counts broken, so the headline is the lower.
+APGD-DLR with ``plus_restarts`` restarts each, Square with ``plus_square_restarts`` restarts of
+5 000 queries; 5 and 5 by default). The reference's "plus" version has the same APGD budgets,
+adds untargeted FAB with 5 restarts and runs Square once: the extra Square restarts are the
+remedy the check's message names. Both figures are returned: the standard one after
+``square``, the escalated one after ``plus-square``; an image broken by either counts broken, so
+the headline is the lower.
 
 The images are attacked in chunks of :data:`CHUNK_IMAGES`, each chunk through every component
 before the next chunk starts, each seeded by itself from one draw of the caller-seeded NumPy RNG
@@ -65,27 +66,32 @@ class AutoAttackStandard(Attack):
     run the plus set when the Square check fires."""
 
     note: ClassVar[str] = ("APGD-CE, APGD-T, FAB-T, Square as a cascade; escalated to APGD-CE, "
-                           "APGD-DLR and Square (plus_restarts restarts each) when AutoAttack's "
-                           "Square check fires")
+                           "APGD-DLR (plus_restarts) and Square (plus_square_restarts) when "
+                           "AutoAttack's Square check fires")
 
     @classmethod
     def budget(cls, settings: dict) -> dict[str, float]:
         """FAB-T's targets (as many as APGD-T's) and the escalation's restarts."""
         return {"fab_target_classes": float(settings.get("n_target_classes", 9)),
-                "plus_restarts": float(settings.get("plus_restarts", 5))}
+                "plus_restarts": float(settings.get("plus_restarts", 5)),
+                "plus_square_restarts": float(settings.get("plus_square_restarts", 5))}
 
     def __init__(self, model: keras.Model, *, max_iter: int = 100, n_target_classes: int = 9,
                  n_queries: int = 5000, p_init: float = 0.8, batch_size: int = 500,
-                 escalate: bool = True, plus_restarts: int = 5):
+                 escalate: bool = True, plus_restarts: int = 5,
+                 plus_square_restarts: int = 5):
         n_wrong = n_classes_of(model) - 1
         if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
             raise ValueError(f"n_target_classes must be an integer in 1..{n_wrong}, "
                              f"got {n_target_classes!r}")
-        if not isinstance(plus_restarts, int) or plus_restarts < 1:
-            raise ValueError(f"plus_restarts must be a positive integer, got {plus_restarts!r}")
+        for name, value in (("plus_restarts", plus_restarts),
+                            ("plus_square_restarts", plus_square_restarts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model, self.max_iter, self.n_target_classes = model, max_iter, n_target_classes
         self.batch_size, self.escalate, self.plus_restarts = batch_size, escalate, plus_restarts
         self.n_queries, self.p_init = n_queries, p_init
+        self.plus_square_restarts = plus_square_restarts
         self.chunk_images = CHUNK_IMAGES
         self.apgd_ce = APGD(model, loss="ce", n_iter=max_iter, batch_size=batch_size)
         self.apgd_t = APGD(model, loss="dlr-targeted", n_iter=max_iter, batch_size=batch_size)
@@ -114,7 +120,8 @@ class AutoAttackStandard(Attack):
         a scope of this model's weights and these settings."""
         self.checkpoints = checkpoints.scoped(
             model_digest(self.model), self.max_iter, self.n_target_classes, self.n_queries,
-            self.p_init, self.batch_size, self.escalate, self.plus_restarts, self.chunk_images)
+            self.p_init, self.batch_size, self.escalate, self.plus_restarts,
+            self.plus_square_restarts, self.chunk_images)
 
     def cascade(self, x: np.ndarray, y: np.ndarray, eps: float
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -214,10 +221,10 @@ class AutoAttackStandard(Attack):
         raise ValueError(f"unknown component {name!r}")
 
     def _restarts(self, attack: Square, x: np.ndarray, y: np.ndarray, eps: float):
-        """``attack`` ``plus_restarts`` times, each on the images still robust."""
+        """``attack`` ``plus_square_restarts`` times, each on the images still robust."""
         fooled = np.zeros(len(x), bool)
         x_adv = x.copy()
-        for _ in range(self.plus_restarts):
+        for _ in range(self.plus_square_restarts):
             todo = np.flatnonzero(~fooled)
             if not len(todo):
                 break
