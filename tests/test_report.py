@@ -357,6 +357,53 @@ def test_headline_is_the_worst_case_and_there_is_no_paper(robust_md) -> None:
     assert "FGSM ε=0.3 % ★" in rows["trades"]  # the reference ε: the sweep's largest
 
 
+def per_model(accuracies: list[float], n: int) -> str:
+    """The per-model cell of seeds with these accuracies on ``n`` images each."""
+    halves = sorted({f"{statistics.wilson_half_width(a, n) * 100:.1f}" for a in accuracies})
+    return f"± {'–'.join(halves)} per model (n = {n})"
+
+
+def test_headline_gives_one_models_binomial_interval_beside_the_seed_interval(robust_md) -> None:
+    """Each robust figure (mean ± seed interval) is followed by one model's Wilson interval on
+    the images it was measured on: the worst case on 40 images here, FGSM on all 100 where the
+    runs logged no worst case; the document says what each interval means."""
+    head = {r["sequence"]: r for r in table_after(robust_md, "## Headline: robust accuracy")}
+    trades = head["trades"]
+    column = "worst case ε=0.3: binomial 95 % per model"
+    assert list(trades).index(column) == list(trades).index("worst case ε=0.3 %") + 1
+    # seeds at 86 % and 88 % of 40 images: 34 and 35 correct, ± 11.0 and ± 10.3 points
+    assert trades[column] == per_model([0.86, 0.88], 40) == "± 10.3–11.0 per model (n = 40)"
+    assert head["none (control)"]["worst case ε=0.1: binomial 95 % per model"] == \
+        per_model([0.05, 0.07], 40)
+    assert head["pgd_adversarial_training"][column] == per_model([0.93], 100)
+    assert "the spread of training" in robust_md
+    assert "± 1.9 points on 1 000 images and ± 0.6 on 10 000" in robust_md
+    beyond = {r["sequence"]: r for r in table_after(
+        robust_md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}
+    assert beyond["trades"]["autoattack-standard ε 0.3: binomial 95 % per model"] == \
+        per_model([0.86, 0.88], 40)
+
+
+def test_per_model_interval_says_the_range_where_seeds_differ_in_images() -> None:
+    """Seeds measured on 1 000 and on 10 000 images: the cell gives both half-widths and both
+    counts; the FGSM fallback headline carries the interval of FGSM."""
+    results = pd.concat([
+        results_frame([("trades", 0, "worst_case", 0.3, 0.89)]).assign(n_images=1000),
+        results_frame([("trades", 1, "worst_case", 0.3, 0.89)]).assign(n_images=10_000),
+        results_frame([("trades", seed, "attack", 0.3, 0.89) for seed in (0, 1)]),
+        results_frame([("trades", 0, "fgsm", 0.3, 0.95)]).assign(n_images=10_000)])
+    status = pd.DataFrame({"sequence": ["trades"] * 2, "depth": [2, 2], "seed": [0, 1]})
+    table, worst_case = tables.headline_table(results, status, 0.3)
+    [row] = table.to_dict("records")
+    assert worst_case
+    assert row["worst case ε=0.3: binomial 95 % per model"] == \
+        "± 0.6–1.9 per model (n = 1 000–10 000)"
+    fallback, worst_case = tables.headline_table(results[results["kind"] == "fgsm"], status, 0.3)
+    assert not worst_case
+    assert fallback.to_dict("records")[0]["FGSM ε=0.3: binomial 95 % per model"] == \
+        "± 0.4 per model (n = 10 000)"
+
+
 def test_autoattack_shows_its_components_in_order(robust_md) -> None:
     beyond = {r["sequence"]: r for r in table_after(
         robust_md, "## Beyond FGSM: stronger attacks and the gradient-masking verdict")}

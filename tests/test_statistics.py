@@ -114,3 +114,42 @@ def test_mcnemar_over_seeds_is_the_sign_flip_test_of_net_discordance() -> None:
     assert 0.001 < p < 0.5  # a case where the approximation matters, not a foregone result
 
 
+
+
+def _wilson_closed_form(k: int, n: int, z: float = stats.norm.ppf(0.975)) -> tuple[float, float]:
+    """Wilson (1927): the roots in p of (p̂ − p)² = z² p (1 − p) / n."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize(("k", "n"), [(890, 1000), (8900, 10_000), (37, 40), (1, 3)])
+def test_wilson_interval_is_the_closed_form(k: int, n: int) -> None:
+    low, high = statistics.wilson_interval(k, n)
+    assert (low, high) == pytest.approx(_wilson_closed_form(k, n), abs=1e-12)
+    assert statistics.wilson_half_width(k / n, n) == pytest.approx((high - low) / 2, abs=1e-15)
+
+
+def test_wilson_half_width_of_one_robust_model_on_1000_and_10000_images() -> None:
+    """89 % on 1 000 images is ± 1.9 points, on 10 000 ± 0.6: ten times the images, √10
+    narrower."""
+    on_1k, on_10k = statistics.wilson_half_width(0.89, 1000), statistics.wilson_half_width(
+        0.89, 10_000)
+    assert round(on_1k * 100, 1) == 1.9 and round(on_10k * 100, 1) == 0.6
+    assert on_1k / on_10k == pytest.approx(np.sqrt(10), rel=0.01)
+    # accuracies stored as floats are rounded to a count of images, not truncated
+    assert statistics.wilson_half_width(0.8899999999, 1000) == on_1k
+
+
+def test_wilson_interval_at_none_and_all_correct_stays_in_zero_one() -> None:
+    z2 = stats.norm.ppf(0.975) ** 2
+    low, high = statistics.wilson_interval(0, 50)
+    assert low == pytest.approx(0.0, abs=1e-15) and high == pytest.approx(z2 / (50 + z2))
+    low, high = statistics.wilson_interval(50, 50)
+    assert high == pytest.approx(1.0, abs=1e-15) and low == pytest.approx(50 / (50 + z2))
+    assert statistics.wilson_half_width(0.0, 50) == pytest.approx(
+        statistics.wilson_half_width(1.0, 50)) == z2 / (50 + z2) / 2  # not of zero width
+    for bad in ((3, 2), (-1, 10), (0, 0)):
+        with pytest.raises(ValueError, match="0 <= correct <= n"):
+            statistics.wilson_interval(*bad)

@@ -22,7 +22,7 @@ from art_study.numerics import describe_mixed
 from art_study.report import paper
 from art_study.report.figures import draw_figures
 from art_study.report.reading import StudyData, find_study, gather, open_store, runs_table
-from art_study.report.statistics import EXACT_MCNEMAR_BELOW
+from art_study.report.statistics import EXACT_MCNEMAR_BELOW, wilson_half_width
 from art_study.report.tables import (
     attack_cost_table,
     attack_table,
@@ -182,6 +182,18 @@ def _images_note(results: pd.DataFrame) -> str:
             f"every attack ran on), FGSM on {fgsm}: their gap also mixes the two image sets.")
 
 
+INTERVALS_NOTE = (
+    "Two intervals answer two questions. `± x` after a mean is the 95 % Student-t interval "
+    "over seeds: how much the figure moves when the same recipe is trained again (the spread "
+    "of training). Every seed is measured on the same test images, so it says nothing of how "
+    "the figure would move on other images. The `binomial 95 % per model` column says that "
+    "for one model: the Wilson score interval of one seed's accuracy on the n images it was "
+    "measured on (each image robust or not), shown as its half-width, a range where the "
+    "seeds differ. It shrinks only with more images: a claim about one model near 89 % is "
+    "± {on_1k:.1f} points on 1 000 images and ± {on_10k:.1f} on 10 000; and since the seeds "
+    "share their images, averaging over seeds does not remove it.")
+
+
 def headline_section(doc: Doc, data: StudyData, eps_star: float) -> None:
     """The number to compare defenses by: the worst case over attacks when the runs logged it,
     else FGSM, saying which."""
@@ -203,6 +215,8 @@ def headline_section(doc: Doc, data: StudyData, eps_star: float) -> None:
                  f"headline falls back to **FGSM at ε = {eps_star:g}** (the reference ε), "
                  "which overstates the robustness of a defense that hides its gradients: see "
                  "the stronger attacks and the gradient-masking verdict below.")
+    doc.para(INTERVALS_NOTE.format(on_1k=wilson_half_width(0.89, 1000) * 100,
+                                   on_10k=wilson_half_width(0.89, 10000) * 100))
     doc.table(table)
 
 
@@ -257,7 +271,9 @@ def attacks_section(doc: Doc, data: StudyData) -> None:
              "AutoAttack's own Square check fired (Square, black-box, still broke images the "
              "white-box components left): the gradients the white-box attacks followed are "
              "suspect, and the figure shown includes the stronger attacks the check escalates "
-             "to (unless `escalate` was turned off).")
+             "to (unless `escalate` was turned off). Beside each stronger attack's mean ± "
+             "seed interval, `binomial 95 % per model` is one model's Wilson interval on the "
+             "images that attack was given (see the headline).")
     for depth, table in tables:
         doc.heading(f"{depth} conv layers", level=3)
         doc.table(table)

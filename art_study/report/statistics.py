@@ -2,6 +2,7 @@
 
 - the 95 % Student-t confidence interval of a mean over seeds, and the per-cell summary of a
   score table;
+- the Wilson score interval of one model's accuracy on n test images (:func:`wilson_interval`);
 - the paired t-test over seeds (same seed, same data order and test images);
 - McNemar's test on one seed's discordant test images, and the clustered McNemar test over
   seeds with each test image as the unit (:func:`clustered_mcnemar`).
@@ -37,6 +38,31 @@ def summarise_seeds(scores: pd.DataFrame, by: list[str], value: str = "acc") -> 
     such as the ε of clean accuracy, is a group of its own)."""
     return (scores.dropna(subset=[value]).groupby(by, sort=False, dropna=False)[value]
                   .agg(mean="mean", half=ci95_half_width, n="count").reset_index())
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: ``correct`` of ``n`` images, as (low, high).
+
+    How uncertain one model's accuracy is because it was measured on ``n`` test images (each
+    image a Bernoulli draw), apart from how it would differ with another training seed. Wilson
+    rather than the normal (Wald) interval: it stays inside [0, 1], is not of zero width at 0
+    or n correct, and its coverage is close to the nominal 95 % near the 90 % accuracies of
+    robust models, where Wald's is not on a few hundred images (Brown, Cai & DasGupta, 2001).
+    scipy's ``binomtest(...).proportion_ci(method="wilson")`` computes it.
+    """
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"a proportion needs 0 <= correct <= n and n >= 1, got {correct}/{n}")
+    ci = stats.binomtest(int(correct), int(n)).proportion_ci(confidence_level=confidence,
+                                                             method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def wilson_half_width(accuracy: float, n: int, confidence: float = 0.95) -> float:
+    """Half the width of the Wilson interval of one model with ``accuracy`` (a fraction) on
+    ``n`` images, a fraction; the interval is not symmetric about the accuracy near 0 or 1,
+    so this is its size, not a distance from the accuracy."""
+    low, high = wilson_interval(round(accuracy * n), n, confidence)
+    return (high - low) / 2
 
 
 def paired_t(a: Sequence[float], b: Sequence[float]) -> float | None:

@@ -1,5 +1,9 @@
 """The report's tables: formatted cells (mean ± 95 % CI over seeds), one function per table.
 
+Beside a robust accuracy the tables give one model's binomial (Wilson) 95 % interval on the
+images it was measured on (:func:`fmt_per_model`): the seed interval is the spread of training,
+this one the finite test set.
+
 Every table is made from the study's long results frame (:func:`art_study.report.reading.
 study_results`: one row per run, kind, attack, component and ε) and its summary over seeds
 (:func:`summarise`), selecting rows by those fields. Each table is a pandas frame of strings,
@@ -22,10 +26,12 @@ from art_study.report.statistics import (
     mcnemar,
     paired_t,
     summarise_seeds,
+    wilson_half_width,
 )
 from art_study.results import Kind
 
 CONTROL = "none"  # the sequence of the undefended model
+PER_MODEL = "binomial 95 % per model"  # the header of a per-model interval's column
 KEYS = ["depth", "sequence", "kind", "attack", "component", "eps"]
 
 #: ``(run_id, kind, ε) → which images it got right``, or None where none were logged
@@ -77,6 +83,26 @@ def fmt_ci(row: pd.Series | None) -> str:
     if row["n"] < 2 or math.isnan(row["half"]):
         return f"{row['mean']:.2f} (n={int(row['n'])})"
     return f"{row['mean']:.2f} ± {row['half']:.2f}"
+
+
+def fmt_count(n: float) -> str:
+    """An image count with a space between thousands: ``10 000``."""
+    return f"{int(n):,}".replace(",", " ")
+
+
+def fmt_per_model(rows: pd.DataFrame) -> str:
+    """One model's binomial 95 % interval (Wilson, in points) of the per-seed rows of one
+    measurement, from each row's accuracy and image count: ``± 0.6 per model (n = 10 000)``,
+    a range where the seeds' half-widths (at one decimal) or image counts differ; ``—`` where
+    no row has both."""
+    rows = rows.dropna(subset=["accuracy", "n_images"])
+    rows = rows[rows["n_images"] > 0]
+    if rows.empty:
+        return "—"
+    half = pd.Series([wilson_half_width(a, int(n)) * 100 for a, n in
+                      zip(rows["accuracy"], rows["n_images"], strict=True)]).round(1)
+    return (f"± {_range_text(half, '{:.1f}')} per model "
+            f"(n = {_range_text(rows['n_images'], fmt_count)})")
 
 
 def fmt_p(p: float) -> str:
@@ -157,8 +183,10 @@ def missing_table(status: pd.DataFrame) -> pd.DataFrame:
 # -- the headline: robust accuracy, the per-image worst case over attacks --------------------
 def headline_table(results: pd.DataFrame, status: pd.DataFrame, eps_star: float
                    ) -> tuple[pd.DataFrame, bool]:
-    """Clean and robust accuracy per depth and sequence (mean ± 95 % CI over seeds), and
-    whether robust means the worst case over attacks (else: FGSM at ``eps_star``)."""
+    """Clean and robust accuracy per depth and sequence (mean ± 95 % CI over seeds), each
+    robust figure followed by one model's binomial 95 % interval on its images
+    (:func:`fmt_per_model`), and whether robust means the worst case over attacks (else FGSM
+    at ``eps_star`` is the headline, and its per-model interval is shown)."""
     robust = attacked_eps(results)
     rows = []
     for depth in sorted(status["depth"].unique()):
@@ -170,15 +198,18 @@ def headline_table(results: pd.DataFrame, status: pd.DataFrame, eps_star: float
                    "seeds": str(group["run_id"].nunique()),
                    "clean %": fmt_ci(_pct(group, Kind.CLEAN))}
             for eps in robust:
-                worst = _pct(group, Kind.WORST_CASE, eps)
-                if worst is None:  # runs evaluated before the worst case was logged
-                    fgsm = _pct(group, Kind.FGSM, eps)
-                    cell = "—" if fgsm is None else f"{fmt_ci(fgsm)} (FGSM only)"
-                else:
-                    cell = fmt_ci(worst)
-                row[f"worst case ε={eps:g} %"] = cell
+                worst = select(group, Kind.WORST_CASE, eps).dropna(subset=["accuracy"])
+                fgsm_only = worst.empty  # runs evaluated before the worst case was logged
+                if fgsm_only:
+                    worst = select(group, Kind.FGSM, eps).dropna(subset=["accuracy"])
+                row[f"worst case ε={eps:g} %"] = fmt_ci(_ci_row(worst["accuracy"] * 100)) + (
+                    " (FGSM only)" if fgsm_only and not worst.empty else "")
+                row[f"worst case ε={eps:g}: {PER_MODEL}"] = fmt_per_model(worst)
             fgsm_eps = robust[-1] if robust else eps_star
             row[f"FGSM ε={fgsm_eps:g} %"] = fmt_ci(_pct(group, Kind.FGSM, fgsm_eps))
+            if not robust:  # FGSM is the headline
+                row[f"FGSM ε={fgsm_eps:g}: {PER_MODEL}"] = fmt_per_model(
+                    select(group, Kind.FGSM, fgsm_eps))
             rows.append(row)
     return pd.DataFrame(rows), bool(robust)
 
@@ -240,6 +271,7 @@ def unreliable_verdict(group: pd.DataFrame) -> str | None:
 def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, order: list[str]
                  ) -> pd.DataFrame | None:
     """Accuracy (mean ± 95 % CI over seeds) under each stronger attack and the transfer attack,
+    one model's binomial 95 % interval beside each stronger attack's (:func:`fmt_per_model`),
     an ensemble attack's (AutoAttack's) robust accuracy after each of its components, the
     gradient-masking verdict (seeds flagged / seeds, with the failed checks) and AutoAttack's
     Square check (seeds whose figure it calls unreliable / seeds checked)."""
@@ -262,6 +294,9 @@ def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, orde
         for kind, name, eps in columns:
             label = f"{'transfer ' if kind == Kind.TRANSFER else ''}{name} ε {eps:g}"
             row[label] = fmt_ci(_pct(group, kind, eps, attack=name))
+            if kind == Kind.ATTACK:
+                row[f"{label}: {PER_MODEL}"] = fmt_per_model(
+                    select(group, kind, eps, attack=name))
             steps = parts.get((name, eps)) if kind == Kind.ATTACK else None
             if steps:
                 row[f"{name} ε {eps:g} after {' → '.join(steps)}"] = " → ".join(
@@ -302,12 +337,14 @@ def attack_cost_table(results: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
-def _range_text(values: pd.Series, fmt: str) -> str:
-    """One value, or ``low–high`` where the runs differ; ``—`` when there is none."""
+def _range_text(values: pd.Series, fmt: str | Callable[[float], str]) -> str:
+    """One value, or ``low–high`` where the runs differ; ``—`` when there is none. ``fmt``: a
+    format string or a function of the value."""
     if values.empty:
         return "—"
+    text = fmt if callable(fmt) else fmt.format
     low, high = values.min(), values.max()
-    return fmt.format(low) if low == high else f"{fmt.format(low)}–{fmt.format(high)}"
+    return text(low) if low == high else f"{text(low)}–{text(high)}"
 
 
 # -- significance -------------------------------------------------------------------------------
