@@ -46,8 +46,9 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
     How uncertain one model's accuracy is because it was measured on ``n`` test images (each
     image a Bernoulli draw), apart from how it would differ with another training seed. Wilson
     rather than the normal (Wald) interval: it stays inside [0, 1], is not of zero width at 0
-    or n correct, and its coverage is close to the nominal 95 % near the 90 % accuracies of
-    robust models, where Wald's is not on a few hundred images (Brown, Cai & DasGupta, 2001).
+    or n correct, and its coverage stays close to the nominal 95 % for accuracies near 90 %
+    (a robust model's) and beyond, where Wald's falls short unless n is large (Brown, Cai &
+    DasGupta, 2001).
     scipy's ``binomtest(...).proportion_ci(method="wilson")`` computes it.
     """
     if n < 1 or not 0 <= correct <= n:
@@ -58,9 +59,9 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
 
 
 def wilson_half_width(accuracy: float, n: int, confidence: float = 0.95) -> float:
-    """Half the width of the Wilson interval of one model with ``accuracy`` (a fraction) on
-    ``n`` images, a fraction; the interval is not symmetric about the accuracy near 0 or 1,
-    so this is its size, not a distance from the accuracy."""
+    """Half the width of the Wilson interval (as a fraction) of one model with ``accuracy`` (a
+    fraction, rounded to a count of images) on ``n`` images. The interval is not symmetric
+    about the accuracy near 0 or 1: this is its size, not a distance from the accuracy."""
     low, high = wilson_interval(round(accuracy * n), n, confidence)
     return (high - low) / 2
 
