@@ -275,3 +275,54 @@ def test_a_worker_missing_its_stage_says_so_in_one_line(tmp_path, mnist_dir, s3)
         f"stage {spec.stages[-1].key[:12]} is missing from the stage cache {uri} on worker "
         f"{socket.gethostname()}: the stage cache (study.cache_dir: a bucket, or a directory at "
         "the same path) must be shared by the driver and every Ray node; rerun to retrain it")
+
+
+def test_an_entry_found_intact_is_not_downloaded_again_until_it_changes(s3) -> None:
+    """has() verifies a model's checksum once per process: asked again, it reads the record
+    (and lists the model) only. An entry replaced under another sha256, truncated, or evicted
+    elsewhere is seen at the next has()."""
+    cache = open_cache(prefix_uri(s3))
+    key, other = (hashlib.sha256(s).hexdigest() for s in (b"memo", b"replacement"))
+    cache.save(tiny_model(8), record(key))
+    reads: list[str] = []
+    read = cache._read
+
+    def counted(path: str) -> bytes:
+        reads.append(path.rsplit("/", 1)[1])
+        return read(path)
+
+    cache._read = counted
+
+    def downloads() -> int:
+        return sum(name.startswith("model-") for name in reads)
+
+    assert cache.has(key) and downloads() == 1
+    for _ in range(3):
+        assert cache.has(key)
+    assert downloads() == 1 and reads.count(cache.RECORD) == 4
+
+    # Replaced by another writer: a record naming another model (the other key's, copied).
+    cache.save(tiny_model(9), record(other))
+    fs, sha = s3.filesystem(), cache.record(other).model_sha256
+    with fs.open_output_stream(cache._model(key, sha)) as f:
+        f.write(fs.open_input_stream(cache._model(other, sha)).read())
+    with fs.open_output_stream(f"{cache._dir(key)}/{cache.RECORD}") as f:
+        f.write(json.dumps({**record(key).__dict__, "model_sha256": sha}).encode())
+    reads.clear()
+    assert cache.has(key) and cache.has(key) and downloads() == 1
+    assert same_weights(cache.load_model(key), tiny_model(9))
+
+    # Truncated in place after it was verified: the listing differs, the check runs again.
+    model = cache._model(key, sha)
+    blob = fs.open_input_stream(model).read()
+    with fs.open_output_stream(model) as f:
+        f.write(blob[: len(blob) // 2])
+    reads.clear()
+    assert not cache.has(key) and downloads() == 1
+    assert list(cache.entries()) == [(other, cache._dir(other))]
+
+    # Evicted elsewhere after it was verified: gone at the next has(), nothing downloaded.
+    assert cache.has(other)
+    reads.clear()
+    fs.delete_file(f"{cache._dir(other)}/{cache.RECORD}")
+    assert not cache.has(other) and downloads() == 0

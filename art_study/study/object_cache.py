@@ -11,7 +11,9 @@ stores cannot rename a directory, but one PUT is atomic, so the local cache's gu
   record at once, the last one wins and names its own, complete, model: one valid entry either
   way (the other model is a leftover that ``art-study cache --prune`` removes);
 - a reader checks the model against the record's sha256; a damaged entry is evicted with a
-  one-line warning (record first, so it vanishes at once) and retrained;
+  one-line warning (record first, so it vanishes at once) and retrained. A process remembers
+  the entries it found intact: asked again, it reads the record and lists the model (its size
+  and time) instead of downloading it, and checks it again if either changed;
 - models load with Keras' ``safe_mode``, from a private temporary copy.
 
 The endpoint, region and credentials come from the environment, as for any AWS client
@@ -45,6 +47,11 @@ log = logging.getLogger(__name__)
 #: Seconds before an S3 request gives up, and attempts per request: an unreachable endpoint
 #: fails in seconds, not minutes.
 CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S, ATTEMPTS = 5.0, 60.0, 3
+
+#: Entries this process found intact: ``(cache root, key) → (model sha256, size, mtime)`` of
+#: the model when its checksum was verified. A study asks for the same entry many times; an
+#: unchanged one is not downloaded again.
+_VERIFIED: dict[tuple[str, str], tuple[str, int, int | None]] = {}
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -129,16 +136,37 @@ class ObjectStageCache:
     # -- reading, checked ----------------------------------------------------------------------
     def has(self, key: str) -> bool:
         """Whether a complete, intact entry for ``key`` is present; a damaged one is evicted
-        (one-line warning) and reported absent, so the caller retrains it."""
+        (one-line warning) and reported absent, so the caller retrains it.
+
+        The record is read every time (an entry evicted or replaced elsewhere is seen); the
+        model is downloaded and checked only if this process has not verified it yet under
+        the record's sha256, or if its listed size or time changed since."""
         try:
             record = self.record(key)
         except FileNotFoundError:
+            _VERIFIED.pop((self.root, key), None)
             return False
+        stamp = self._stamp(record)
+        if stamp is not None and _VERIFIED.get((self.root, key)) == (record.model_sha256,
+                                                                      *stamp):
+            return True
         problem = self._check(record, self._read_model(record))
         if problem is None:
+            if stamp is not None:
+                _VERIFIED[(self.root, key)] = (record.model_sha256, *stamp)
             return True
         self.evict(key, problem)
         return False
+
+    def _stamp(self, record: StageRecord) -> tuple[int, int | None] | None:
+        """The model object's listed (size, mtime in ns), or None if there is none."""
+        if not record.model_sha256:
+            return None
+        try:
+            info = self.fs.get_file_info(self._model(record.key, record.model_sha256))
+        except OSError as exc:
+            raise TrackingError(f"stage cache {self.root}: {_first_line(exc)}") from None
+        return (info.size, info.mtime_ns) if info.type == pafs.FileType.File else None
 
     def record(self, key: str) -> StageRecord:
         return StageRecord(**json.loads(self._read(f"{self._dir(key)}/{self.RECORD}")))
@@ -196,6 +224,7 @@ class ObjectStageCache:
         """Remove a damaged entry: its record first (the entry is gone at once), then the rest."""
         log.warning("stage cache entry %s is damaged (%s): evicted, it will be retrained",
                     key[:12], reason)
+        _VERIFIED.pop((self.root, key), None)
         with contextlib.suppress(FileNotFoundError, OSError):
             self.fs.delete_file(f"{self._dir(key)}/{self.RECORD}")
         with contextlib.suppress(FileNotFoundError, OSError):
