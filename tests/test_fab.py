@@ -361,3 +361,27 @@ def test_a_stopped_cascade_resumes_from_its_checkpoints_bit_for_bit(linear, smal
     np.random.seed(0)
     other.cascade(x, y, eps)
     assert other.resumed == 0
+
+
+@pytest.mark.parametrize("n_targets", [0, 5])
+def test_every_targeted_attack_refuses_targets_outside_the_wrong_classes(n_targets) -> None:
+    """On a 5-class model: no target, or as many targets as classes, is refused by APGD-T (the
+    attack and the function), FAB-T and the cascade, with one message."""
+    import keras
+
+    from art_study.attacks.apgd import APGD, APGDT, apgd_targeted, check_target_classes
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(5)])
+    message = rf"^n_target_classes must be an integer in 1\.\.4, got {n_targets}$"
+    x, y = np.zeros((2, 8, 8, 1), np.float32), np.zeros(2, int)
+    builds = [lambda: check_target_classes(n_targets, model),
+              lambda: APGDT(model, n_target_classes=n_targets),
+              lambda: apgd_targeted(APGD(model, loss="dlr-targeted"), x, y, 0.1,
+                                    n_target_classes=n_targets),
+              lambda: FABT(model, n_target_classes=n_targets),
+              lambda: AutoAttackStandard(model, n_target_classes=n_targets)]
+    for build in builds:
+        with pytest.raises(ValueError, match=message):
+            build()
+    check_target_classes(4, model)  # every wrong class is a valid target

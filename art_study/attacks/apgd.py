@@ -231,6 +231,15 @@ class APGD:
         return fooled, x_adv
 
 
+def check_target_classes(n_target_classes: int, model: keras.Model) -> None:
+    """Refuse a number of target classes (APGD-T's, FAB-T's) that is not an integer in
+    ``1..n_classes - 1``: the model's wrong classes are all there is to target."""
+    n_wrong = n_classes_of(model) - 1
+    if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
+        raise ValueError(f"n_target_classes must be an integer in 1..{n_wrong}, "
+                         f"got {n_target_classes!r}")
+
+
 def apgd_targeted(attack: APGD, x: np.ndarray, y: np.ndarray, eps: float, *,
                   n_target_classes: int = 9) -> tuple[np.ndarray, np.ndarray]:
     """APGD-T: ``attack`` (an :class:`APGD` on the ``dlr-targeted`` loss) towards each of the
@@ -239,10 +248,7 @@ def apgd_targeted(attack: APGD, x: np.ndarray, y: np.ndarray, eps: float, *,
     :meth:`APGD.attack`."""
     if attack.loss != "dlr-targeted":
         raise ValueError(f"APGD-T needs the dlr-targeted loss, got {attack.loss!r}")
-    n_classes = n_classes_of(attack.model)
-    if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_classes - 1:
-        raise ValueError(f"n_target_classes must be an integer in 1..{n_classes - 1}, "
-                         f"got {n_target_classes!r}")
+    check_target_classes(n_target_classes, attack.model)
     x = np.asarray(x, np.float32)
     y = np.asarray(y)
     ranked = np.argsort(_logits(attack.model, x, attack.batch_size), axis=1)  # ascending
@@ -301,10 +307,7 @@ class APGDT(APGDCE):
 
     def __init__(self, model: keras.Model, *, max_iter: int = 100, nb_random_init: int = 1,
                  norm=np.inf, n_target_classes: int = 9, batch_size: int = 500):
-        n_wrong = n_classes_of(model) - 1
-        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
-            raise ValueError(
-                f"n_target_classes must be an integer in 1..{n_wrong}, got {n_target_classes!r}")
+        check_target_classes(n_target_classes, model)
         super().__init__(model, max_iter=max_iter, nb_random_init=nb_random_init, norm=norm,
                          batch_size=batch_size)
         self.n_target_classes = n_target_classes

@@ -37,13 +37,12 @@ from typing import ClassVar
 import keras
 import numpy as np
 
-from art_study.attacks.apgd import APGD, _predict, apgd_targeted
+from art_study.attacks.apgd import APGD, _predict, apgd_targeted, check_target_classes
 from art_study.attacks.base import Attack, Outcome
 from art_study.attacks.checkpoints import Checkpoints, digest, model_digest
 from art_study.attacks.fab import FABT
 from art_study.attacks.square import Square
 from art_study.diagnostics import square_check
-from art_study.models import n_classes_of
 
 #: The components in the order they run (the names in metric keys).
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -80,10 +79,7 @@ class AutoAttackStandard(Attack):
                  n_queries: int = 5000, p_init: float = 0.8, batch_size: int = 500,
                  escalate: bool = True, plus_restarts: int = 5,
                  plus_square_restarts: int = 5):
-        n_wrong = n_classes_of(model) - 1
-        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_wrong:
-            raise ValueError(f"n_target_classes must be an integer in 1..{n_wrong}, "
-                             f"got {n_target_classes!r}")
+        check_target_classes(n_target_classes, model)
         for name, value in (("plus_restarts", plus_restarts),
                             ("plus_square_restarts", plus_square_restarts)):
             if not isinstance(value, int) or value < 1:

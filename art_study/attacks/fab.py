@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from art_study.attacks.apgd import _logits
+from art_study.attacks.apgd import _logits, check_target_classes
 from art_study.models import input_shape_of, n_classes_of
 
 #: The reference's step constants: largest weight of the clean image's projection (``α_max``),
@@ -90,10 +90,7 @@ class FABT:
         for name, v in (("max_iter", n_iter), ("batch_size", batch_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {v!r}")
-        n_classes = n_classes_of(model)
-        if not isinstance(n_target_classes, int) or not 1 <= n_target_classes <= n_classes - 1:
-            raise ValueError(f"n_target_classes must be an integer in 1..{n_classes - 1}, "
-                             f"got {n_target_classes!r}")
+        check_target_classes(n_target_classes, model)
         if not (0.0 <= alpha_max <= 1.0 and eta >= 1.0 and 0.0 < beta < 1.0):
             raise ValueError(f"need 0 ≤ alpha_max ≤ 1, eta ≥ 1, 0 < beta < 1; got "
                              f"{alpha_max!r}, {eta!r}, {beta!r}")
