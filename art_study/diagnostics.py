@@ -37,7 +37,8 @@ small function with the reference's threshold and message, evaluated where their
 - ``autoattack_square`` (``check_square_sr``): Square, run after the white-box components of an
   AutoAttack cascade, lowers robust accuracy by more than 0.2 points. This is the verdict
   ``evaluation_unreliable`` (the cascade escalates to stronger settings when it fires; the
-  detail gives both figures);
+  detail gives both figures). Like the reference, every evaluation that ran a cascade gives it,
+  with the other diagnostics disabled too (:func:`square_tags`);
 - warnings that add to the checks above: ``autoattack_output_not_probability`` (the model outputs
   a softmax, not logits: ``check_range_output``), ``autoattack_no_zero_gradient`` (*any* image
   with an exactly zero gradient, where check 5 asks for most: ``check_zero_gradients``),
@@ -83,6 +84,11 @@ class Check:
     passed: bool | None
     detail: str
 
+    def tag(self) -> str:
+        """The verdict and why, as one tag value."""
+        verdict = "not evaluated" if self.passed is None else ("pass" if self.passed else "FAIL")
+        return f"{verdict}: {self.detail}"[:500]
+
 
 @dataclass
 class Diagnosis:
@@ -120,13 +126,12 @@ class Diagnosis:
     def tags(self) -> dict[str, str]:
         tags = {"gradient_masking_suspected": str(self.suspected).lower()}
         for c in [*self.checks, *self.reference]:
-            verdict = "not evaluated" if c.passed is None else ("pass" if c.passed else "FAIL")
-            tags[f"diag.{c.name}"] = f"{verdict}: {c.detail}"[:500]
+            tags[f"diag.{c.name}"] = c.tag()
         if self.suspected:
             tags["gradient_masking_reasons"] = "; ".join(self.reasons())[:5000]
-        square = [c for c in self.reference if c.name == "autoattack_square"]
-        if square and square[0].passed is not None:
-            tags["evaluation_unreliable"] = str(self.unreliable).lower()
+        for c in self.reference:
+            if c.name == "autoattack_square":
+                tags.update(square_tags(c))
         if self.warnings():
             tags["autoattack_warnings"] = "; ".join(self.warnings())[:5000]
         return tags
@@ -319,6 +324,16 @@ def square_checks(cascades: Mapping[str, Mapping[float, Mapping[str, float]]]) -
     if passed:
         return Check("autoattack_square", True, "; ".join(passed))
     return Check("autoattack_square", None, "no AutoAttack cascade ran")
+
+
+def square_tags(check: Check) -> dict[str, str]:
+    """The Square check's tags: its verdict (``diag.autoattack_square``) and, once evaluated,
+    ``evaluation_unreliable``. An evaluation sets them whether or not the diagnostics run, as
+    the reference AutoAttack always runs this check."""
+    tags = {f"diag.{check.name}": check.tag()}
+    if check.passed is not None:
+        tags["evaluation_unreliable"] = str(check.passed is False).lower()
+    return tags
 
 
 def zero_gradient_check(count: int | None) -> Check:

@@ -38,6 +38,8 @@ from art_study.diagnostics import (
     diagnose,
     gradient_zero_share,
     probe_model,
+    square_checks,
+    square_tags,
     zero_gradient_count,
 )
 from art_study.models import n_classes_of, one_hot, predict_labels, to_art
@@ -123,6 +125,8 @@ def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, cfg: EvaluationCo
     worst_case(result)
     if cfg.diagnostics.enabled:
         diagnostics(model, estimators, x, y, cfg, result, attacks)
+    elif cascades := cascade_tables(result, attacks):  # AutoAttack's own check, always run
+        result.tags.update(square_tags(square_checks(cascades)))
     return result
 
 
@@ -245,6 +249,18 @@ def worst_case(result: EvaluationResult) -> None:
                                        verdict=robust))
 
 
+def cascade_tables(result: EvaluationResult, attacks: list[ResolvedAttack]
+                   ) -> dict[str, dict[float, dict[str, float]]]:
+    """What AutoAttack's Square check reads: for each cascade that ran, its robust accuracy
+    after each component, per ε, in the order the components ran."""
+    order = (*COMPONENTS, *PLUS_COMPONENTS)
+    tables = {a.key: {e: {o.component: o.accuracy for o in sorted(
+        (o for o in result.outcomes if o.kind == Kind.ATTACK and o.attack == a.key
+         and o.eps == e and o.component in order), key=lambda o: order.index(o.component))}
+        for e in a.eps} for a in attacks}
+    return {a: t for a, t in tables.items() if any(t.values())}
+
+
 def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarray,
                 cfg: EvaluationConfig, result: EvaluationResult,
                 attacks: list[ResolvedAttack] | None = None) -> None:
@@ -270,13 +286,6 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
     result.gradients = GradientFigures(
         zero_share=gradient_zero_share(grads),
         l1_median=float(np.median(np.abs(grads.reshape(n, -1)).sum(axis=1))))
-    # AutoAttack's Square check reads each cascade's robust accuracy after each component
-    order = (*COMPONENTS, *PLUS_COMPONENTS)
-    cascades = {a.key: {e: {o.component: o.accuracy for o in sorted(
-        (o for o in result.outcomes if o.kind == Kind.ATTACK and o.attack == a.key
-         and o.eps == e and o.component in order), key=lambda o: order.index(o.component))}
-        for e in a.eps} for a in attacks or []}
-
     resolved = {a.key: a for a in attacks or []}
     rows = [o for o in result.outcomes if o.component == "" and o.kind in
             (Kind.ATTACK, Kind.TRANSFER, Kind.DIAG)]
@@ -308,7 +317,7 @@ def diagnostics(model: keras.Model, estimators: dict, x: np.ndarray, y: np.ndarr
         iterative=frozenset(kinds["iterative"]),
         blackbox=frozenset(kinds["blackbox"]),
         counterparts=counterparts,
-        cascades={a: t for a, t in cascades.items() if any(t.values())},
+        cascades=cascade_tables(result, attacks or []),
         grad_zero_count=zero_gradient_count(grads),
         probe=probe_model(model, x[:n], y[:n]),
     )

@@ -385,3 +385,41 @@ def test_every_targeted_attack_refuses_targets_outside_the_wrong_classes(n_targe
         with pytest.raises(ValueError, match=message):
             build()
     check_target_classes(4, model)  # every wrong class is a valid target
+
+
+def test_the_square_check_runs_with_the_diagnostics_disabled(linear, small_mnist,
+                                                             monkeypatch) -> None:
+    """As in the reference, a cascade is followed by its Square check whatever the diagnostics'
+    setting: Square (scripted) breaking 2 of 40 images tags the evaluation unreliable with the
+    diagnostics off, and with them on the same two tags hold the same values; without a
+    cascade there is no verdict."""
+    from art_study.config import EvaluationConfig
+    from art_study.evaluation import evaluate
+
+    def scripted(self, name, xs, ys, e):
+        f = np.zeros(len(xs), bool)
+        f[: {"apgd-ce": 3, "square": 2}.get(name, 0)] = True
+        return f, xs.copy()
+
+    monkeypatch.setattr(AutoAttackStandard, "_component", scripted)
+    cascade = [{"name": "autoattack-standard", "n_images": 40,
+                "args": {"max_iter": 5, "n_target_classes": 2, "n_queries": 20}}]
+
+    def tags(attacks, enabled):
+        cfg = EvaluationConfig(eps=[0.1], n_attack=40, batch_size=40, attacks=attacks,
+                               transfer=[], diagnostics={"enabled": enabled, "n_images": 40,
+                                                         "pgd_steps": 2})
+        result = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False)
+        assert (result.diagnosis is None) is not enabled
+        return result.tags
+
+    off = tags(cascade, enabled=False)
+    assert off["evaluation_unreliable"] == "true"
+    assert off["diag.autoattack_square"].startswith("FAIL: evaluation unreliable: "
+                                                    "autoattack-standard at ε 0.1")
+    assert "gradient_masking_suspected" not in off  # the masking checks did not run
+    on = tags(cascade, enabled=True)
+    for name in ("evaluation_unreliable", "diag.autoattack_square"):
+        assert on[name] == off[name]
+    assert "gradient_masking_suspected" in on
+    assert not {"evaluation_unreliable", "diag.autoattack_square"} & set(tags([], False))
