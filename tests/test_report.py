@@ -582,3 +582,28 @@ def test_comparison_eps_is_closest_to_paper_control() -> None:
 def test_the_paper_section_is_for_studies_of_its_defenses() -> None:
     assert paper.applies(pd.Series(["none", "distillation"]))
     assert not paper.applies(pd.Series(["none", "trades", "pgd_adversarial_training"]))
+
+
+def test_comparison_eps_without_a_usable_control_figure_falls_back_to_the_largest_eps() -> None:
+    """The paper's section when the control's FGSM figure is missing at the sweep's ε (logged
+    at another ε only, or NaN) is the one of a study without a control: the largest ε, no
+    control sweep; a deeper control with a figure is used when the shallowest has none."""
+    from art_study.report.document import Doc
+
+    results = results_frame([("none", 0, "clean", np.nan, 0.99), ("none", 0, "fgsm", 0.05, 0.5),
+                             ("distillation", 0, "fgsm", 0.1, 0.4),
+                             ("distillation", 0, "fgsm", 0.3, 0.2)])
+    summary = report.summarise(results)
+    blank = summary.assign(mean=np.where(summary["kind"] == "fgsm", np.nan, summary["mean"]))
+    for frame, eps in ((summary, [0.1, 0.3]), (blank, [0.05, 0.1, 0.3])):
+        cmp = report.choose_comparison_eps(frame, eps)
+        assert (cmp.eps, cmp.base_depth) == (0.3, None) and cmp.sweep.empty
+        assert "the largest ε of the sweep, 0.3, is used" in cmp.reason
+        doc = Doc("t")
+        paper.section(doc, frame, results[["depth", "sequence"]].drop_duplicates(), cmp)
+        assert "| ε | control FGSM accuracy %" not in doc.markdown()
+
+    deeper = pd.concat([results, results_frame([("none", 0, "fgsm", 0.3, 0.28)]).assign(
+        depth=3)])
+    cmp = report.choose_comparison_eps(report.summarise(deeper), [0.1, 0.3])
+    assert (cmp.eps, cmp.base_depth) == (0.3, 3) and list(cmp.sweep["ε"]) == ["0.3"]

@@ -47,17 +47,20 @@ class Comparison:
 
 
 def choose_comparison_eps(summary: pd.DataFrame, eps: list[float]) -> Comparison:
-    """The ε where the control's mean FGSM accuracy (at the smallest depth with a control) is
-    closest to the paper's 29.15 %: the paper does not state its ε, the control pins it down."""
-    controls = summary[(summary["sequence"] == CONTROL) & (summary["kind"] == Kind.FGSM)]
+    """The ε where the control's mean FGSM accuracy (at the smallest depth whose control has one
+    at an ε of the sweep) is closest to the paper's 29.15 %: the paper does not state its ε, the
+    control pins it down. Without any such figure, the largest ε of the sweep."""
+    controls = summary[(summary["sequence"] == CONTROL) & (summary["kind"] == Kind.FGSM)
+                       & summary["eps"].isin(eps) & summary["mean"].notna()]
     if controls.empty:
-        reason = (f"No control run finished, so ε cannot be matched to the paper's control "
-                  f"({PAPER_CONTROL_FGSM} %); the largest ε of the sweep, {eps[-1]:g}, is used.")
+        reason = (f"No finished control run has an FGSM accuracy at an ε of the sweep, so ε "
+                  f"cannot be matched to the paper's control ({PAPER_CONTROL_FGSM} %); the "
+                  f"largest ε of the sweep, {eps[-1]:g}, is used.")
         return Comparison(eps[-1], None, pd.DataFrame(), reason)
     base = int(controls["depth"].min())
     rows = []
     for e in eps:
-        row = lookup(summary, base, CONTROL, Kind.FGSM, e)
+        row = lookup(controls, base, CONTROL, Kind.FGSM, e)
         if row is not None:
             rows.append({"ε": f"{e:g}", "control FGSM accuracy %": fmt_ci(row),
                          "|Δ| to paper (pp)": abs(row["mean"] - PAPER_CONTROL_FGSM),
