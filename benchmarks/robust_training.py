@@ -141,11 +141,11 @@ def recipes(args: argparse.Namespace, cfg) -> list[tuple[str, int, dict, int]]:
     return out
 
 
-def validation_accuracy(model, x, y, n: int, batch_size: int,
+def validation_accuracy(model, x, y, n: int, batch_size: int, aa_args: dict,
                         checkpoints=None) -> dict[str, float]:
     """Clean accuracy on all of ``(x, y)``; on its first ``n``: clean, FGSM and
-    AutoAttack-standard at ε 0.3 with each component's cumulative figure (the study's
-    evaluation code; ``checkpoints`` lets a stopped AutoAttack resume)."""
+    AutoAttack-standard at ε 0.3 (settings ``aa_args``) with each component's cumulative figure
+    (the study's evaluation code; ``checkpoints`` lets a stopped AutoAttack resume)."""
     from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
     from art_study.config import EvaluationConfig
     from art_study.evaluation import evaluate
@@ -154,7 +154,8 @@ def validation_accuracy(model, x, y, n: int, batch_size: int,
 
     cfg = EvaluationConfig(
         eps=[EPS], batch_size=batch_size, diagnostics={"enabled": False},
-        attacks=[{"name": "autoattack-standard", "eps": [EPS], "n_images": n}])
+        attacks=[{"name": "autoattack-standard", "eps": [EPS], "n_images": n,
+                  "args": aa_args}])
     t0 = time.perf_counter()
     result = evaluate(model, x[:n], y[:n], cfg, progress=False, checkpoints=checkpoints)
     out = {"val_clean": accuracy(model, x, y), "val_clean_n": result.find(Kind.CLEAN).accuracy,
@@ -170,12 +171,28 @@ def validation_accuracy(model, x, y, n: int, batch_size: int,
 
 def recipe_dir(root: Path, defense: str, epochs: int, settings: dict, n_conv: int,
                args: argparse.Namespace) -> Path:
-    """Where a recipe's model and figures are kept: named by everything that decides them."""
+    """Where a recipe's model and figures are kept: named by everything that decides the
+    model (its figures are named by the evaluation's images and settings inside)."""
     import hashlib
 
-    ident = json.dumps([defense, epochs, settings, n_conv, args.seed, args.images, args.n,
-                        args.config], sort_keys=True, default=str)
+    ident = json.dumps([defense, epochs, settings, n_conv, args.seed, args.images,
+                        cfg_model_train(args)], sort_keys=True, default=str)
     return root / f"{defense}-{n_conv}conv-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+
+
+def cfg_model_train(args: argparse.Namespace) -> list:
+    """The config's network and training settings: part of every recipe's name."""
+    from art_study.config import load_config
+
+    cfg = load_config(args.config)
+    return [cfg.model.model_dump(), cfg.train.model_dump(exclude={"steps_per_execution"})]
+
+
+def autoattack_args(cfg) -> dict:
+    """The settings the config's own ``autoattack-standard`` runs with (the study's budget),
+    so recipes are judged as the study will judge the winner."""
+    return next((dict(a.args) for a in cfg.evaluation.attacks
+                 if a.name == "autoattack-standard"), {})
 
 
 def recipe(args: argparse.Namespace) -> None:
@@ -184,6 +201,7 @@ def recipe(args: argparse.Namespace) -> None:
     Resumable with ``--save DIR``: a recipe whose model is saved there is not trained again, one
     whose figures are saved is not evaluated again, and AutoAttack resumes from its checkpoints;
     run the same command again after a stop."""
+    import hashlib
     import tempfile
 
     import keras
@@ -237,17 +255,22 @@ def recipe(args: argparse.Namespace) -> None:
                     "plain_epoch_wall_s": plain[0], "plain_epoch_cpu_s": plain[1],
                     "machine": machine_line(), "numerics": numerics.fingerprint()}, indent=1))
             trained = json.loads((where / "train.json").read_text())
-            if not (where / "row.json").is_file():
+            aa_args = autoattack_args(cfg)
+            figures_file = where / (
+                "val-" + hashlib.sha256(json.dumps([args.n, aa_args], sort_keys=True).encode()
+                                        ).hexdigest()[:10] + ".json")
+            if not figures_file.is_file():
                 model = keras.models.load_model(where / "model.keras")
                 keras.utils.set_random_seed(0)
                 figures = validation_accuracy(model, x_val, y_val, args.n, train_cfg.batch_size,
-                                              Checkpoints(where / "checkpoints"))
-                (where / "row.json").write_text(json.dumps(figures, indent=1))
+                                              aa_args, Checkpoints(where / "checkpoints"))
+                figures_file.write_text(json.dumps({"n": args.n, "autoattack_args": aa_args,
+                                                    **figures}, indent=1))
             row = {"recipe": where.name, "defense": defense, "epochs": epochs,
                    "n_conv": n_conv, "settings": settings,
                    "plain_epochs_wall": trained["train_wall_s"] / trained["plain_epoch_wall_s"],
                    "plain_epochs_cpu": trained["train_cpu_s"] / trained["plain_epoch_cpu_s"],
-                   **trained, **json.loads((where / "row.json").read_text())}
+                   **trained, **json.loads(figures_file.read_text())}
             print(json.dumps(row, default=str), flush=True)
             rows.append(row)
     print(f"\nvalidation split (last {VALIDATION} training images), ε {EPS}, %; cost in plain "
