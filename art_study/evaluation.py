@@ -193,14 +193,17 @@ def run_attack(attack: ResolvedAttack, estimators: dict, x: np.ndarray, y: np.nd
     n = min(attack.cfg.n_images, len(x))
     t0 = time.perf_counter()
     components: dict[str, dict[float, np.ndarray]] = {}
+    seconds: dict[str, dict[float, float]] = {}
     correct = attack.run(estimators[attack.estimator], x[:n], y[:n], cfg.batch_size,
-                         components=components, checkpoints=checkpoints)
+                         components=components, checkpoints=checkpoints,
+                         component_seconds=seconds)
     budget = attack.budget()
     budget.pop("n_images", None)
     record(result, kind, attack.key, correct, time.perf_counter() - t0, n, budget)
     for component, by_eps in components.items():
         for eps, ok in by_eps.items():
             result.outcomes.append(Outcome(kind, attack.key, eps, float(np.mean(ok)), len(ok),
+                                           seconds.get(component, {}).get(eps, math.nan),
                                            component=component, verdict=np.asarray(ok, bool)))
     if attack.note:
         result.tags[f"{kind}.{attack.key}.budget"] = attack.note

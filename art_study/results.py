@@ -70,7 +70,9 @@ def eps_key(eps: float) -> str:
 class Outcome:
     """One row: accuracy under one attack (or a cascade's component) at one ε.
 
-    ``seconds`` is the attack's wall time over all its ε (the same on each of its rows);
+    ``seconds`` is the attack's wall time over all its ε (the same on each of its rows) in
+    the process that logged it; on a cascade's component row, the wall time that component
+    computed at that ε, parts resumed from checkpoints included;
     ``budget`` what it was given beyond ``n_images`` (iterations, restarts, queries; a transfer
     attack's one-off ``craft_time_s``); ``verdict`` one boolean per image, robust or not.
     """
@@ -198,6 +200,8 @@ def table_metrics(outcomes: Iterable[Outcome]) -> dict[str, float]:
         part = f"{o.name}/{o.component}" if o.component else o.name
         m[f"{part}/accuracy_{eps_key(o.eps)}"] = o.accuracy
         if o.component:
+            if not math.isnan(o.seconds):
+                m[f"{part}/time_s_{eps_key(o.eps)}"] = o.seconds
             continue
         if o.kind == Kind.WORST_CASE:
             m[f"robust/n_images_{eps_key(o.eps)}"] = float(o.n_images)
@@ -276,8 +280,11 @@ def outcomes_from_metrics(metrics: Mapping[str, float], eps_values: Iterable[flo
             continue
         prefix = "/".join(parts[:depth])
         attack = parts[1] if kind in NAMED else ("fgsm" if kind in SWEEPS else "")
-        row = {"kind": kind, "attack": attack, "component": parts[2] if len(parts) == 3 else "",
-               "eps": eps, "accuracy": value, "seconds": m.get(f"{prefix}/time_s", math.nan),
+        component = parts[2] if len(parts) == 3 else ""
+        seconds = (m.get(f"{prefix}/{component}/time_s_{key}", math.nan) if component
+                   else m.get(f"{prefix}/time_s", math.nan))
+        row = {"kind": kind, "attack": attack, "component": component,
+               "eps": eps, "accuracy": value, "seconds": seconds,
                "n_images": m.get(f"{prefix}/n_images", math.nan), "budget": {}}
         if kind in NAMED:
             row["budget"] = {k.removeprefix(f"{prefix}/"): v for k, v in m.items()

@@ -247,6 +247,12 @@ def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mn
                      checkpoints=store)
     timeless = {k: v for k, v in m.items() if not k.endswith(("time_s", "_per_s"))}
     assert {k: again.metrics[k] for k in timeless} == timeless
+    # each component's compute time is logged; the second run's come from the checkpoint
+    for c in COMPONENTS:
+        assert m[f"attack/autoattack-standard/{c}/time_s_eps_0.1"] >= 0.0
+    assert m["attack/autoattack-standard/apgd-t/time_s_eps_0.1"] > 0.0
+    assert again.metrics["attack/autoattack-standard/apgd-t/time_s_eps_0.1"] == \
+        m["attack/autoattack-standard/apgd-t/time_s_eps_0.1"]
     assert list(tmp_path.glob("*/*.npz")) == saved
     assert "attack/autoattack-standard/fab-t/accuracy_eps_0.1" in m
     assert tags["diag.autoattack_square"].split(":")[0] in ("pass", "FAIL")

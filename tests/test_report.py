@@ -607,3 +607,35 @@ def test_comparison_eps_without_a_usable_control_figure_falls_back_to_the_larges
         depth=3)])
     cmp = report.choose_comparison_eps(report.summarise(deeper), [0.1, 0.3])
     assert (cmp.eps, cmp.base_depth) == (0.3, 3) and list(cmp.sweep["ε"]) == ["0.3"]
+
+
+def test_attack_cost_table_lists_a_cascades_components_under_it() -> None:
+    """The cost table gives a cascade's per-model wall time and, under it, each component's,
+    summed over its ε; an attack without components gets no sub-rows."""
+    import math
+
+    import pandas as pd
+
+    from art_study.report.tables import attack_cost_table
+    from art_study.results import Kind
+
+    def row(run, attack, component, eps, seconds):
+        return {"run_id": run, "kind": Kind.ATTACK, "attack": attack, "component": component,
+                "eps": eps, "n_images": 100, "accuracy": 0.9, "seconds": seconds,
+                "budget": {"max_iter": 100.0} if not component else {}}
+
+    rows = []
+    for run, scale in (("r1", 1.0), ("r2", 3.0)):
+        rows += [row(run, "aa", "", 0.3, 10.0 * scale),
+                 row(run, "aa", "apgd-ce", 0.3, 1.0 * scale),
+                 row(run, "aa", "square", 0.3, 6.0 * scale),
+                 row(run, "pgd", "", 0.1, 2.0), row(run, "pgd", "", 0.3, 2.0)]
+    rows.append(row("r3", "aa", "", 0.3, 20.0))  # a run logged before component times
+    rows.append(row("r3", "aa", "square", 0.3, math.nan))
+    table = attack_cost_table(pd.DataFrame(rows))
+    names = list(table["attack"])
+    assert names == ["attack aa", "  › apgd-ce", "  › square", "attack pgd"]
+    by = dict(zip(table["attack"], table["wall s per model: median (min–max)"], strict=True))
+    assert by["attack aa"] == "20.0 (10.0–30.0)"
+    assert by["  › square"] == "12.0 (6.0–18.0)"
+    assert table.set_index("attack").loc["  › square", "models"] == 2

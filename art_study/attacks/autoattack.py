@@ -146,7 +146,7 @@ class AutoAttackStandard(Attack):
 
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
         fooled, x_adv, after = self.cascade(x, y, eps)
-        return Outcome(x_adv, fooled, after)
+        return Outcome(x_adv, fooled, after, {name: c[0] for name, c in self.costs.items()})
 
     def _phase(self, phase: str, names, x, y, eps, base, fooled, x_adv, after) -> None:
         """``names`` on every chunk of images in turn, updating ``fooled``, ``x_adv``,

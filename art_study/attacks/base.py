@@ -28,11 +28,14 @@ class Outcome:
     """What an attack did to a batch: ``x_adv``, the adversarial images; ``fooled``, the images
     it knows it fooled (any iterate counts, not only the returned one: an attack that only
     returns a point reports none and is scored on ``x_adv``); ``after``, for a cascade, the
-    cumulative ``fooled`` after each component, in the order they ran."""
+    cumulative ``fooled`` after each component, in the order they ran; ``seconds``, the wall
+    time each component computed (a part resumed from a checkpoint counts the time it took
+    when it was computed)."""
 
     x_adv: np.ndarray
     fooled: np.ndarray
     after: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Attack(ABC):

@@ -79,11 +79,14 @@ class ResolvedAttack:
 
     def run(self, estimator, x: np.ndarray, y: np.ndarray, batch_size: int,
             components: dict[str, scoring.Verdicts] | None = None,
-            checkpoints: Checkpoints | None = None) -> scoring.Verdicts:
+            checkpoints: Checkpoints | None = None,
+            component_seconds: dict[str, dict[float, float]] | None = None
+            ) -> scoring.Verdicts:
         """Which of ``x`` (labels ``y``) are robust, per ε of this attack: classified correctly
         clean **and** not fooled (:mod:`art_study.attacks.scoring`). ``components``, if given,
-        receives a cascade's cumulative verdict after each of its components; ``checkpoints``,
-        if given, lets an attack that checkpoints resume there."""
+        receives a cascade's cumulative verdict after each of its components (and
+        ``component_seconds`` the wall time each computed); ``checkpoints``, if given, lets an
+        attack that checkpoints resume there."""
 
         def predict(images: np.ndarray) -> np.ndarray:
             return np.argmax(estimator.predict(images.astype(np.float32),
@@ -94,5 +97,6 @@ class ResolvedAttack:
         if checkpoints is not None:
             attack.resume_from(checkpoints.scoped(self.key, sorted(self.kwargs.items())))
         if self.bounded:
-            return scoring.bounded(attack, predict, x, y, self.eps, components)
+            return scoring.bounded(attack, predict, x, y, self.eps, components,
+                                   component_seconds)
         return scoring.minimal(attack, predict, x, y, self.eps)

@@ -29,10 +29,12 @@ Verdicts = dict[float, np.ndarray]
 
 def bounded(attack: Attack, predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
             y: np.ndarray, eps_values: Sequence[float],
-            components: dict[str, Verdicts] | None = None) -> Verdicts:
+            components: dict[str, Verdicts] | None = None,
+            component_seconds: dict[str, dict[float, float]] | None = None) -> Verdicts:
     """Robust images per ε of a bounded attack, run once per ε (ε = 0 is the identity: ART's
     attacks refuse a zero budget). ``components``, if given, receives a cascade's cumulative
-    verdict after each of its components (``components[name][ε]``)."""
+    verdict after each of its components (``components[name][ε]``), ``component_seconds`` the
+    wall time each computed."""
     clean = predict(x) == y
     out: Verdicts = {}
     for eps in eps_values:
@@ -43,6 +45,8 @@ def bounded(attack: Attack, predict: Callable[[np.ndarray], np.ndarray], x: np.n
         for name, fooled in outcome.after.items():
             if components is not None:
                 components.setdefault(name, {})[eps] = clean & ~fooled
+            if component_seconds is not None and name in outcome.seconds:
+                component_seconds.setdefault(name, {})[eps] = outcome.seconds[name]
         out[eps] = clean & ~outcome.fooled & (predict(outcome.x_adv) == y)
     return out
 

@@ -314,12 +314,15 @@ def attack_table(results: pd.DataFrame, finished: pd.DataFrame, depth: int, orde
 
 def attack_cost_table(results: pd.DataFrame) -> pd.DataFrame | None:
     """Each attack's budget (images, iterations, restarts, queries: what it was given) and its
-    wall time per model, median and range over the finished runs."""
-    named = results[results["kind"].isin([Kind.ATTACK, Kind.TRANSFER, Kind.DIAG])
-                    & (results["component"] == "")]
-    per_run = named.drop_duplicates(["run_id", "kind", "attack"])
+    wall time per model, median and range over the finished runs; below a cascade, each of its
+    components (over its ε, parts resumed from checkpoints counted at the time they took)."""
+    named = results[results["kind"].isin([Kind.ATTACK, Kind.TRANSFER, Kind.DIAG])]
+    attacks = named[named["component"] == ""].drop_duplicates(["run_id", "kind", "attack"])
+    parts = (named[named["component"] != ""].dropna(subset=["seconds"])
+             .groupby(["run_id", "kind", "attack", "component"], as_index=False, sort=False)
+             .agg(seconds=("seconds", "sum"), n_images=("n_images", "first")))
     rows = []
-    for (kind, name), group in sorted(per_run.groupby(["kind", "attack"]), key=lambda g: g[0]):
+    for (kind, name), group in sorted(attacks.groupby(["kind", "attack"]), key=lambda g: g[0]):
         seconds = group["seconds"].dropna()
         if seconds.empty:
             continue
@@ -334,6 +337,17 @@ def attack_cost_table(results: pd.DataFrame) -> pd.DataFrame | None:
                 f"{seconds.median():.1f} ({seconds.min():.1f}–{seconds.max():.1f})",
             "models": len(seconds),
         })
+        mine = parts[(parts["kind"] == kind) & (parts["attack"] == name)]
+        for component, runs in mine.groupby("component", sort=False):
+            rows.append({
+                "attack": f"  › {component}",
+                "images": _range_text(runs["n_images"].dropna(), "{:.0f}"),
+                "budget": "",
+                "wall s per model: median (min–max)":
+                    f"{runs['seconds'].median():.1f} ({runs['seconds'].min():.1f}–"
+                    f"{runs['seconds'].max():.1f})",
+                "models": len(runs),
+            })
     return pd.DataFrame(rows) if rows else None
 
 
