@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from art_study.attacks.checkpoints import Checkpoints
 from art_study.config import (
     ExperimentConfig,
     apply_overrides,
@@ -147,7 +148,8 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
             metrics, verdict = evaluate_in_run(
                 prepared.model, data.x_test, data.y_test, cfg, tags,
                 DataRef(dataset_name(cfg.data), data.source, data.fingerprint),
-                reference=reference.model if reference else None, progress=progress)
+                reference=reference.model if reference else None, progress=progress,
+                checkpoints=local_checkpoints(cfg))
             if cfg.tracking.log_model:
                 log_keras_model(prepared.model, data.x_test[:2])
         except BaseException as exc:
@@ -156,14 +158,27 @@ def evaluate_model(spec: str, cfg: ExperimentConfig, *, unsafe_load: bool = Fals
     return EvaluateOnly(run.info.run_id, redact(uri), prepared, metrics, {**tags, **verdict})
 
 
+def local_checkpoints(cfg: ExperimentConfig) -> Checkpoints | None:
+    """Where this evaluation's AutoAttack saves its finished chunks, so that the same
+    ``art-study evaluate`` run again after a stop resumes: ``checkpoints/`` of the stage cache
+    of the config's store when that is a directory (none for an object store)."""
+    from art_study.study.execute import cache_dir_for
+    from art_study.study.object_cache import is_uri
+
+    where = cache_dir_for(cfg)
+    return None if is_uri(where) else Checkpoints(Path(where) / "checkpoints")
+
+
 def evaluate_in_run(model, x, y, cfg: ExperimentConfig, tags: dict[str, str], data: DataRef,
-                    *, reference=None, progress: bool = True
+                    *, reference=None, progress: bool = True,
+                    checkpoints: Checkpoints | None = None
                     ) -> tuple[dict[str, float], dict[str, str]]:
     """Inside the active run: evaluate ``model`` on ``x``, ``y`` with ``cfg.evaluation`` (seeded
-    by ``cfg.seed``; the transfer attacks crafted on ``reference`` when given), then log the
-    metrics, the verdict's tags, the results table and the run page. Returns the
-    metrics and the verdict's tags. ``art-study evaluate`` and the ``art-robustness`` MLflow
-    evaluator both come through here."""
+    by ``cfg.seed``; the transfer attacks crafted on ``reference`` when given; AutoAttack's
+    finished chunks saved in ``checkpoints``), then log the metrics, the verdict's tags, the
+    results table and the run page. Returns the metrics and the verdict's tags.
+    ``art-study evaluate`` and the ``art-robustness`` MLflow evaluator both come through
+    here."""
     import mlflow
 
     from art_study.evaluation import craft_transfer, evaluate
@@ -177,7 +192,8 @@ def evaluate_in_run(model, x, y, cfg: ExperimentConfig, tags: dict[str, str], da
         seed_everything(cfg.seed)
         crafted = craft_transfer(reference, x, y, cfg.evaluation)
     seed_everything(cfg.seed)
-    result = evaluate(model, x, y, cfg.evaluation, progress=progress, transfer_set=crafted)
+    result = evaluate(model, x, y, cfg.evaluation, progress=progress, transfer_set=crafted,
+                      checkpoints=checkpoints)
     metrics = {**result.metrics, "eval/time_s": time.perf_counter() - t0}
     mlflow.log_metrics(metrics)
     mlflow.set_tags(result.tags)

@@ -371,3 +371,30 @@ def test_summary_prints_autoattacks_verdict_apart_from_the_masking_checks(square
     assert ("after Square 89.2%" in aa[0]) == (verdict == "UNRELIABLE")
     assert sum(x.startswith("AutoAttack warnings: autoattack_output_not_probability")
                for x in lines) == 1
+
+
+def test_autoattack_of_an_evaluation_resumes_from_the_stores_checkpoints(tmp_path, mnist_dir,
+                                                                          model_file) -> None:
+    """``art-study evaluate`` saves AutoAttack's finished chunks beside the stage cache of its
+    store; the same command run again loads them and logs the same figures."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "aa.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "aa", "data": TINY_DATA, "evaluation": {
+            "eps": [0.1], "batch_size": 100, "diagnostics": {"enabled": False},
+            "attacks": [{"name": "autoattack-standard", "eps": [0.1], "n_images": 30,
+                         "args": {"max_iter": 3, "n_target_classes": 2, "n_queries": 10}}]}}))
+    assert evaluate(str(model_file), config, uri, mnist_dir) == 0
+    saved = sorted((tmp_path / "stage-cache" / "checkpoints").glob("*/*.npz"))
+    assert saved, "no checkpoint beside the store's stage cache"
+    first = latest_run(uri)
+    stamps = [p.stat().st_mtime_ns for p in saved]
+
+    assert evaluate(str(model_file), config, uri, mnist_dir) == 0
+    second = latest_run(uri)
+    assert second.info.run_id != first.info.run_id
+    assert sorted((tmp_path / "stage-cache" / "checkpoints").glob("*/*.npz")) == saved
+    assert [p.stat().st_mtime_ns for p in saved] == stamps  # read, not written again
+    name = "attack/autoattack-standard/apgd-t/time_s_eps_0.1"
+    assert second.data.metrics[name] == first.data.metrics[name]  # the chunk's recorded time
+    assert evaluation_metrics(second.data.metrics) == evaluation_metrics(first.data.metrics)
