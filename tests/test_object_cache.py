@@ -326,3 +326,21 @@ def test_an_entry_found_intact_is_not_downloaded_again_until_it_changes(s3) -> N
     reads.clear()
     fs.delete_file(f"{cache._dir(other)}/{cache.RECORD}")
     assert not cache.has(other) and downloads() == 0
+
+
+def test_attack_checkpoints_live_in_the_bucket_beside_the_entries(s3) -> None:
+    """An evaluation's AutoAttack chunks saved through one cache object are read back through
+    another (another node); they are no stage entry and no leftover; damage reads as absent."""
+    uri = prefix_uri(s3)
+    saved = {"fooled": np.array([True, False]), "costs": np.arange(3.0)}
+    ObjectStageCache(uri).checkpoints.scoped("model", 0.3).save("chunk", saved)
+    other = ObjectStageCache(uri)
+    where = other.checkpoints.scoped("model", 0.3)
+    loaded = where.load("chunk")
+    assert loaded is not None and loaded.keys() == saved.keys()
+    for k in saved:
+        np.testing.assert_array_equal(loaded[k], saved[k])
+    assert other.checkpoints.scoped("model", 0.1).load("chunk") is None
+    assert list(other.entries()) == [] and other.leftovers(min_age_s=0) == []
+    where._write(where._name("chunk"), b"half an upload")
+    assert where.load("chunk") is None

@@ -10,17 +10,20 @@ of an uninterrupted run, bit for bit.
 
 The store is a directory of ``.npz`` files, each written to a temporary name and renamed into
 place, so a reader never sees half a checkpoint; a damaged file is ignored and recomputed. It
-lives beside the stage cache (``<cache>/checkpoints/``); ``art-study cache --prune`` removes the
-ones untouched for a week (a finished run no longer needs them; an interrupted one resumed
-within the week keeps its progress).
+lives beside the stage cache (``<cache>/checkpoints/``), in a bucket too when the cache is one;
+``art-study cache --prune`` removes the local ones untouched for a week (a finished run no
+longer needs them; an interrupted one resumed within the week keeps its progress).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import io
 import os
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,8 @@ def model_digest(model) -> str:
 
 class Checkpoints:
     """Named arrays under ``root``, in a scope (:meth:`scoped`) that names the work they belong
-    to."""
+    to. Files in a directory here; :meth:`_read` and :meth:`_write` are what another store
+    (an object store: ``study/object_cache.py``) replaces."""
 
     def __init__(self, root: str | os.PathLike[str], scope: str = ""):
         self.root = Path(root)
@@ -57,30 +61,48 @@ class Checkpoints:
 
     def scoped(self, *parts: object) -> Checkpoints:
         """The checkpoints of a narrower piece of work: ``parts`` are hashed into the scope."""
-        return Checkpoints(self.root, digest(VERSION, self.scope, *parts))
+        child = copy.copy(self)
+        child.scope = digest(VERSION, self.scope, *parts)
+        return child
+
+    def _name(self, name: str) -> str:
+        key = digest(self.scope, name)
+        return f"{key[:2]}/{key}.npz"
 
     def _path(self, name: str) -> Path:
-        key = digest(self.scope, name)
-        return self.root / key[:2] / f"{key}.npz"
+        return self.root / self._name(name)
 
     def load(self, name: str) -> dict[str, np.ndarray] | None:
         """The arrays saved as ``name`` in this scope, or None (absent or unreadable)."""
-        path = self._path(name)
+        blob = self._read(self._name(name))
+        if blob is None:
+            return None
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError):  # absent, or damaged: recomputed
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # damaged: recomputed
             return None
 
     def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
-        """Write ``arrays`` as ``name`` atomically; a store that cannot be written is skipped
-        (the attack goes on, it only cannot resume)."""
-        path = self._path(name)
+        """Write ``arrays`` as ``name``, whole or not at all; a store that cannot be written
+        is skipped (the attack goes on, it only cannot resume)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self._write(self._name(name), buffer.getvalue())
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except OSError:
+            return None
+
+    def _write(self, name: str, blob: bytes) -> None:
+        """To a temporary name, then renamed into place: a reader never sees half a file."""
+        path = self.root / name
         part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(part, "wb") as f:
-                np.savez(f, **arrays)
+            part.write_bytes(blob)
             os.replace(part, path)
         with contextlib.suppress(OSError):
             part.unlink(missing_ok=True)

@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import keras
 import pyarrow.fs as pafs
 
+from art_study.attacks.checkpoints import Checkpoints
 from art_study.errors import ArtStudyError, ConfigError, TrackingError
 from art_study.study.cache import CorruptStage, StageCache, StageRecord
 
@@ -90,6 +91,27 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+class ObjectCheckpoints(Checkpoints):
+    """Attack checkpoints as objects: an upload is whole or absent, so a reader never sees half
+    of one."""
+
+    def __init__(self, fs: pafs.FileSystem, base: str, scope: str = ""):
+        super().__init__(base, scope)
+        self.fs, self.base = fs, base
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(f"{self.base}/{name}") as f:
+                return f.read()
+        except OSError:  # absent (FileNotFoundError is one) or unreachable: recomputed
+            return None
+
+    def _write(self, name: str, blob: bytes) -> None:
+        with contextlib.suppress(OSError), self.fs.open_output_stream(
+                f"{self.base}/{name}") as f:
+            f.write(blob)
+
+
 class ObjectStageCache:
     """Stage outputs in an object store under ``<prefix>/<key[:2]>/<key>/``."""
 
@@ -123,9 +145,11 @@ class ObjectStageCache:
             raise TrackingError(f"stage cache {self.root}: no bucket {bucket!r} at "
                                 f"{_endpoint()} (create it first)")
 
-    #: An object store keeps no attack checkpoints: an evaluation on a cluster, stopped
-    #: midway, is computed again as a whole.
-    checkpoints = None
+    @property
+    def checkpoints(self) -> ObjectCheckpoints:
+        """Where long attacks save their finished chunks: ``checkpoints/`` under the cache's
+        prefix (never a stage entry), so an evaluation stopped on one node resumes on any."""
+        return ObjectCheckpoints(self.fs, f"{self.base}/checkpoints")
 
     def _dir(self, key: str) -> str:
         return f"{self.base}/{key[:2]}/{key}"
