@@ -1,8 +1,8 @@
 """Do two exports of the same study hold the same runs? Compare two ``runs.csv``
 (``art-study report STUDY --export DIR``) run by run (``run_key``, or ``--by sequence,depth,seed``
 when the code that made the keys changed): the columns the newer one added, any it lost, and
-every value that differs, wall times and the code's commit aside (they differ between any two
-executions).
+every value that differs, wall times, the code's commit and whether a stage came from the
+cache aside (they differ between any two executions).
 
     python benchmarks/compare_runs.py results/paper/runs.csv /tmp/paper-again/runs.csv
 
@@ -17,8 +17,11 @@ import sys
 import numpy as np
 import pandas as pd
 
-#: Column names (or their ends) that change between two executions of the same runs.
-VOLATILE_ENDS = ("time_s", "images_per_s", "run_id", "git_commit", "mlflow.source.git.commit")
+#: Column names (or their ends) that change between two executions of the same runs: wall
+#: times, identities, and whether a stage was trained or taken from the cache (a resumed study
+#: finds stages its stopped run had trained).
+VOLATILE_ENDS = ("time_s", "images_per_s", "run_id", "git_commit", "mlflow.source.git.commit",
+                 "/cached")
 
 
 def volatile(column: str) -> bool:
