@@ -104,7 +104,7 @@ def main() -> None:
     import art_study.defenses  # noqa: F401  (custom layers, for loading any saved stage)
     from art_study.attacks.autoattack import AutoAttackStandard
 
-    data = load_slice(args.data_dir, args.train_images)
+    data = load_slice(args.data_dir, args.train_images, n_test=max(args.images, 100))
     print(machine_line(), flush=True)
     if args.model:
         if not os.path.exists(args.model):
