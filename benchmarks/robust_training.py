@@ -170,22 +170,17 @@ def validation_accuracy(model, x, y, n: int, batch_size: int, aa_args: dict,
 
 
 def recipe_dir(root: Path, defense: str, epochs: int, settings: dict, n_conv: int,
-               args: argparse.Namespace) -> Path:
+               args: argparse.Namespace, cfg) -> Path:
     """Where a recipe's model and figures are kept: named by everything that decides the
-    model (its figures are named by the evaluation's images and settings inside)."""
+    model, the config's network and training settings included (its figures are named by
+    the evaluation's images and settings inside)."""
     import hashlib
 
     ident = json.dumps([defense, epochs, settings, n_conv, args.seed, args.images,
-                        cfg_model_train(args)], sort_keys=True, default=str)
+                        cfg.model.model_dump(),
+                        cfg.train.model_dump(exclude={"steps_per_execution"})],
+                       sort_keys=True, default=str)
     return root / f"{defense}-{n_conv}conv-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
-
-
-def cfg_model_train(args: argparse.Namespace) -> list:
-    """The config's network and training settings: part of every recipe's name."""
-    from art_study.config import load_config
-
-    cfg = load_config(args.config)
-    return [cfg.model.model_dump(), cfg.train.model_dump(exclude={"steps_per_execution"})]
 
 
 def autoattack_args(cfg) -> dict:
@@ -231,7 +226,7 @@ def recipe(args: argparse.Namespace) -> None:
     rows = []
     with mlflow.start_run(run_name="bench-recipes"):
         for defense, epochs, settings, n_conv in todo:
-            where = recipe_dir(root, defense, epochs, settings, n_conv, args)
+            where = recipe_dir(root, defense, epochs, settings, n_conv, args, cfg)
             model_cfg = cfg.model.model_copy(update={"n_conv": n_conv})
             print(f"{where.name}: {defense} × {epochs} epochs, {n_conv} conv, {settings}",
                   flush=True)

@@ -113,11 +113,12 @@ class AutoAttackStandard(Attack):
 
     def resume_from(self, checkpoints: Checkpoints) -> None:
         """Save every finished chunk in ``checkpoints`` and load the ones already there, under
-        a scope of this model's weights and these settings."""
+        a scope of this model's weights and the standard components' settings (the
+        escalation's are added for its own chunks: changing them leaves the standard chunks
+        valid)."""
         self.checkpoints = checkpoints.scoped(
             model_digest(self.model), self.max_iter, self.n_target_classes, self.n_queries,
-            self.p_init, self.batch_size, self.escalate, self.plus_restarts,
-            self.plus_square_restarts, self.chunk_images)
+            self.p_init, self.batch_size, self.chunk_images)
 
     def cascade(self, x: np.ndarray, y: np.ndarray, eps: float
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -169,7 +170,8 @@ class AutoAttackStandard(Attack):
                ) -> dict[str, np.ndarray]:
         """Chunk ``i`` through ``names``, seeded by ``(base, phase, i)``; from its checkpoint
         when one was saved for exactly these inputs."""
-        where = (self.checkpoints.scoped(phase, i, float(eps), base, x, y, fooled)
+        plus = (self.plus_restarts, self.plus_square_restarts) if phase == "plus" else ()
+        where = (self.checkpoints.scoped(phase, *plus, i, float(eps), base, x, y, fooled)
                  if self.checkpoints is not None else None)
         saved = where.load("chunk") if where is not None else None
         if saved is not None:

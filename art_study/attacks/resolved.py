@@ -95,7 +95,7 @@ class ResolvedAttack:
         y = np.asarray(y)
         attack = self.attack(estimator, batch_size)
         if checkpoints is not None:
-            attack.resume_from(checkpoints.scoped(self.key, sorted(self.kwargs.items())))
+            attack.resume_from(checkpoints)  # the attack scopes them by its model and settings
         if self.bounded:
             return scoring.bounded(attack, predict, x, y, self.eps, components,
                                    component_seconds)
