@@ -12,14 +12,14 @@ at (it gives only the study's final figures). Each recipe (``--recipe``, a YAML 
 defense, optionally its epochs, and the settings that differ from ``--config``'s ``defenses:``
 section; by default the config's own recipes) is trained by the study's own stage code on the
 rest of the training set, with the config's model and training settings. Printed for each:
-its cost in plain epochs of the same network (a plain epoch timed before and after all
-recipes), clean accuracy on the whole validation split, and AutoAttack-standard at ε 0.3
-(APGD-CE → APGD-T → FAB-T → Square, escalated when its Square check fires) on its first
-``--n`` images, with each component's figure. ``--save DIR`` keeps each recipe's model, its
-training times and its figures, named by the recipe: run the same command again after a stop
-and it resumes (AutoAttack from its last finished chunk). A recipe may set ``n_conv``; its cost
-is in plain epochs of the 2-conv network (the study's unit), timed in the process that trained
-it.
+its cost in plain epochs of the 2-conv network (a plain epoch timed in the process that
+trained the recipe), clean accuracy on the whole validation split, and AutoAttack-standard at
+ε 0.3 (APGD-CE → APGD-T → FAB-T → Square, escalated when its Square check fires) on its first
+``--n`` images, with each component's figure and compute time; then each recipe against the
+first on those images, paired (McNemar's test on the images only one of the two keeps).
+``--save DIR`` keeps each recipe's model, its training times, its figures and its per-image
+verdicts, named by the recipe: run the same command again after a stop and it resumes
+(AutoAttack from its last finished chunk). A recipe may set ``n_conv``.
 
     PYTHONPATH=$PWD nice python benchmarks/robust_training.py step --images 6000 --rounds 2
     PYTHONPATH=$PWD nice python benchmarks/robust_training.py recipe --n 1000 \
@@ -34,6 +34,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from _common import FULL_TRAIN, interleaved, machine_line, print_round
 
 
@@ -142,10 +143,11 @@ def recipes(args: argparse.Namespace, cfg) -> list[tuple[str, int, dict, int]]:
 
 
 def validation_accuracy(model, x, y, n: int, batch_size: int, aa_args: dict,
-                        checkpoints=None) -> dict[str, float]:
+                        checkpoints=None) -> tuple[dict[str, float], np.ndarray]:
     """Clean accuracy on all of ``(x, y)``; on its first ``n``: clean, FGSM and
     AutoAttack-standard at ε 0.3 (settings ``aa_args``) with each component's cumulative figure
-    (the study's evaluation code; ``checkpoints`` lets a stopped AutoAttack resume)."""
+    and compute time (the study's evaluation code; ``checkpoints`` lets a stopped AutoAttack
+    resume). Also AutoAttack's per-image verdict, which pairs recipes on the same images."""
     from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
     from art_study.config import EvaluationConfig
     from art_study.evaluation import evaluate
@@ -162,11 +164,25 @@ def validation_accuracy(model, x, y, n: int, batch_size: int, aa_args: dict,
            "val_fgsm": result.find(Kind.FGSM, eps=EPS).accuracy,
            "val_autoattack": result.find(Kind.ATTACK, "autoattack-standard", EPS).accuracy,
            "eval_wall_s": time.perf_counter() - t0}
+    component_seconds: dict[str, float] = {}
     for c in (*COMPONENTS, *PLUS_COMPONENTS):
         row = result.find(Kind.ATTACK, "autoattack-standard", EPS, component=c)
         if row is not None:
             out[f"val_{c}"] = row.accuracy
-    return out
+            component_seconds[c] = row.seconds
+    out["component_seconds"] = component_seconds
+    verdict = result.find(Kind.ATTACK, "autoattack-standard", EPS).verdict
+    return out, np.asarray(verdict, dtype=bool)
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> str:
+    """McNemar's test between two recipes' AutoAttack verdicts on the same images: the images
+    only A keeps, only B keeps, and the two-sided p-value (the report's test)."""
+    from art_study.report.statistics import mcnemar
+
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    p, how = mcnemar(a_only, b_only)
+    return f"{a_only} / {b_only} images kept by one only, McNemar p = {p:.2g} ({how})"
 
 
 def recipe_dir(root: Path, defense: str, epochs: int, settings: dict, n_conv: int,
@@ -254,11 +270,14 @@ def recipe(args: argparse.Namespace) -> None:
             figures_file = where / (
                 "val-" + hashlib.sha256(json.dumps([args.n, aa_args], sort_keys=True).encode()
                                         ).hexdigest()[:10] + ".json")
-            if not figures_file.is_file():
+            verdict_file = figures_file.with_suffix(".npy")
+            if not (figures_file.is_file() and verdict_file.is_file()):
                 model = keras.models.load_model(where / "model.keras")
                 keras.utils.set_random_seed(0)
-                figures = validation_accuracy(model, x_val, y_val, args.n, train_cfg.batch_size,
-                                              aa_args, Checkpoints(where / "checkpoints"))
+                figures, verdict = validation_accuracy(
+                    model, x_val, y_val, args.n, train_cfg.batch_size, aa_args,
+                    Checkpoints(where / "checkpoints"))
+                np.save(verdict_file, verdict)
                 figures_file.write_text(json.dumps({"n": args.n, "autoattack_args": aa_args,
                                                     **figures}, indent=1))
             row = {"recipe": where.name, "defense": defense, "epochs": epochs,
@@ -267,7 +286,7 @@ def recipe(args: argparse.Namespace) -> None:
                    "plain_epochs_cpu": trained["train_cpu_s"] / trained["plain_epoch_cpu_s"],
                    **trained, **json.loads(figures_file.read_text())}
             print(json.dumps(row, default=str), flush=True)
-            rows.append(row)
+            rows.append({**row, "verdict": np.load(verdict_file)})
     print(f"\nvalidation split (last {VALIDATION} training images), ε {EPS}, %; cost in plain "
           "2-conv epochs (CPU / wall), each timed in the process that trained the recipe:")
     for r in rows:
@@ -278,6 +297,9 @@ def recipe(args: argparse.Namespace) -> None:
               f"{r['val_clean'] * 100:.2f}; on the first {args.n}: clean "
               f"{r['val_clean_n'] * 100:.1f}, AutoAttack {r['val_autoattack'] * 100:.1f} "
               f"({parts})")
+    for r in rows[1:]:
+        print(f"  {r['recipe']} against {rows[0]['recipe']}: "
+              f"{paired(r['verdict'], rows[0]['verdict'])}")
 
 
 def main() -> None:
