@@ -127,15 +127,14 @@ def main() -> None:
     x, y = data.x_test[: args.images], data.y_test[: args.images]
     batch = min(args.batch_size, len(x))  # the batches the cascade runs (at most)
     costs = pass_costs(model, batch, args.rounds)
+    aa = AutoAttackStandard(model, max_iter=args.max_iter, n_queries=args.n_queries,
+                            batch_size=args.batch_size)
     # Square runs its forward passes at its own, larger batch: its floor is timed there
-    square_batch = min(max(args.batch_size, 1000), len(x))
-    square_f = pass_costs(model, square_batch, args.rounds)["f"]
+    square_f = pass_costs(model, min(aa.square.batch_size, len(x)), args.rounds)["f"]
     print(f"one pass per image at batch {batch}: forward "
           f"{1e6 * costs['f'][1]:.0f} µs CPU ({1e6 * costs['f'][0]:.0f} wall), forward+backward "
           f"{1e6 * costs['fb'][1]:.0f} µs CPU ({1e6 * costs['fb'][0]:.0f} wall)", flush=True)
 
-    aa = AutoAttackStandard(model, max_iter=args.max_iter, n_queries=args.n_queries,
-                            batch_size=args.batch_size)
     counts = count_passes(aa)
     np.random.seed(0)
     fooled, _, after = aa.cascade(x, y, eps)
