@@ -369,6 +369,37 @@ def test_a_stopped_cascade_resumes_from_its_checkpoints_bit_for_bit(linear, smal
     assert other.resumed == 0
 
 
+def test_checkpoints_serve_only_the_settings_that_computed_them(linear, small_mnist,
+                                                                monkeypatch, tmp_path) -> None:
+    """A chunk saved under weaker settings is never read by a stronger attack (more Square
+    queries: nothing reused), and a change of the escalation's budget keeps the standard
+    chunks and recomputes only the escalation's."""
+    import art_study.attacks.autoattack as aa_module
+    from art_study.attacks.checkpoints import Checkpoints
+    from art_study.diagnostics import Check
+
+    monkeypatch.setattr(aa_module, "square_check",
+                        lambda table: Check("autoattack_square", False, "forced"))
+    x, y, eps = small_mnist.x_test[:40], small_mnist.y_test[:40], 0.05
+    store = Checkpoints(tmp_path / "checkpoints")
+
+    def run(**settings):
+        aa = AutoAttackStandard(linear, **{"max_iter": 5, "n_target_classes": 2,
+                                           "n_queries": 20, "batch_size": 40,
+                                           "plus_restarts": 1, "plus_square_restarts": 1,
+                                           **settings})
+        aa.chunk_images = 20
+        aa.resume_from(store)
+        np.random.seed(0)
+        aa.cascade(x, y, eps)
+        return aa.resumed
+
+    assert run() == 0
+    assert run() == 4  # 2 chunks × (standard, plus)
+    assert run(n_queries=40) == 0
+    assert run(plus_square_restarts=2) == 2  # the standard chunks only
+
+
 @pytest.mark.parametrize("n_targets", [0, 5])
 def test_every_targeted_attack_refuses_targets_outside_the_wrong_classes(n_targets) -> None:
     """On a 5-class model: no target, or as many targets as classes, is refused by APGD-T (the
