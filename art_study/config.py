@@ -236,6 +236,12 @@ class StudyBlock(_Strict):
         None, min_length=1,
         description="This block's seeds; unset → study.seeds. Lets a study run its main block "
         "at three seeds and a costly extension (e.g. deeper nets) at one.")
+    stage_epochs: list[int] | None = Field(
+        None, min_length=1, max_length=3,
+        description="This block's epochs per stage; unset → study.stage_epochs. Lets one study "
+        "train the paper's defenses 4 + 3 epochs and a robust recipe as one stage of its own "
+        "length (its warm-up and one-cycle schedule span the stage, which a second stage of "
+        "itself would restart).")
     evaluation: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of the study's `evaluation` for this block's runs, merged into it "
@@ -259,6 +265,13 @@ class StudyBlock(_Strict):
     @classmethod
     def _block_seeds_valid(cls, v: list[int] | None) -> list[int] | None:
         return None if v is None else _check_seeds(v)
+
+    @field_validator("stage_epochs")
+    @classmethod
+    def _block_epochs_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(e < 1 for e in v):
+            raise ValueError("every stage needs at least 1 epoch")
+        return v
 
     @field_validator("sequences")
     @classmethod
@@ -324,17 +337,31 @@ class StudySection(_Strict):
             raise ValueError("every stage needs at least 1 epoch")
         return v
 
+    def block_epochs(self, index: int) -> list[int]:
+        """The epochs per stage of block ``index``: its own, else the study's."""
+        return self.blocks[index].stage_epochs or self.stage_epochs
+
     @model_validator(mode="after")
-    def _triples_need_three_stages(self) -> StudySection:
-        wants_three = any(
-            item == "triples" or (isinstance(item, list) and len(item) == 3)
-            for block in self.blocks for item in block.sequences
-        )
-        if wants_three and len(self.stage_epochs) < 3:
-            raise ValueError("sequences of three defenses need three stage_epochs, e.g. [4, 3, 3]")
-        if any(isinstance(item, list) and len(item) > len(self.stage_epochs)
-               for block in self.blocks for item in block.sequences):
-            raise ValueError("an explicit sequence is longer than stage_epochs")
+    def _sequences_fit_their_stages(self) -> StudySection:
+        for i, block in enumerate(self.blocks):
+            epochs = self.block_epochs(i)
+            where = f"block {i}: " if block.stage_epochs else ""
+            for item in block.sequences:
+                if item == "triples" or (isinstance(item, list) and len(item) == 3):
+                    needed = 3
+                elif isinstance(item, list):
+                    needed = len(item)
+                else:  # control, singles, pairs: two stages
+                    needed = 2
+                if needed <= len(epochs):
+                    continue
+                if needed == 3:
+                    raise ValueError(f"{where}sequences of three defenses need three "
+                                     "stage_epochs, e.g. [4, 3, 3]")
+                if isinstance(item, list):
+                    raise ValueError(f"{where}an explicit sequence is longer than stage_epochs")
+                raise ValueError(f"{where}{item!r} trains two stages; its block's stage_epochs "
+                                 f"{epochs} has one")
         return self
 
 

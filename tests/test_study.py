@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from art_study.config import load_config
 from art_study.errors import ConfigError
@@ -59,6 +60,38 @@ def test_robust_plan_runs_its_deep_block_at_its_own_seed() -> None:
             assert r.reference is not None and r.reference.key == next(
                 c.stages[-1].key for c in runs
                 if (c.sequence, c.depth, c.seed) == ("none", r.depth, r.seed))
+
+
+def test_a_blocks_stage_epochs_train_its_sequences_only(tmp_path: Path) -> None:
+    """fashion.yaml: the paper's defenses 4 + 3 epochs, the robust recipe one stage of 8 (its
+    block's own `stage_epochs`), as in robust.yaml; a block that repeats the study's epochs
+    keeps every key it had without them."""
+    cfg = load_config(REPO / "configs" / "fashion.yaml")
+    runs = plan_runs(cfg, fake_fingerprints(cfg))
+    epochs = {r.sequence: [s.epochs for s in r.stages] for r in runs}
+    assert epochs["none"] == epochs["adversarial_training>distillation"] == [4, 3]
+    assert epochs["pgd_adversarial_training"] == epochs["trades"] == [8]
+    assert {r.seed for r in runs if r.sequence == "trades"} == {0, 1, 2}
+
+    def tiny_with(stage_epochs: list[int]) -> Path:
+        raw = yaml.safe_load(TINY.read_text())
+        raw["study"]["blocks"][0]["stage_epochs"] = stage_epochs
+        (path := tmp_path / f"tiny-{len(stage_epochs)}-{stage_epochs[0]}.yaml").write_text(
+            yaml.safe_dump(raw))
+        return path
+
+    tiny = load_config(TINY)
+    same = load_config(tiny_with(tiny.study.stage_epochs))
+    before = plan_runs(tiny, fake_fingerprints(tiny))
+    after = plan_runs(same, fake_fingerprints(same))
+    assert [r.key for r in after] == [r.key for r in before]
+    longer = load_config(tiny_with([2, 1]))
+    changed = {r.sequence: r for r in plan_runs(longer, fake_fingerprints(longer))}
+    assert [s.epochs for s in changed["none"].stages] == [2, 1]
+    assert changed["none"].key != next(r.key for r in before if r.sequence == "none")
+    with pytest.raises(ConfigError, match=r"block 0: 'control' trains two stages") as err:
+        load_config(tiny_with([8]))
+    assert "\n" not in str(err.value)
 
 
 def test_grid_plan_covers_every_sequence_at_every_depth() -> None:

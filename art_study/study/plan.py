@@ -262,18 +262,19 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
     """
     check_defense_sections(cfg)
     if cfg.study is None:  # a single experiment: one stage of plain training
-        chain, epochs = ("none",), [cfg.train.epochs]
-        blocks = [([cfg.model.n_conv], [cfg.seed], [chain], cfg.evaluation)]
+        chain = ("none",)
+        blocks = [([cfg.model.n_conv], [cfg.seed], [chain], cfg.evaluation, [cfg.train.epochs])]
     else:
         blocks = [(b.depths, b.seeds or cfg.study.seeds, expand_sequences(cfg, b.sequences),
-                   cfg.block_evaluation(i)) for i, b in enumerate(cfg.study.blocks)]
+                   cfg.block_evaluation(i), cfg.study.block_epochs(i))
+                  for i, b in enumerate(cfg.study.blocks)]
     if spec is None and cfg.data.path is None:
         from art_study.datasets import DATASETS
 
         spec = DATASETS[cfg.data.name]
     runs: list[RunSpec] = []
     seen: set[tuple[str, int, int]] = set()
-    for depths, seeds, chains, evaluation in blocks:
+    for depths, seeds, chains, evaluation, epochs in blocks:
         if evaluation.attacks and spec is not None:
             from art_study.attacks.registry import validate_attacks
 
@@ -285,8 +286,8 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
                 continue
             seen.add((name, depth, seed))
             run_cfg = _run_config(cfg, depth, seed, evaluation)
-            n_epochs = cfg.study.stage_epochs[: len(chain)] if cfg.study else epochs
-            stages = _stage_chain(run_cfg, chain, n_epochs, fingerprints[seed], numerics_id)
+            stages = _stage_chain(run_cfg, chain, epochs[: len(chain)], fingerprints[seed],
+                                  numerics_id)
             key = stable_hash({"stages": stages[-1].key, **evaluation_identity(run_cfg)})
             runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
     return _with_references(runs)
@@ -328,6 +329,8 @@ def study_key(cfg: ExperimentConfig, runs: list[RunSpec]) -> str:
     for block in (config["study"] or {}).get("blocks", []):
         if not block["evaluation"]:  # in its runs' keys; out when empty, as before blocks had one
             del block["evaluation"]
+        if block["stage_epochs"] is None:  # out when unset, as before blocks had their own
+            del block["stage_epochs"]
     return stable_hash({"name": cfg.name, "config": config, "runs": [r.key for r in runs]})
 
 
