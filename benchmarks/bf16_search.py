@@ -1,0 +1,89 @@
+"""Would bfloat16 make the attacks' search cheaper here? One pass of the paper CNN in float32
+against the same weights under Keras' ``mixed_bfloat16`` policy, as a ratio.
+
+Issue 27 allows a faster numeric type for the search only (every reported verdict checked again
+in float32). The attacks' cost is passes of the model: APGD and FAB a forward and backward pass
+per iteration (the gradient with respect to the input), Square a forward pass per query. So the
+lever is worth building only if those two passes are clearly cheaper in bfloat16 on the CPUs
+that run the study. This times both, interleaved (float32, bfloat16, float32, ...), best of
+``--rounds``, on a batch of the attacks' size, and prints float32 / bfloat16 (> 1: bfloat16 is
+faster) with the CPU's bfloat16 instruction sets, which decide whether oneDNN can use it.
+
+    PYTHONPATH=. python benchmarks/bf16_search.py
+"""
+
+from __future__ import annotations
+
+from _common import argument_parser, interleaved, machine_line, print_round
+
+
+def main() -> None:
+    p = argument_parser(__doc__, images=500, batch_size=None)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=10, help="passes per round")
+    args = p.parse_args()
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from art_study.config import ModelConfig
+    from art_study.models import build_cnn
+    from art_study.numerics import fingerprint
+
+    def build(policy: str) -> keras.Model:
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            return build_cnn(ModelConfig(n_conv=args.n_conv))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    f32, bf16 = build("float32"), build("mixed_bfloat16")
+    bf16.set_weights(f32.get_weights())
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 1, (args.images, 28, 28, 1)), tf.float32)
+    y = tf.constant(rng.integers(0, 10, args.images))
+
+    def passes(model: keras.Model):
+        @tf.function
+        def forward(x):
+            return model(x, training=False)
+
+        @tf.function
+        def gradient(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                probs = tf.cast(model(x, training=False), tf.float32)
+                loss = keras.losses.sparse_categorical_crossentropy(y, probs)
+            return tape.gradient(loss, x)
+
+        forward(x), gradient(x)  # trace and warm up outside the timing
+
+        def run_forward():
+            for _ in range(args.calls):
+                forward(x).numpy()
+
+        def run_gradient():
+            for _ in range(args.calls):
+                gradient(x).numpy()
+
+        return run_forward, run_gradient
+
+    (f32_fwd, f32_grad), (bf_fwd, bf_grad) = passes(f32), passes(bf16)
+    wall, cpu = interleaved({"f32 fwd": f32_fwd, "bf16 fwd": bf_fwd,
+                             "f32 grad": f32_grad, "bf16 grad": bf_grad},
+                            args.rounds, print_round)
+    numerics = fingerprint()
+    print(f"{machine_line()}; {numerics['cpu']}; ISA {numerics['isa']}; "
+          f"oneDNN {numerics['onednn']}")
+    for what in ("fwd", "grad"):
+        w32, wbf = min(wall[f"f32 {what}"]), min(wall[f"bf16 {what}"])
+        c32, cbf = min(cpu[f"f32 {what}"]), min(cpu[f"bf16 {what}"])
+        n = args.calls
+        print(f"{what:>4} on {args.images} images: float32 {w32 / n * 1e3:.1f} ms, bfloat16 "
+              f"{wbf / n * 1e3:.1f} ms wall; float32 / bfloat16 = {w32 / wbf:.2f}x wall, "
+              f"{c32 / cbf:.2f}x CPU")
+
+
+if __name__ == "__main__":
+    main()
