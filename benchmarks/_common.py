@@ -75,3 +75,30 @@ def machine_line() -> str:
     """CPU count and load, printed with every result (the figures depend on both)."""
     load = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+def model_passes(model, batch_size: int):
+    """The two passes every attack is made of, compiled, on a fixed batch of uniform images:
+    ``(forward, forward_backward)``, each a no-argument call that returns a NumPy array
+    (so the timing includes the wait for the result). The loss is computed in float32 whatever
+    the model's compute type, as the attacks do."""
+    import numpy as np
+    import tensorflow as tf
+
+    shape, n_classes = model.input_shape[1:], model.output_shape[-1]
+    x = tf.constant(np.random.default_rng(0).uniform(0, 1, (batch_size, *shape)), tf.float32)
+    y = tf.one_hot(tf.zeros(batch_size, tf.int32), n_classes)
+
+    @tf.function
+    def forward(v):
+        return model(v, training=False)
+
+    @tf.function
+    def forward_backward(v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            logits = tf.cast(model(v, training=False), tf.float32)
+            loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(y, logits))
+        return tape.gradient(loss, v)
+
+    return (lambda: forward(x).numpy()), (lambda: forward_backward(x).numpy())

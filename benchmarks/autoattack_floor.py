@@ -22,40 +22,23 @@ from __future__ import annotations
 import os
 import time
 
-from _common import argument_parser, load_slice, machine_line
+from _common import argument_parser, load_slice, machine_line, model_passes
 
 
 def pass_costs(model, batch_size: int, rounds: int) -> dict[str, tuple[float, float]]:
     """Per-image (wall, CPU) seconds of a forward pass and of a forward and backward pass on a
     full batch, each the best of ``rounds`` after a warm-up call."""
     import numpy as np
-    import tensorflow as tf
 
-    from art_study.models import INPUT_SHAPE, N_CLASSES
-
-    x = tf.constant(np.random.default_rng(0).uniform(0, 1, (batch_size, *INPUT_SHAPE)),
-                    tf.float32)
-    y = tf.one_hot(tf.zeros(batch_size, tf.int32), N_CLASSES)
-
-    @tf.function
-    def forward(v):
-        return model(v, training=False)
-
-    @tf.function
-    def forward_backward(v):
-        with tf.GradientTape() as tape:
-            tape.watch(v)
-            loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(y, model(v)))
-        return tape.gradient(loss, v)
-
+    forward, forward_backward = model_passes(model, batch_size)
     out = {}
     for name, fn in (("f", forward), ("fb", forward_backward)):
-        fn(x).numpy()
+        fn()
         best = (np.inf, np.inf)
         for _ in range(rounds):
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(10):
-                fn(x).numpy()
+                fn()
             w, c = (time.perf_counter() - t0) / 10, (time.process_time() - c0) / 10
             best = (min(best[0], w), min(best[1], c))
         out[name] = (best[0] / batch_size, best[1] / batch_size)

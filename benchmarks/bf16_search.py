@@ -14,7 +14,7 @@ faster) with the CPU's bfloat16 instruction sets, which decide whether oneDNN ca
 
 from __future__ import annotations
 
-from _common import argument_parser, interleaved, machine_line, print_round
+from _common import argument_parser, interleaved, machine_line, model_passes, print_round
 
 
 def main() -> None:
@@ -24,8 +24,6 @@ def main() -> None:
     args = p.parse_args()
 
     import keras
-    import numpy as np
-    import tensorflow as tf
 
     from art_study.config import ModelConfig
     from art_study.models import build_cnn
@@ -40,38 +38,16 @@ def main() -> None:
 
     f32, bf16 = build("float32"), build("mixed_bfloat16")
     bf16.set_weights(f32.get_weights())
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.uniform(0, 1, (args.images, 28, 28, 1)), tf.float32)
-    y = tf.constant(rng.integers(0, 10, args.images))
+    (f32_fwd, f32_grad), (bf_fwd, bf_grad) = (model_passes(f32, args.images),
+                                              model_passes(bf16, args.images))
+    for warm_up in (f32_fwd, f32_grad, bf_fwd, bf_grad):  # trace outside the timing
+        warm_up()
 
-    def passes(model: keras.Model):
-        @tf.function
-        def forward(x):
-            return model(x, training=False)
+    def repeat(fn):
+        return lambda: [fn() for _ in range(args.calls)]
 
-        @tf.function
-        def gradient(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                probs = tf.cast(model(x, training=False), tf.float32)
-                loss = keras.losses.sparse_categorical_crossentropy(y, probs)
-            return tape.gradient(loss, x)
-
-        forward(x), gradient(x)  # trace and warm up outside the timing
-
-        def run_forward():
-            for _ in range(args.calls):
-                forward(x).numpy()
-
-        def run_gradient():
-            for _ in range(args.calls):
-                gradient(x).numpy()
-
-        return run_forward, run_gradient
-
-    (f32_fwd, f32_grad), (bf_fwd, bf_grad) = passes(f32), passes(bf16)
-    wall, cpu = interleaved({"f32 fwd": f32_fwd, "bf16 fwd": bf_fwd,
-                             "f32 grad": f32_grad, "bf16 grad": bf_grad},
+    wall, cpu = interleaved({"f32 fwd": repeat(f32_fwd), "bf16 fwd": repeat(bf_fwd),
+                             "f32 grad": repeat(f32_grad), "bf16 grad": repeat(bf_grad)},
                             args.rounds, print_round)
     numerics = fingerprint()
     print(f"{machine_line()}; {numerics['cpu']}; ISA {numerics['isa']}; "
