@@ -49,14 +49,23 @@ def count_passes(aa) -> dict[str, dict[str, int]]:
     """Wrap each component's compiled loop to count the passes it runs: ``{component: {"f": n,
     "fb": n}}`` (image-passes), filled as the cascade runs."""
     counts: dict[str, dict[str, int]] = {}
+    running = [""]  # the cascade's component now running: Square serves "square" and
+    component = aa._component  # "plus-square" (its restarts) with one object
 
-    def wrap(obj, component: str, per_call) -> None:
+    def tracked(name, *args):
+        running[0] = name
+        return component(name, *args)
+
+    aa._component = tracked
+
+    def wrap(obj, name: str, per_call) -> None:
         run = obj._run
 
         def counted(*args):
             n = int(args[0].shape[0])
+            key = running[0] if name == "square" else name
             for kind, k in per_call(args).items():
-                counts.setdefault(component, {"f": 0, "fb": 0})[kind] += n * k
+                counts.setdefault(key, {"f": 0, "fb": 0})[kind] += n * k
             return run(*args)
 
         obj._run = counted
@@ -79,6 +88,8 @@ def main() -> None:
     p.add_argument("--n-queries", type=int, default=5000)
     p.add_argument("--max-iter", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--plus-square-restarts", type=int, default=1,
+                   help="Square's restarts in the escalation (1: robust.yaml and fashion.yaml)")
     args = p.parse_args()
 
     import keras
@@ -111,7 +122,8 @@ def main() -> None:
     batch = min(args.batch_size, len(x))  # the batches the cascade runs (at most)
     costs = pass_costs(model, batch, args.rounds)
     aa = AutoAttackStandard(model, max_iter=args.max_iter, n_queries=args.n_queries,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size,
+                            plus_square_restarts=args.plus_square_restarts)
     # Square runs its forward passes at its own, larger batch: its floor is timed there
     square_f = pass_costs(model, min(aa.square.batch_size, len(x)), args.rounds)["f"]
     print(f"one pass per image at batch {batch}: forward "
