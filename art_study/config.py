@@ -222,6 +222,12 @@ class TrackingConfig(_Strict):
 SEQUENCE_KEYWORDS = ("control", "singles", "pairs", "triples")
 
 
+def _check_epochs(v: list[int]) -> list[int]:
+    if any(e < 1 for e in v):
+        raise ValueError("every stage needs at least 1 epoch")
+    return v
+
+
 def _check_seeds(v: list[int]) -> list[int]:
     if any(s < 0 or s >= 2**31 for s in v) or len(set(v)) != len(v):
         raise ValueError("seeds must be distinct integers in [0, 2^31)")
@@ -269,9 +275,7 @@ class StudyBlock(_Strict):
     @field_validator("stage_epochs")
     @classmethod
     def _block_epochs_positive(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and any(e < 1 for e in v):
-            raise ValueError("every stage needs at least 1 epoch")
-        return v
+        return None if v is None else _check_epochs(v)
 
     @field_validator("sequences")
     @classmethod
@@ -333,9 +337,7 @@ class StudySection(_Strict):
     @field_validator("stage_epochs")
     @classmethod
     def _epochs_positive(cls, v: list[int]) -> list[int]:
-        if any(e < 1 for e in v):
-            raise ValueError("every stage needs at least 1 epoch")
-        return v
+        return _check_epochs(v)
 
     def block_epochs(self, index: int) -> list[int]:
         """The epochs per stage of block ``index``: its own, else the study's."""
@@ -347,12 +349,8 @@ class StudySection(_Strict):
             epochs = self.block_epochs(i)
             where = f"block {i}: " if block.stage_epochs else ""
             for item in block.sequences:
-                if item == "triples" or (isinstance(item, list) and len(item) == 3):
-                    needed = 3
-                elif isinstance(item, list):
-                    needed = len(item)
-                else:  # control, singles, pairs: two stages
-                    needed = 2
+                # control, singles, pairs: two stages; triples three; a list one per defense
+                needed = len(item) if isinstance(item, list) else 3 if item == "triples" else 2
                 if needed <= len(epochs):
                     continue
                 if needed == 3:

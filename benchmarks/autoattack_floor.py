@@ -5,9 +5,12 @@ times the measured cost of one pass: APGD (CE, and targeted per target class) on
 backward pass per iteration plus the first; FAB-T per target a forward and backward pass and
 a forward pass per iteration; Square one forward pass per query. The passes are counted at
 run time by wrapping each component's compiled loop (images in × iterations of that call), so
-images a component skipped as already broken are not in its floor. One pass is timed on a
-full batch (``--batch-size``, or all the images if fewer), best of ``--rounds``; the ratio
-cost / floor is what partial batches, tracing, Python between the compiled loops and the
+images a component skipped as already broken are not in its floor. Square drops broken images
+only between its chunks of queries (250), so an image broken mid-chunk still costs, and counts
+in the floor for, the rest of that chunk: at most 250 passes per broken image, a ratio that
+flatters Square by that much when many images fall (on a robust model, few do). One pass is
+timed on a full batch (``--batch-size``, or all the images if fewer), best of ``--rounds``; the
+ratio cost / floor is what partial batches, tracing, Python between the compiled loops and the
 predictions outside them add.
 
     PYTHONPATH=. python benchmarks/autoattack_floor.py --model path/to/robust-2conv.keras
