@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import keras
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunInfo
 
 from art_study import numerics
 from art_study.config import ExperimentConfig, flatten, to_yaml
@@ -186,7 +186,7 @@ class Executor(abc.ABC):
         parent = run.info.run_id
         try:
             lease.confirm(parent, self.cfg.name)
-            rival = _rival_parent(client, experiment_id, key, lease)
+            rival = _rival_parent(client, experiment_id, key, lease, run.info)
             if rival is not None:
                 raise busy(self.cfg.name, rival.info.run_id, rival.data.tags, lease.policy)
             self._log_study(client, parent, runs)
@@ -319,14 +319,18 @@ def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> st
     return found[0].info.run_id if found else None
 
 
-def _rival_parent(client: MlflowClient, experiment_id: str, study_key: str,
-                  lease: Lease):
-    """Another RUNNING parent of the same study whose lease is live (two processes started
-    the study at once and both created one): the later claimant backs off."""
+def _rival_parent(client: MlflowClient, experiment_id: str, study_key: str, lease: Lease,
+                  mine: RunInfo):
+    """An earlier RUNNING parent of the same study whose lease is live: two processes started
+    the study at once and both created one. The later one (by start time, then run id, an order
+    both processes compute alike) backs off; the earlier one goes on. Both searches follow
+    their own creation, so the later always sees the earlier, and exactly one stays."""
+    order = (mine.start_time, mine.run_id)
     for r in search_all(client, experiment_id,
                          f"tags.study_key = '{study_key}' and tags.`art_study.role` = 'study' "
                          "and attributes.status = 'RUNNING'"):
-        if r.info.run_id != lease.run_id and lease.held_by_other(r.data.tags, r.info.status):
+        if ((r.info.start_time, r.info.run_id) < order
+                and lease.held_by_other(r.data.tags, r.info.status)):
             return r
     return None
 
