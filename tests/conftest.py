@@ -138,9 +138,15 @@ def mlflow_ui():
                 time.sleep(1)
 
     yield start
+    # Cleanup only: that SIGTERM stops the server and its workers is test_ui_server's to assert.
+    # Under load (a study beside CI) the stop has taken over 30 s, so it gets 60, then SIGKILL.
     for proc in procs:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from art_study.config import load_config
+from art_study.config import ExperimentConfig, load_config
 from art_study.errors import ConfigError
 from art_study.study import distinct_stages, plan_runs, run_study
 from art_study.study.plan import study_key
@@ -94,6 +94,30 @@ def test_a_blocks_stage_epochs_train_its_sequences_only(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_two_blocks_planning_one_run_differently_are_refused(tmp_path: Path) -> None:
+    """The same run (sequence, depth, seed) in two blocks is run once when both plan it alike;
+    when their epochs differ the config is refused in one line, not the second silently
+    dropped."""
+    def tiny_blocks(blocks: list[dict]) -> ExperimentConfig:
+        raw = yaml.safe_load(TINY.read_text())
+        raw["study"]["blocks"] = blocks
+        (path := tmp_path / f"tiny-{len(list(tmp_path.iterdir()))}.yaml").write_text(
+            yaml.safe_dump(raw))
+        return load_config(path)
+
+    alike = tiny_blocks([{"depths": [2], "sequences": ["control", "singles"]},
+                         {"depths": [2], "sequences": ["control"]}])
+    names = [r.sequence for r in plan_runs(alike, fake_fingerprints(alike))]
+    assert names.count("none") == 1 and len(names) == len(set(names)) == 4
+    differ = tiny_blocks([{"depths": [2], "sequences": [["adversarial_training"]]},
+                          {"depths": [2], "stage_epochs": [3],
+                           "sequences": [["adversarial_training"]]}])
+    with pytest.raises(ConfigError, match=r"blocks 0 and 1 both plan adversarial_training at "
+                       r"depth 2, seed 0") as err:
+        plan_runs(differ, fake_fingerprints(differ))
+    assert "\n" not in str(err.value)
+
+
 def test_grid_plan_covers_every_sequence_at_every_depth() -> None:
     cfg = load_config(REPO / "configs" / "grid.yaml")
     runs = plan_runs(cfg, fake_fingerprints(cfg))
@@ -123,7 +147,7 @@ def test_prefixes_are_shared_and_keys_are_stable() -> None:
 
 KEYS_OF_ROBUST = """
 import sys
-from art_study.config import load_config
+from art_study.config import ExperimentConfig, load_config
 from art_study.study import plan_runs
 from art_study.study.plan import study_key
 cfg = load_config(sys.argv[1])

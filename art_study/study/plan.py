@@ -273,8 +273,11 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
 
         spec = DATASETS[cfg.data.name]
     runs: list[RunSpec] = []
-    seen: set[tuple[str, int, int]] = set()
-    for depths, seeds, chains, evaluation, epochs in blocks:
+    # A run two blocks both plan (same sequence, depth, seed) is run once if both plan it
+    # alike, and refused if they differ: keeping one silently would drop the other's epochs
+    # or evaluation.
+    seen: dict[tuple[str, int, int], tuple[int, str]] = {}
+    for block, (depths, seeds, chains, evaluation, epochs) in enumerate(blocks):
         if evaluation.attacks and spec is not None:
             from art_study.attacks.registry import validate_attacks
 
@@ -282,14 +285,19 @@ def plan_runs(cfg: ExperimentConfig, fingerprints: dict[int, str],
             validate_attacks(evaluation, spec)
         for depth, seed, chain in itertools.product(depths, seeds, chains):
             name = sequence_name(chain)
-            if (name, depth, seed) in seen:
-                continue
-            seen.add((name, depth, seed))
             run_cfg = _run_config(cfg, depth, seed, evaluation)
             stages = _stage_chain(run_cfg, chain, epochs[: len(chain)], fingerprints[seed],
                                   numerics_id)
             key = stable_hash({"stages": stages[-1].key, **evaluation_identity(run_cfg)})
-            runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
+            first = seen.get((name, depth, seed))
+            if first is None:
+                seen[name, depth, seed] = (block, key)
+                runs.append(RunSpec(name, depth, seed, stages, run_cfg, key))
+            elif first[1] != key:
+                raise ConfigError(
+                    f"invalid config: study.blocks: blocks {first[0]} and {block} both plan "
+                    f"{name} at depth {depth}, seed {seed}, with different stages or "
+                    "evaluation; plan it in one block")
     return _with_references(runs)
 
 
