@@ -291,6 +291,32 @@ def test_a_live_study_is_refused_and_a_stale_one_taken_over(store, mnist_dir) ->
     assert parent.data.tags[lease.OWNER] not in ("other-owner", None)
 
 
+def test_of_two_parents_created_at_once_the_later_backs_off(store) -> None:
+    """Two processes that start one new study at once both create a parent; each then looks
+    for a rival. Before, each found the other's live parent and both backed off (no study
+    ran). Now only the later parent (start time, then run id) has a rival: exactly one stays.
+    Both are created within one millisecond's tie as well, so the run id decides."""
+    from art_study.study.executor import _rival_parent
+
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'rivals.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("rivals")
+    start = int(time.time() * 1000)
+    made = []
+    for owner, at in (("first", start), ("second", start + 5), ("tie", start + 5)):
+        held = lease.Lease(client)
+        held.owner = owner
+        tags = {**held.tags(), lease.HOST: "elsewhere", "study_key": "k",
+                "art_study.role": "study"}
+        made.append((held, client.create_run(exp, start_time=at, tags=tags).info))
+    later = sorted(made, key=lambda m: (m[1].start_time, m[1].run_id))
+    rivals = {held.owner: _rival_parent(client, exp, "k", held, info) for held, info in later}
+    assert rivals[later[0][0].owner] is None
+    for i, (held, _) in enumerate(later[1:], start=1):  # an earlier parent, whichever
+        assert rivals[held.owner].info.run_id in {info.run_id for _, info in later[:i]}
+    assert later[0][0].owner == "first"
+
+
 def test_a_killed_holder_on_this_machine_is_stale_at_once() -> None:
     """Same host and pid namespace, pid gone: no need to wait for the heartbeat to age."""
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
