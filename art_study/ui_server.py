@@ -37,12 +37,13 @@ def serve(cmd: list[str], env: dict[str, str]) -> int:
         stop_group(proc)
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, SIGKILL if it is still there after the timeout."""
+def stop_group(proc: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM to the process group led by ``proc``, SIGKILL if it is still there after
+    ``timeout_s``."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

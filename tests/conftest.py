@@ -106,7 +106,6 @@ def mlflow_ui():
     once the server answers the MLflow REST API.
     """
     import json
-    import signal
     import socket
     import subprocess
     import sys
@@ -140,13 +139,10 @@ def mlflow_ui():
     yield start
     # Cleanup only: that SIGTERM stops the server and its workers is test_ui_server's to assert.
     # Under load (a study beside CI) the stop has taken over 30 s, so it gets 60, then SIGKILL.
+    from art_study.ui_server import stop_group
+
     for proc in procs:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_group(proc, timeout_s=60)
 
 
 @pytest.fixture(scope="session")

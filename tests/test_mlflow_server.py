@@ -12,7 +12,6 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import pytest
 from art_study.config import load_config
 from art_study.study import run_study
 from art_study.study.ray_backend import RayOptions
+from art_study.ui_server import stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -117,12 +117,7 @@ def serving_mlflow(postgres_uri: str, artifacts: str, log_path: Path,
             yield base
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
+                stop_group(proc)
 
 
 @pytest.fixture(scope="module")
