@@ -96,6 +96,8 @@ def test_registered_with_documented_defaults():
     ("pgd_adversarial_training", {"lr_warmup": 1.2}, "lr_warmup"),
     ("pgd_adversarial_training", {"lr_schedule": "step"}, "lr_schedule"),
     ("pgd_adversarial_training", {"backend": "art", "lr_schedule": "onecycle"}, "backend 'art'"),
+    ("pgd_adversarial_training", {"backend": "art", "weight_average": 0.9}, "backend 'art'"),
+    ("pgd_adversarial_training", {"weight_average": 1.0}, "weight_average"),
     ("pgd_adversarial_training", {"stepz": 3}, "stepz: unknown key"),
     ("trades", {"beta": -1.0}, "beta"),
     ("trades", {"warmup_steps": 0}, "warmup_steps"),
@@ -302,6 +304,51 @@ def test_steps_per_execution_changes_no_weight(mnist, run):
         assert math.isfinite(ctx.history[-1]["loss"])
     for a, b in zip(*weights, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["pgd_adversarial_training", "trades"])
+def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, name: str):
+    """``weight_average: m`` ends the stage on the exponential moving average of the weights
+    after each optimizer step (the first step's, then m·average + (1 − m)·weights), written out
+    here from the same stage without it, recording every step (training is bit-deterministic:
+    the average changes no step). BatchNorm's statistics stay the last ones. Unset, the setting
+    stays out of the stage key, so stages cached before it keep theirs."""
+    from art_study.study.plan import _key_settings
+
+    x, y = mnist.x_train[:256], mnist.y_train[:256]  # 8 optimizer steps
+    train = TrainConfig(batch_size=32, steps_per_execution=1)
+    steps: list[list[np.ndarray]] = []
+
+    class EveryStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append([v.numpy() for v in self.model.net.trainable_variables])
+
+    def stage(settings, record: bool) -> keras.Model:
+        model = fresh_model(0, train)
+        keras.utils.set_random_seed(1)
+        ctx = make_ctx(x, y, train=train)
+        if record:
+            callbacks = ctx.callbacks
+            ctx.callbacks = lambda desc=None: [*callbacks(desc), EveryStep()]
+        return DEFENSES[name].train(model, ctx, 1, settings)
+
+    m = 0.8
+    plain = stage(DEFENSES[name].settings(steps=2), record=True)
+    averaged = stage(DEFENSES[name].settings(steps=2, weight_average=m), record=False)
+    assert len(steps) == 8
+    average = steps[0]
+    for weights in steps[1:]:
+        average = [m * a + (1 - m) * w for a, w in zip(average, weights, strict=True)]
+    for got, want, last in zip(averaged.trainable_variables, average, steps[-1], strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got.numpy(), last, atol=1e-4) or got.shape == (1,)
+    for got, last in zip(averaged.non_trainable_variables, plain.non_trainable_variables,
+                         strict=True):
+        np.testing.assert_array_equal(got.numpy(), last.numpy())
+    model = DEFENSES[name].settings
+    assert "weight_average" not in _key_settings(model, model().model_dump(mode="json"))
+    assert _key_settings(model, model(weight_average=m).model_dump(mode="json"))[
+        "weight_average"] == m
 
 
 @pytest.mark.parametrize(("first", "second"), [("gradient_masking", "pgd_adversarial_training"),

@@ -13,7 +13,8 @@ Two implementations, chosen by ``backend``, with the same ε, steps, step size a
   :class:`PGDTrainer` wrapper driven by Keras' own ``fit`` with the stage's callbacks, as
   ``adversarial_training_fast`` does for FGSM. It also offers what makes the recipe cheap and
   stable (the schedule knobs below): an ε warm-up with fewer inner steps while ε is small, a
-  learning-rate schedule within the stage, and the BatchNorm momentum of the stage.
+  learning-rate schedule within the stage, the BatchNorm momentum of the stage, and an average
+  of the weights over its steps.
 - ``art`` (the reference): ART's ``AdversarialTrainerMadryPGD`` through
   :class:`~art_study.estimator.CompiledKerasClassifier`. It has none of the schedule knobs, so
   those must stay at their defaults with it (refused at config load otherwise).
@@ -42,7 +43,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import ClassVar, Literal
 
 import keras
 import numpy as np
@@ -96,6 +97,16 @@ class RobustSettings(DefenseSettings):
     PyTorch's 0.1); unset: the network's own (Keras' 0.99). Faster statistics follow the
     shifting adversarial distribution, which the attack (inference mode) relies on."""
 
+    weight_average: float | None = Field(None, gt=0.0, lt=1.0)
+    """Momentum m of an exponential moving average of the trainable weights over the stage's
+    optimizer steps (Keras' optimizer ``use_ema``: the first step's weights, then
+    m·average + (1 − m)·weights), which the stage ends on; unset: the last weights. The
+    attacks during training use the current weights, as in Gowal et al. (2020) and Rebuffi et
+    al. (2021), who report the average as more robust. BatchNorm's moving statistics are
+    the last ones (they are averages already). 0.999 spans about the last 1 000 steps."""
+
+    key_defaults: ClassVar[dict[str, object]] = {"weight_average": None}
+
     def alpha_ratio(self) -> float:
         """α·steps/ε: the step size relative to ε per step count (2.5 unless set)."""
         if self.step_size is None:
@@ -105,7 +116,8 @@ class RobustSettings(DefenseSettings):
     def schedule_is_default(self) -> bool:
         """True when none of the compiled-only schedule knobs is set."""
         return (self.eps_warmup == 0.0 and self.warmup_steps is None
-                and self.lr_schedule == "constant" and self.peak_lr is None)
+                and self.lr_schedule == "constant" and self.peak_lr is None
+                and self.weight_average is None)
 
 
 class Settings(RobustSettings):
@@ -121,9 +133,10 @@ class Settings(RobustSettings):
     @model_validator(mode="after")
     def _art_has_no_schedule(self) -> Settings:
         if self.backend == "art" and not self.schedule_is_default():
-            raise ValueError("backend 'art' (ART's AdversarialTrainerMadryPGD) has no ε warm-up "
-                             "or learning-rate schedule: unset eps_warmup, warmup_steps, "
-                             "lr_schedule and peak_lr, or use backend 'compiled'")
+            raise ValueError("backend 'art' (ART's AdversarialTrainerMadryPGD) has no ε warm-up, "
+                             "learning-rate schedule or weight average: unset eps_warmup, "
+                             "warmup_steps, lr_schedule, peak_lr and weight_average, or use "
+                             "backend 'compiled'")
         return self
 
 
@@ -145,11 +158,14 @@ def learning_rate(settings: RobustSettings, base_lr: float, total_steps: int
 
 def stage_optimizer(settings: RobustSettings, ctx: StageContext,
                     total_steps: int) -> keras.optimizers.Optimizer:
-    """A fresh optimizer of the training config's kind, on the stage's learning rate."""
+    """A fresh optimizer of the training config's kind, on the stage's learning rate, keeping
+    the weight average if the settings ask for one (``fit`` ends on it)."""
     lr = learning_rate(settings, ctx.train.learning_rate, total_steps)
+    ema = {} if settings.weight_average is None else {
+        "use_ema": True, "ema_momentum": settings.weight_average}
     if ctx.train.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=0.9)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.SGD(lr, momentum=0.9, **ema)
+    return keras.optimizers.Adam(lr, **ema)
 
 
 @contextlib.contextmanager

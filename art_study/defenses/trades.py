@@ -74,7 +74,8 @@ class Settings(RobustSettings):
     each pass draws its own, and β·KL also penalises dropout noise); see the module
     docstring."""
 
-    key_defaults: ClassVar[dict[str, object]] = {"kl_mode": "independent"}
+    key_defaults: ClassVar[dict[str, object]] = {**RobustSettings.key_defaults,
+                                                 "kl_mode": "independent"}
 
 
 def kl_per_image(p_logits: tf.Tensor, q_logits: tf.Tensor) -> tf.Tensor:
