@@ -193,9 +193,14 @@ def recipe_dir(root: Path, defense: str, epochs: int, settings: dict, n_conv: in
                args: argparse.Namespace, cfg) -> Path:
     """Where a recipe's model and figures are kept: named by everything that decides the
     model, the config's network and training settings included (its figures are named by
-    the evaluation's images and settings inside)."""
+    the evaluation's images and settings inside). Settings added later are left out at the
+    value that trains as before, as in stage keys, so saved recipes keep their folders."""
     import hashlib
 
+    from art_study.defenses import DEFENSES
+    from art_study.study.plan import key_settings
+
+    settings = key_settings(DEFENSES[defense].settings, settings)
     ident = json.dumps([defense, epochs, settings, n_conv, args.seed, args.images,
                         cfg.model.model_dump(),
                         cfg.train.model_dump(exclude={"steps_per_execution"})],

@@ -313,7 +313,7 @@ def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, n
     here from the same stage without it, recording every step (training is bit-deterministic:
     the average changes no step). BatchNorm's statistics stay the last ones. Unset, the setting
     stays out of the stage key, so stages cached before it keep theirs."""
-    from art_study.study.plan import _key_settings
+    from art_study.study.plan import key_settings
 
     x, y = mnist.x_train[:256], mnist.y_train[:256]  # 8 optimizer steps
     train = TrainConfig(batch_size=32, steps_per_execution=1)
@@ -346,8 +346,8 @@ def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, n
                          strict=True):
         np.testing.assert_array_equal(got.numpy(), last.numpy())
     model = DEFENSES[name].settings
-    assert "weight_average" not in _key_settings(model, model().model_dump(mode="json"))
-    assert _key_settings(model, model(weight_average=m).model_dump(mode="json"))[
+    assert "weight_average" not in key_settings(model, model().model_dump(mode="json"))
+    assert key_settings(model, model(weight_average=m).model_dump(mode="json"))[
         "weight_average"] == m
 
 

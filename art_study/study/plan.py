@@ -197,7 +197,7 @@ def _run_config(cfg: ExperimentConfig, depth: int, seed: int,
     return run_cfg
 
 
-def _key_settings(model: type[DefenseSettings], settings: dict[str, Any]) -> dict[str, Any]:
+def key_settings(model: type[DefenseSettings], settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that enter a stage key: those added later are left out at the value that
     trains as before they existed (``key_defaults``), so older cached stages keep their keys."""
     omit = model.key_defaults
@@ -238,7 +238,7 @@ def _stage_key(cfg: ExperimentConfig, parent_key: str, index: int, defense: str,
     settings = resolve_settings(cfg, defense)
     settings_model = DEFENSES[defense].settings
     material = {"parent": parent_key, "index": index, "defense": defense,
-                "settings": _key_settings(settings_model, settings), "epochs": epochs}
+                "settings": key_settings(settings_model, settings), "epochs": epochs}
     implementation = settings_model.implementation
     if implementation > 1:  # absent at 1, so keys made before versions existed stay valid
         material["implementation"] = implementation
