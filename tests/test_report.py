@@ -85,13 +85,14 @@ def evaluation(seed: int, clean: float, fgsm: dict[float, float],
 
 
 def log_study(name: str, runs: list[dict], eps: list[float], *, legacy: bool = False,
-              models: dict | None = None) -> str:
-    """A study's parent run (with its plan) and one finished child per run: the evaluation's
-    table and verdicts (or, ``legacy``, only its metrics and ``eval/correct.npz``), its
-    metrics, tags and params; ``models``: (sequence, seed) → a Keras model to log with a
-    config.yaml, for the examples figure."""
+              models: dict | None = None, params: dict | None = None) -> str:
+    """A study's parent run (with its plan, and ``params`` as its logged config) and one
+    finished child per run: the evaluation's table and verdicts (or, ``legacy``, only its
+    metrics and ``eval/correct.npz``), its metrics, tags and params; ``models``: (sequence,
+    seed) → a Keras model to log with a config.yaml, for the examples figure."""
     with mlflow.start_run(run_name=name) as parent:
         mlflow.set_tags({"art_study.role": "study", "study": name})
+        mlflow.log_params(params or {})
         plan = [[r["sequence"], 2, r["seed"], f"{name}-{r['sequence']}-{r['seed']}"] for r in runs]
         mlflow.log_dict({"columns": ["sequence", "depth", "seed", "run_key"], "data": plan},
                         "plan.json")
@@ -582,6 +583,30 @@ def test_comparison_eps_is_closest_to_paper_control() -> None:
 def test_the_paper_section_is_for_studies_of_its_defenses() -> None:
     assert paper.applies(pd.Series(["none", "distillation"]))
     assert not paper.applies(pd.Series(["none", "trades", "pgd_adversarial_training"]))
+
+
+def test_the_paper_is_compared_on_mnist_only(tmp_path) -> None:
+    """Kim (2025)'s numbers are MNIST's: a study of its defenses on Fashion-MNIST (its parent's
+    logged `data.name`) is not set beside them, says so, and marks that dataset's own budget
+    (ε 0.1) rather than the sweep's largest."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri := f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        mlflow.set_experiment(report.DEFAULT_EXPERIMENT)
+        runs = [{"sequence": seq, "seed": seed,
+                 "result": evaluation(seed, clean, {0.05: f1, 0.1: (f1 + f3) / 2, 0.2: f3})}
+                for seq, seeds in PAPER_RUNS.items()
+                for seed, (clean, f1, f3) in enumerate(seeds)]
+        log_study("fashion", runs, [0.05, 0.1, 0.2],
+                  params={"data.name": "fashion_mnist", "data.path": "null"})
+        md = report.write_report("fashion", tracking_uri=uri, out_dir=tmp_path / "out",
+                                 log=False, examples=False).markdown.read_text(encoding="utf-8")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert "Dataset `fashion_mnist`" in md
+    assert "## Comparison with Kim" not in md and "29.15" not in md
+    assert "Kim (2025) studied MNIST only" in md
+    assert "FGSM ε=0.1 % ★" in md and "FGSM ε=0.2 % ★" not in md
 
 
 def test_comparison_eps_without_a_usable_control_figure_falls_back_to_the_largest_eps() -> None:

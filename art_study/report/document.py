@@ -148,7 +148,7 @@ def intro(doc: Doc, data: StudyData, uri: str) -> None:
     doc.para(f"Study **{data.name}**, parent run `{p.info.run_id}` (status {p.info.status}) in "
              f"the MLflow store `{uri}`. Report written "
              f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.")
-    doc.para(f"{done} of {len(st)} planned runs finished; depths "
+    doc.para(f"Dataset `{data.dataset}`; {done} of {len(st)} planned runs finished; depths "
              f"{', '.join(str(d) for d in sorted(st['depth'].unique()))}; seeds "
              f"{', '.join(str(s) for s in sorted(st['seed'].unique()))}; FGSM ε sweep "
              f"{', '.join(f'{e:g}' for e in data.eps) or '—'}.")
@@ -352,12 +352,18 @@ def build_doc(data: StudyData, uri: str, out_dir: Path, data_dir: str | None,
         doc.para("No run of this study has finished yet: no results to show.")
     else:
         summary = summarise(data.results)
+        # the paper's numbers are MNIST's: compared only for a study of its defenses on MNIST
+        of_paper = paper.applies(data.results["sequence"])
         cmp = (paper.choose_comparison_eps(summary, data.eps)
-               if paper.applies(data.results["sequence"]) else None)
-        eps_star = cmp.eps if cmp is not None else reference_eps(data.eps)
+               if of_paper and data.dataset == "mnist" else None)
+        eps_star = cmp.eps if cmp is not None else reference_eps(data.eps, data.dataset)
         headline_section(doc, data, eps_star)
         if cmp is not None:  # the optional section: a study of the paper's defenses
             paper.section(doc, summary, data.status, cmp)
+        elif of_paper:
+            doc.para(f"Kim (2025) studied MNIST only: its numbers are not compared with this "
+                     f"study's on `{data.dataset}`. ★ marks ε = {eps_star:g}, this dataset's "
+                     "usual budget (or the sweep's largest ε).")
         for depth in sorted(data.status["depth"].unique()):
             doc.heading(f"Results: {depth} conv layers")
             doc.table(results_table(summary, data.finished, data.status, int(depth), data.eps,

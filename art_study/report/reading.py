@@ -276,6 +276,7 @@ class StudyData:
     results: pd.DataFrame
     eps: list[float]
     verdicts: Verdicts | None = None
+    dataset: str = "mnist"  # the config's data.name, or "local" (data.path): see dataset_of
 
     def __post_init__(self) -> None:
         if self.verdicts is None:
@@ -290,4 +291,14 @@ def gather(parent: mlflow.entities.Run) -> StudyData:
     finished = runs[runs["run_id"].isin(finished_ids)] if not runs.empty else runs
     results = study_results(finished)
     name = parent.data.tags.get("study") or parent.info.run_name
-    return StudyData(parent, name, status, finished, results, sweep_eps(results))
+    return StudyData(parent, name, status, finished, results, sweep_eps(results),
+                     dataset=dataset_of(parent))
+
+
+def dataset_of(parent: mlflow.entities.Run) -> str:
+    """The study's dataset, from the config its parent run logged as params: ``data.name``,
+    ``local`` for a ``data.path``, and ``mnist`` for studies logged before ``data:`` existed."""
+    params = parent.data.params
+    if params.get("data.path") not in (None, "", "null", "None"):
+        return "local"
+    return params.get("data.name", "mnist")

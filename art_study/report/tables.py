@@ -126,10 +126,14 @@ def shown(sequence: str) -> str:
     return sequence + (" (control)" if sequence == CONTROL else "")
 
 
-def reference_eps(eps: list[float]) -> float:
-    """The ε the headline falls back to and the plots compare depths at: the sweep's largest,
-    unless an optional section (the paper comparison) sets another."""
-    return eps[-1]
+def reference_eps(eps: list[float], dataset: str = "mnist") -> float:
+    """The ε the headline falls back to and the plots compare depths at, unless an optional
+    section (the paper comparison) sets another: the dataset's headline budget (MNIST 0.3,
+    Fashion-MNIST 0.1, CIFAR-10 8/255) when the sweep has it, else the sweep's largest."""
+    from art_study.datasets import DATASETS, MNIST
+
+    headline = DATASETS.get(dataset, MNIST).headline_eps
+    return next((e for e in eps if abs(e - headline) < 1e-9), eps[-1])
 
 
 def attacked_eps(results: pd.DataFrame) -> list[float]:
