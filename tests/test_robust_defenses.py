@@ -308,20 +308,26 @@ def test_steps_per_execution_changes_no_weight(mnist, run):
 
 @pytest.mark.parametrize("name", ["pgd_adversarial_training", "trades"])
 def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, name: str):
-    """``weight_average: m`` ends the stage on the exponential moving average of the weights
-    after each optimizer step (the first step's, then m·average + (1 − m)·weights), written out
-    here from the same stage without it, recording every step (training is bit-deterministic:
-    the average changes no step). BatchNorm's statistics stay the last ones. Unset, the setting
-    stays out of the stage key, so stages cached before it keep theirs."""
+    """``weight_average: m`` ends the stage on the exponential moving average, over its
+    optimizer steps (the first step's values, then m·average + (1 − m)·current), of the
+    weights and of BatchNorm's moving statistics, written out here from the same stage without
+    it, recording every step (training is bit-deterministic: the average changes no step).
+    Unset, the setting stays out of the stage key, so stages cached before it keep theirs."""
     from art_study.study.plan import key_settings
 
     x, y = mnist.x_train[:256], mnist.y_train[:256]  # 8 optimizer steps
     train = TrainConfig(batch_size=32, steps_per_execution=1)
+
+    def bn_stats(net: keras.Model) -> list:
+        return [v for la in net.layers if isinstance(la, keras.layers.BatchNormalization)
+                for v in (la.moving_mean, la.moving_variance)]
+
     steps: list[list[np.ndarray]] = []
 
     class EveryStep(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            steps.append([v.numpy() for v in self.model.net.trainable_variables])
+            net = self.model.net
+            steps.append([v.numpy() for v in [*net.trainable_variables, *bn_stats(net)]])
 
     def stage(settings, record: bool) -> keras.Model:
         model = fresh_model(0, train)
@@ -333,18 +339,18 @@ def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, n
         return DEFENSES[name].train(model, ctx, 1, settings)
 
     m = 0.8
-    plain = stage(DEFENSES[name].settings(steps=2), record=True)
+    stage(DEFENSES[name].settings(steps=2), record=True)
     averaged = stage(DEFENSES[name].settings(steps=2, weight_average=m), record=False)
     assert len(steps) == 8
     average = steps[0]
-    for weights in steps[1:]:
-        average = [m * a + (1 - m) * w for a, w in zip(average, weights, strict=True)]
-    for got, want, last in zip(averaged.trainable_variables, average, steps[-1], strict=True):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
-        assert not np.allclose(got.numpy(), last, atol=1e-4) or got.shape == (1,)
-    for got, last in zip(averaged.non_trainable_variables, plain.non_trainable_variables,
-                         strict=True):
-        np.testing.assert_array_equal(got.numpy(), last.numpy())
+    for values in steps[1:]:
+        average = [m * a + (1 - m) * v for a, v in zip(average, values, strict=True)]
+    got = [*averaged.trainable_variables, *bn_stats(averaged)]
+    assert len(got) == len(average) and len(bn_stats(averaged)) == 4
+    for variable, want, last in zip(got, average, steps[-1], strict=True):
+        np.testing.assert_allclose(variable.numpy(), want, rtol=1e-5, atol=1e-6,
+                                   err_msg=variable.path)
+        assert not np.allclose(variable.numpy(), last, atol=1e-4) or variable.shape == (1,)
     model = DEFENSES[name].settings
     assert "weight_average" not in key_settings(model, model().model_dump(mode="json"))
     assert key_settings(model, model(weight_average=m).model_dump(mode="json"))[
