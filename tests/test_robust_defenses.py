@@ -307,27 +307,32 @@ def test_steps_per_execution_changes_no_weight(mnist, run):
 
 
 @pytest.mark.parametrize("name", ["pgd_adversarial_training", "trades"])
-def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, name: str):
-    """``weight_average: m`` ends the stage on the exponential moving average, over its
-    optimizer steps (the first step's values, then m·average + (1 − m)·current), of the
-    weights and of BatchNorm's moving statistics, written out here from the same stage without
-    it, recording every step (training is bit-deterministic: the average changes no step).
-    Unset, the setting stays out of the stage key, so stages cached before it keep theirs."""
+def test_weight_average_is_tensorflows_moving_average_of_weights_and_statistics(mnist, run,
+                                                                               name: str):
+    """``weight_average: m`` ends the stage on the moving average, over its optimizer steps,
+    of the weights and of BatchNorm's statistics, by TensorFlow's own
+    ``tf.train.ExponentialMovingAverage(m, num_updates=step)`` fed the same stage's values
+    without the setting, recorded at its start and after every step (training is
+    bit-deterministic: averaging changes no step). Unset, the setting stays out of the stage
+    key, so stages cached before it keep theirs."""
     from art_study.study.plan import key_settings
 
     x, y = mnist.x_train[:256], mnist.y_train[:256]  # 8 optimizer steps
     train = TrainConfig(batch_size=32, steps_per_execution=1)
 
-    def bn_stats(net: keras.Model) -> list:
-        return [v for la in net.layers if isinstance(la, keras.layers.BatchNormalization)
-                for v in (la.moving_mean, la.moving_variance)]
+    def watched(net: keras.Model) -> list:
+        return [*net.trainable_variables,
+                *(v for la in net.layers if isinstance(la, keras.layers.BatchNormalization)
+                  for v in (la.moving_mean, la.moving_variance))]
 
-    steps: list[list[np.ndarray]] = []
+    values: list[list[np.ndarray]] = []
 
     class EveryStep(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            values.append([v.numpy() for v in watched(self.model.net)])
+
         def on_train_batch_end(self, batch, logs=None):
-            net = self.model.net
-            steps.append([v.numpy() for v in [*net.trainable_variables, *bn_stats(net)]])
+            values.append([v.numpy() for v in watched(self.model.net)])
 
     def stage(settings, record: bool) -> keras.Model:
         model = fresh_model(0, train)
@@ -341,16 +346,22 @@ def test_weight_average_ends_the_stage_on_the_average_of_its_steps(mnist, run, n
     m = 0.8
     stage(DEFENSES[name].settings(steps=2), record=True)
     averaged = stage(DEFENSES[name].settings(steps=2, weight_average=m), record=False)
-    assert len(steps) == 8
-    average = steps[0]
-    for values in steps[1:]:
-        average = [m * a + (1 - m) * v for a, v in zip(average, values, strict=True)]
-    got = [*averaged.trainable_variables, *bn_stats(averaged)]
-    assert len(got) == len(average) and len(bn_stats(averaged)) == 4
-    for variable, want, last in zip(got, average, steps[-1], strict=True):
-        np.testing.assert_allclose(variable.numpy(), want, rtol=1e-5, atol=1e-6,
-                                   err_msg=variable.path)
-        assert not np.allclose(variable.numpy(), last, atol=1e-4) or variable.shape == (1,)
+    assert len(values) == 1 + 8
+    variables = [tf.Variable(v) for v in values[0]]
+    step = tf.Variable(0.0)
+    reference = tf.train.ExponentialMovingAverage(m, num_updates=step)
+    reference.apply(variables)  # the averages start at the stage's starting values
+    for t, current in enumerate(values[1:], start=1):
+        for variable, value in zip(variables, current, strict=True):
+            variable.assign(value)
+        step.assign(float(t))
+        reference.apply(variables)
+    got = watched(averaged)
+    assert len(got) == len(variables) and len(got) > len(averaged.trainable_variables)
+    for mine, variable, last in zip(got, variables, values[-1], strict=True):
+        np.testing.assert_allclose(mine.numpy(), reference.average(variable).numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=mine.path)
+        assert not np.allclose(mine.numpy(), last, atol=1e-4) or mine.shape == (1,)
     model = DEFENSES[name].settings
     assert "weight_average" not in key_settings(model, model().model_dump(mode="json"))
     assert key_settings(model, model(weight_average=m).model_dump(mode="json"))[

@@ -151,7 +151,7 @@ class TRADESTrainer(RobustTrainer):
             if self.net.losses:
                 loss = loss + tf.add_n(self.net.losses)
         self.optimizer.apply(tape.gradient(loss, variables), variables)
-        self.average_statistics()
+        self.update_averages()
         self.loss_tracker.update_state(loss)
         self.accuracy.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics}
