@@ -104,10 +104,11 @@ class RobustSettings(DefenseSettings):
     t: average ← d·average + (1 − d)·current with d = min(m, (1 + t)/(10 + t)), from the
     stage's starting values. The attacks during training use the current weights, as in
     Gowal et al. (2020) and Rebuffi et al. (2021), who report the average as more robust.
-    Both parts matter (docs/robust.md): the weights' average alone, with the last weights'
-    batch statistics, lost 6 points of validation AutoAttack; a constant d = 0.999 from the
-    first step kept 3 % of BatchNorm's initial variance (1, where the trained one is ~4e-4)
-    and broke the network. Over a stage of a few thousand steps, d stays below m."""
+    Two simpler forms failed (docs/robust.md): Keras' optimizer EMA (weights only, the last
+    weights' batch statistics, a constant d = 0.999 from the first step) lost 6 points of
+    validation AutoAttack, the two causes not separated; averaging the statistics too with
+    that constant d kept 3 % of BatchNorm's initial variance (1, where the trained one is
+    ~4e-4) and broke the network. Over a stage of a few thousand steps, d stays below m."""
 
     key_defaults: ClassVar[dict[str, object]] = {"weight_average": None}
 
