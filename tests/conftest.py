@@ -180,19 +180,37 @@ def s3(s3_server, monkeypatch: pytest.MonkeyPatch):
     return s3_server
 
 
-def briefly_trained_cnn(data, epochs: int):
-    """The paper's 2-conv CNN, seeded and trained ``epochs`` epochs on ``data`` (a small slice),
-    with BatchNorm momentum 0.9 so that its running statistics settle within the slice."""
+def settling_cnn(cfg=None, name: str | None = None):
+    """The paper's CNN (2 conv unless ``cfg`` says otherwise) with BatchNorm momentum 0.9:
+    Keras' 0.99 needs hundreds of steps before the running statistics, and so inference-mode
+    accuracy, are usable; the tests train on slices of a few hundred images."""
     import keras
 
-    from art_study.config import ModelConfig, TrainConfig
-    from art_study.models import build_cnn, compile_model, one_hot
+    from art_study.config import ModelConfig
+    from art_study.models import build_cnn
 
-    keras.utils.set_random_seed(1)
-    m = build_cnn(ModelConfig(n_conv=2))
-    for layer in m.layers:
+    model = build_cnn(cfg if cfg is not None else ModelConfig(n_conv=2), name=name)
+    for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.9
-    m = compile_model(m, TrainConfig(batch_size=32))
+    return model
+
+
+def fresh_cnn(seed: int, train=None):
+    """``settling_cnn`` seeded with ``seed`` and compiled (batch 32 unless ``train`` says)."""
+    import keras
+
+    from art_study.config import TrainConfig
+    from art_study.models import compile_model
+
+    keras.utils.set_random_seed(seed)
+    return compile_model(settling_cnn(), train if train is not None else TrainConfig(batch_size=32))
+
+
+def briefly_trained_cnn(data, epochs: int):
+    """``fresh_cnn(1)`` trained ``epochs`` epochs on ``data`` (a small slice)."""
+    from art_study.models import one_hot
+
+    m = fresh_cnn(1)
     m.fit(data.x_train, one_hot(data.y_train), epochs=epochs, batch_size=32, verbose=0)
     return m

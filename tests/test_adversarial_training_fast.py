@@ -20,6 +20,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import fresh_cnn as fresh_model
 
 from art_study.attacks import FGSM
 from art_study.config import ModelConfig, TrainConfig
@@ -31,15 +32,6 @@ from art_study.models import accuracy, build_cnn, compile_model, one_hot
 
 MODEL_CFG = ModelConfig(n_conv=2)
 TRAIN_CFG = TrainConfig(batch_size=32)
-
-
-def fresh_model(seed: int) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    model = build_cnn(MODEL_CFG)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.9
-    return compile_model(model, TRAIN_CFG)
 
 
 def make_ctx(x: np.ndarray, y: np.ndarray, seed: int = 0, **kwargs) -> StageContext:

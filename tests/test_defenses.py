@@ -23,6 +23,8 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import fresh_cnn as fresh_model
+from conftest import settling_cnn as small_cnn
 from pydantic import ValidationError
 
 from art_study.attacks import FGSM, art_fgsm
@@ -33,7 +35,7 @@ from art_study.defenses import adversarial_training as at
 from art_study.defenses import distillation as dd
 from art_study.defenses import gradient_masking as gm
 from art_study.evaluation import evaluate
-from art_study.models import accuracy, build_cnn, compile_model, one_hot, to_art
+from art_study.models import accuracy, compile_model, one_hot, to_art
 
 MODEL_CFG = ModelConfig(n_conv=2)
 TRAIN_CFG = TrainConfig(batch_size=32)
@@ -42,20 +44,6 @@ TRAIN_CFG = TrainConfig(batch_size=32)
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures
 # --------------------------------------------------------------------------------------------
-
-
-def small_cnn(cfg: ModelConfig = MODEL_CFG, name: str | None = None) -> keras.Model:
-    """build_cnn with BatchNorm momentum 0.9 (see the module docstring)."""
-    model = build_cnn(cfg, name=name)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.9
-    return model
-
-
-def fresh_model(seed: int) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    return compile_model(small_cnn(), TRAIN_CFG)
 
 
 def make_ctx(x: np.ndarray, y: np.ndarray, seed: int = 0, **kwargs) -> StageContext:

@@ -16,28 +16,18 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import fresh_cnn as fresh_model
 
 from art_study.config import ModelConfig, TrainConfig, config_from_mapping
 from art_study.data import load_mnist
 from art_study.defenses import DEFENSES, StageContext, trades
 from art_study.defenses import pgd_adversarial_training as pat
 from art_study.errors import ConfigError, TrainingError
-from art_study.models import accuracy, build_cnn, compile_model, one_hot
+from art_study.models import accuracy, compile_model, one_hot
 from art_study.study.plan import resolve_settings
 
 MODEL_CFG = ModelConfig(n_conv=2)
 TRAIN_CFG = TrainConfig(batch_size=32)
-
-
-def fresh_model(seed: int, train: TrainConfig = TRAIN_CFG) -> keras.Model:
-    """The 2-conv CNN with BatchNorm momentum 0.9, as tests/test_defenses.py explains (Keras'
-    0.99 needs hundreds of steps before inference-mode accuracy is usable)."""
-    keras.utils.set_random_seed(seed)
-    model = build_cnn(MODEL_CFG)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.9
-    return compile_model(model, train)
 
 
 def make_ctx(x: np.ndarray, y: np.ndarray, train: TrainConfig = TRAIN_CFG,
