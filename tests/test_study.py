@@ -601,12 +601,15 @@ def test_same_seed_same_metrics(tmp_path, mnist_dir) -> None:
 
 # -- a block's own evaluation (planning, no training) --------------------------------------------
 def test_robust_headline_block_attacks_all_test_images() -> None:
-    """robust.yaml: AutoAttack on all 10 000 test images for the depth-2 runs (the block's
-    `evaluation`), the first 1 000 at depths 3-5; the rest of the evaluation is the study's."""
+    """robust.yaml: PGD and AutoAttack on all 10 000 test images for the depth-2 runs (the
+    block's `evaluation`: the per-image worst case is taken on the images every attack ran on,
+    so both must cover them), the first 1 000 at depths 3-5; the rest of the evaluation is the
+    study's."""
     cfg = load_config(REPO / "configs" / "robust.yaml")
     for r in plan_runs(cfg, fake_fingerprints(cfg)):
         budgets = {a.name: a.n_images for a in r.config.evaluation.attacks}
-        assert budgets == {"pgd": 1000, "autoattack-standard": 10_000 if r.depth == 2 else 1000}
+        n = 10_000 if r.depth == 2 else 1000
+        assert budgets == {"pgd": n, "autoattack-standard": n}
         assert r.config.evaluation.diagnostics == cfg.evaluation.diagnostics
 
 
