@@ -28,6 +28,7 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
+from art_study import numerics
 from art_study.attacks import FGSM, art_fgsm, draws_randomness_in_inference
 from art_study.attacks.autoattack import COMPONENTS, PLUS_COMPONENTS
 from art_study.attacks.checkpoints import Checkpoints
@@ -189,14 +190,24 @@ def run_attack(attack: ResolvedAttack, estimators: dict, x: np.ndarray, y: np.nd
                cfg: EvaluationConfig, result: EvaluationResult, kind: Kind,
                checkpoints: Checkpoints | None = None) -> None:
     """One attack on the first ``n_images``: accuracy per ε, its wall time and budget; for a
-    cascade (``autoattack-standard``) also the cumulative accuracy after each component."""
+    cascade (``autoattack-standard``) also the cumulative accuracy after each component.
+
+    When chunks resumed from checkpoints were computed under another numerics fingerprint
+    than this process's (a study resumed on another machine), the run says so as the stage
+    cache's stages do: tags ``<kind>.<key>.numerics`` (the chunks each fingerprint computed)
+    and ``<kind>.<key>.numerics_differs``."""
     n = min(attack.cfg.n_images, len(x))
     t0 = time.perf_counter()
     components: dict[str, dict[float, np.ndarray]] = {}
     seconds: dict[str, dict[float, float]] = {}
+    computed_by: dict[str, int] = {}
     correct = attack.run(estimators[attack.estimator], x[:n], y[:n], cfg.batch_size,
                          components=components, checkpoints=checkpoints,
-                         component_seconds=seconds)
+                         component_seconds=seconds, computed_by=computed_by)
+    if set(computed_by) - {numerics.fingerprint()["id"]}:
+        result.tags[f"{kind}.{attack.key}.numerics"] = ", ".join(
+            f"{fid}: {chunks} chunks" for fid, chunks in sorted(computed_by.items()))
+        result.tags[f"{kind}.{attack.key}.numerics_differs"] = "true"
     budget = attack.budget()
     budget.pop("n_images", None)
     record(result, kind, attack.key, correct, time.perf_counter() - t0, n, budget)

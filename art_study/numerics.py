@@ -214,6 +214,23 @@ def summary(fp: dict[str, Any]) -> str:
             f"ART {fp.get('art', '?')} ({fp.get('id', '?')})")
 
 
+def describe_differs(runs: Any) -> str | None:
+    """A sentence when some runs of a DataFrame (``runs.csv`` or ``mlflow.search_runs``
+    columns) use parts computed under another fingerprint than the process that finished
+    them: a stage from a shared cache, or AutoAttack chunks resumed from checkpoints
+    (``stage<n>.numerics_differs``, ``attack.<key>.numerics_differs``), else None."""
+    cols = [c for c in runs if str(c).endswith(".numerics_differs")]
+    if not cols:
+        return None
+    n = int(runs[cols].astype(str).eq("true").any(axis=1).sum())
+    if not n:
+        return None
+    return (f"{n} of these runs use parts computed under another numerics fingerprint than "
+            "the process that finished them (a stage from the cache, or AutoAttack chunks "
+            "resumed from checkpoints: tags `stage<n>.numerics_differs`, "
+            "`attack.<key>.numerics_differs`): their figures mix two machines' kernels.")
+
+
 def describe_mixed(runs: Any) -> str | None:
     """A sentence when the runs of a DataFrame (``runs.csv`` or ``mlflow.search_runs`` columns)
     were computed under more than one numerics fingerprint, else None.

@@ -222,10 +222,13 @@ def test_the_escalations_own_attacks_run_on_what_is_left(linear, small_mnist,
 
 
 def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mnist,
-                                                                tmp_path) -> None:
+                                                                tmp_path, monkeypatch) -> None:
     """An evaluation with ``autoattack-standard`` logs FAB-T's figure and gives the Square
     check (read from the logged per-component figures) and the model checks a verdict; with
-    checkpoints, the cascade saves its chunk there and a second evaluation reuses it."""
+    checkpoints, the cascade saves its chunk there and a second evaluation reuses it. The
+    first runs as another machine would (another numerics fingerprint): the second, which
+    reuses its chunks, says so in its tags; the first, whose chunks are its own, does not."""
+    from art_study import numerics
     from art_study.attacks.checkpoints import Checkpoints
     from art_study.config import EvaluationConfig
     from art_study.evaluation import evaluate
@@ -236,15 +239,22 @@ def test_the_evaluation_feeds_the_cascade_to_autoattacks_checks(linear, small_mn
                   "args": {"max_iter": 5, "n_target_classes": 2, "n_queries": 20}}],
         transfer=[], diagnostics={"n_images": 40, "pgd_steps": 2})
     store = Checkpoints(tmp_path)
-    np.random.seed(0)
-    result = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
-                      checkpoints=store)
+    here = numerics.fingerprint()
+    with monkeypatch.context() as patch:
+        patch.setattr(numerics, "fingerprint", lambda: {**here, "id": "another-cpu"})
+        np.random.seed(0)
+        result = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
+                          checkpoints=store)
     m, tags = result.metrics, result.tags
     saved = list(tmp_path.glob("*/*.npz"))
     assert len(saved) in (1, 2)  # the standard chunk, and the escalation's if it ran
+    assert not any(".numerics" in k for k in tags)
     np.random.seed(0)
     again = evaluate(linear, small_mnist.x_test, small_mnist.y_test, cfg, progress=False,
                      checkpoints=store)
+    assert again.tags["attack.autoattack-standard.numerics"] == \
+        f"another-cpu: {len(saved)} chunks"
+    assert again.tags["attack.autoattack-standard.numerics_differs"] == "true"
     timeless = {k: v for k, v in m.items() if not k.endswith(("time_s", "_per_s"))}
     assert {k: again.metrics[k] for k in timeless} == timeless
     # each component's compute time is logged; the second run's come from the checkpoint

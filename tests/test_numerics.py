@@ -119,6 +119,18 @@ def test_describe_mixed_names_each_fingerprint() -> None:
     assert "2 under a (oneDNN on, X, threads 2)" in text and "1 under b (oneDNN off" in text
 
 
+def test_describe_differs_counts_runs_with_parts_computed_elsewhere() -> None:
+    """A run counts when any of its stages or resumed attack chunks came from another
+    fingerprint; a store without such tags, or with none true, gets no sentence."""
+    assert numerics.describe_differs(pd.DataFrame({"tags.numerics.id": ["a"]})) is None
+    runs = pd.DataFrame({"tags.stage1.numerics_differs": ["true", None, None, None],
+                         "tags.attack.autoattack-standard.numerics_differs":
+                             ["true", "true", None, None]})
+    text = numerics.describe_differs(runs)
+    assert text is not None and text.startswith("2 of these runs use parts computed under")
+    assert numerics.describe_differs(runs.iloc[2:]) is None
+
+
 # -- bit for bit, under 1 and 2 cores --------------------------------------------------------------
 def _child(mode: str, cores: set[int], mnist_dir: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV}

@@ -23,7 +23,10 @@ before the next chunk starts, each seeded by itself from one draw of the caller-
 a long evaluation resumable: with checkpoints (:meth:`AutoAttackStandard.resume_from`,
 :mod:`.checkpoints`) every finished chunk is saved, and a run stopped midway computes only the
 chunks it has not saved, with the verdicts of an uninterrupted run. The Square check reads the
-figures of all chunks together, and the escalation then runs chunk by chunk the same way.
+figures of all chunks together, and the escalation then runs chunk by chunk the same way. Each
+chunk keeps the numerics fingerprint of the process that computed it: a study resumed on
+another machine reuses the chunks (their key says what they are, not where they were
+computed, as the stage cache's does) and the outcome says how many each fingerprint computed.
 
 ART's ``AutoAttack`` class is no substitute: it scores each component by its returned point
 only, and its APGD starts at the configured ``eps_step`` rather than 2·ε.
@@ -37,6 +40,7 @@ from typing import ClassVar
 import keras
 import numpy as np
 
+from art_study import numerics
 from art_study.attacks.apgd import APGD, _predict, apgd_targeted, check_target_classes
 from art_study.attacks.base import Attack, Outcome
 from art_study.attacks.checkpoints import Checkpoints, digest, model_digest
@@ -110,6 +114,8 @@ class AutoAttackStandard(Attack):
         #: cascade loaded from there
         self.checkpoints: Checkpoints | None = None
         self.resumed = 0
+        #: the last cascade's chunks per numerics fingerprint id that computed them
+        self.computed_by: dict[str, int] = {}
 
     def resume_from(self, checkpoints: Checkpoints) -> None:
         """Save every finished chunk in ``checkpoints`` and load the ones already there, under
@@ -132,7 +138,7 @@ class AutoAttackStandard(Attack):
         fooled = _predict(self.model, x, self.batch_size) != y
         clean_fooled = fooled.copy()
         after: dict[str, np.ndarray] = {}
-        self.costs, self.resumed = {}, 0
+        self.costs, self.resumed, self.computed_by = {}, 0, {}
         base = int(np.random.randint(0, 2**31 - 1))  # every chunk's seed derives from it
         state = np.random.get_state()  # what follows the cascade draws as if nothing resumed
         try:
@@ -147,7 +153,8 @@ class AutoAttackStandard(Attack):
 
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
         fooled, x_adv, after = self.cascade(x, y, eps)
-        return Outcome(x_adv, fooled, after, {name: c[0] for name, c in self.costs.items()})
+        return Outcome(x_adv, fooled, after, {name: c[0] for name, c in self.costs.items()},
+                       dict(self.computed_by))
 
     def _phase(self, phase: str, names, x, y, eps, base, fooled, x_adv, after) -> None:
         """``names`` on every chunk of images in turn, updating ``fooled``, ``x_adv``,
@@ -176,17 +183,24 @@ class AutoAttackStandard(Attack):
         saved = where.load("chunk") if where is not None else None
         if saved is not None:
             self.resumed += 1
+            self._computed_by(str(saved.get("numerics", "unknown")))
             return saved
         np.random.seed(int(digest(base, phase, i)[:8], 16) % (2**31 - 1))
         fooled, x_adv = fooled.copy(), x_adv.copy()
         after: dict[str, np.ndarray] = {}
         costs = self._run(names, x, y, eps, fooled, x_adv, after)
+        here = numerics.fingerprint()["id"]
+        self._computed_by(here)
         done = {"fooled": fooled, "x_adv_fooled": x_adv[fooled],
                 **{f"after_{name}": after[name] for name in names},
-                "costs": np.array([costs[name] for name in names], np.float64)}
+                "costs": np.array([costs[name] for name in names], np.float64),
+                "numerics": np.array(here)}
         if where is not None:
             where.save("chunk", done)
         return done
+
+    def _computed_by(self, fingerprint_id: str) -> None:
+        self.computed_by[fingerprint_id] = self.computed_by.get(fingerprint_id, 0) + 1
 
     def _run(self, names, x, y, eps, fooled, x_adv, after) -> dict[str, tuple]:
         """Each component on the images still robust, updating ``fooled`` and ``x_adv``; the

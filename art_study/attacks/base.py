@@ -30,12 +30,15 @@ class Outcome:
     returns a point reports none and is scored on ``x_adv``); ``after``, for a cascade, the
     cumulative ``fooled`` after each component, in the order they ran; ``seconds``, the wall
     time each component computed (a part resumed from a checkpoint counts the time it took
-    when it was computed)."""
+    when it was computed); ``computed_by``, for an attack that checkpoints, how many of its
+    chunks each numerics fingerprint computed (:mod:`art_study.numerics`: a chunk resumed
+    from a checkpoint may come from another machine's run)."""
 
     x_adv: np.ndarray
     fooled: np.ndarray
     after: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    computed_by: dict[str, int] = field(default_factory=dict)
 
 
 class Attack(ABC):

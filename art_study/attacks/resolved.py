@@ -80,13 +80,14 @@ class ResolvedAttack:
     def run(self, estimator, x: np.ndarray, y: np.ndarray, batch_size: int,
             components: dict[str, scoring.Verdicts] | None = None,
             checkpoints: Checkpoints | None = None,
-            component_seconds: dict[str, dict[float, float]] | None = None
-            ) -> scoring.Verdicts:
+            component_seconds: dict[str, dict[float, float]] | None = None,
+            computed_by: dict[str, int] | None = None) -> scoring.Verdicts:
         """Which of ``x`` (labels ``y``) are robust, per ε of this attack: classified correctly
         clean **and** not fooled (:mod:`art_study.attacks.scoring`). ``components``, if given,
         receives a cascade's cumulative verdict after each of its components (and
         ``component_seconds`` the wall time each computed); ``checkpoints``, if given, lets an
-        attack that checkpoints resume there."""
+        attack that checkpoints resume there (and ``computed_by`` how many of its chunks each
+        numerics fingerprint computed)."""
 
         def predict(images: np.ndarray) -> np.ndarray:
             return np.argmax(estimator.predict(images.astype(np.float32),
@@ -98,5 +99,5 @@ class ResolvedAttack:
             attack.resume_from(checkpoints)  # the attack scopes them by its model and settings
         if self.bounded:
             return scoring.bounded(attack, predict, x, y, self.eps, components,
-                                   component_seconds)
+                                   component_seconds, computed_by)
         return scoring.minimal(attack, predict, x, y, self.eps)

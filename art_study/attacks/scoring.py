@@ -30,11 +30,13 @@ Verdicts = dict[float, np.ndarray]
 def bounded(attack: Attack, predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
             y: np.ndarray, eps_values: Sequence[float],
             components: dict[str, Verdicts] | None = None,
-            component_seconds: dict[str, dict[float, float]] | None = None) -> Verdicts:
+            component_seconds: dict[str, dict[float, float]] | None = None,
+            computed_by: dict[str, int] | None = None) -> Verdicts:
     """Robust images per ε of a bounded attack, run once per ε (ε = 0 is the identity: ART's
     attacks refuse a zero budget). ``components``, if given, receives a cascade's cumulative
     verdict after each of its components (``components[name][ε]``), ``component_seconds`` the
-    wall time each computed."""
+    wall time each computed, ``computed_by`` the chunks each numerics fingerprint computed
+    (summed over ε)."""
     clean = predict(x) == y
     out: Verdicts = {}
     for eps in eps_values:
@@ -42,6 +44,9 @@ def bounded(attack: Attack, predict: Callable[[np.ndarray], np.ndarray], x: np.n
             out[eps] = clean
             continue
         outcome = attack(x, y, eps)
+        if computed_by is not None:
+            for fid, chunks in outcome.computed_by.items():
+                computed_by[fid] = computed_by.get(fid, 0) + chunks
         for name, fooled in outcome.after.items():
             if components is not None:
                 components.setdefault(name, {})[eps] = clean & ~fooled

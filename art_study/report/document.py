@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from art_study.numerics import describe_mixed
+from art_study.numerics import describe_differs, describe_mixed
 from art_study.report import paper
 from art_study.report.figures import draw_figures
 from art_study.report.reading import StudyData, find_study, gather, open_store, runs_table
@@ -152,8 +152,9 @@ def intro(doc: Doc, data: StudyData, uri: str) -> None:
              f"{', '.join(str(d) for d in sorted(st['depth'].unique()))}; seeds "
              f"{', '.join(str(s) for s in sorted(st['seed'].unique()))}; FGSM ε sweep "
              f"{', '.join(f'{e:g}' for e in data.eps) or '—'}.")
-    if data.finished is not None and (mixed := describe_mixed(data.finished)):
-        doc.para(mixed)
+    for describe in (describe_mixed, describe_differs):
+        if data.finished is not None and (sentence := describe(data.finished)):
+            doc.para(sentence)
     doc.para("Accuracies are in % on the evaluated test images, as mean ± half-width of the 95 % "
              "Student-t confidence interval over seeds (one seed: the value and n=1, no "
              "interval). FGSM is ours (a `tf.GradientTape` attack, metric "

@@ -207,13 +207,15 @@ RUN_TAGS = ("sequence", "depth", "seed", "stages", "gradient_masking_suspected",
 
 
 def is_provenance(tag: str) -> bool:
-    """What produced a run: its environment (:func:`art_study.tracking.is_environment_tag`)
-    and each stage's model sha256 and numerics fingerprint (``stage<n>.sha256``,
-    ``stage<n>.numerics``). A re-run compares its models' hashes
-    with these to tell "the same training, bit for bit" from "another machine's floating
-    point"."""
-    return is_environment_tag(tag) or (tag.startswith("stage") and tag.endswith(
-        (".sha256", ".numerics", ".numerics_differs")))
+    """What produced a run: its environment (:func:`art_study.tracking.is_environment_tag`),
+    each stage's model sha256 and numerics fingerprint (``stage<n>.sha256``,
+    ``stage<n>.numerics``) and the fingerprints of an attack's resumed chunks computed
+    elsewhere (``attack.<key>.numerics``). A re-run compares its models' hashes with these to
+    tell "the same training, bit for bit" from "another machine's floating point"."""
+    numerics_tag = tag.endswith((".numerics", ".numerics_differs"))
+    return (is_environment_tag(tag)
+            or (tag.startswith("stage") and (numerics_tag or tag.endswith(".sha256")))
+            or (tag.startswith("attack.") and numerics_tag))
 
 
 def runs_table(finished: pd.DataFrame) -> pd.DataFrame:
