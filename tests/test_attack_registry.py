@@ -178,6 +178,11 @@ def test_wrong_argument_lists_what_the_class_takes() -> None:
     with pytest.raises(ConfigError, match="attack 'apgd-t': n_target_classes"):
         validate_attacks(EvaluationConfig(attacks=[{"name": "apgd-t",
                                                     "args": {"n_target_classes": 10}}]), MNIST)
+    for arg in ("chunk_images", "plus_restarts", "plus_square_restarts"):
+        with pytest.raises(ConfigError, match=rf"^attack 'autoattack-standard': {arg} must be "
+                                              "a positive integer, got 0$"):
+            validate_attacks(EvaluationConfig(attacks=[{"name": "autoattack-standard",
+                                                        "args": {arg: 0}}]), MNIST)
 
 
 def test_dlr_estimator_is_scale_invariant(trained_model, small_mnist) -> None:
