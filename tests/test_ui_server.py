@@ -77,7 +77,8 @@ def test_sigterm_stops_the_server_and_its_workers(tmp_path) -> None:
         else:
             raise AssertionError(f"port {port} still served after SIGTERM")
         assert code == 0  # a stop asked for, not a crash
-    finally:
+    finally:  # the server's group too, found now if the UI never answered (else it would
+        below |= descendants(proc.pid)  # outlive the test, serving and using the CPU)
         for pid in [proc.pid, *below]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
