@@ -100,7 +100,9 @@ def serving_mlflow(postgres_uri: str, artifacts: str, log_path: Path,
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_uri,
              "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # no job runner (8 processes for GenAI jobs a study never runs), as `art-study ui`
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or os.environ)})
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
         try:
