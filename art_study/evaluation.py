@@ -204,7 +204,7 @@ def run_attack(attack: ResolvedAttack, estimators: dict, x: np.ndarray, y: np.nd
     correct = attack.run(estimators[attack.estimator], x[:n], y[:n], cfg.batch_size,
                          components=components, checkpoints=checkpoints,
                          component_seconds=seconds, computed_by=computed_by)
-    if set(computed_by) - {numerics.fingerprint()["id"]}:
+    if computed_by and set(computed_by) - {numerics.fingerprint()["id"]}:
         result.tags[f"{kind}.{attack.key}.numerics"] = ", ".join(
             f"{fid}: {chunks} chunks" for fid, chunks in sorted(computed_by.items()))
         result.tags[f"{kind}.{attack.key}.numerics_differs"] = "true"
