@@ -6,8 +6,9 @@ robust model AutoAttack takes about 1.4 s of this machine per image, 24 min per 
 chunk, and a study stopped at the end of every working session loses that much each time.
 Smaller chunks lose less, but each component then runs on smaller batches. This measures the
 second effect: the cascade's CPU time at each chunk size, interleaved in rounds (best round
-kept), as a ratio to the largest. Budgets are cut (``--max-iter``, ``--n-queries``) so a round
-takes a minute; the per-pass batch effect they measure is the same at the full budget.
+kept), as a ratio to the first of ``--chunks``. Budgets are cut (``--max-iter``,
+``--n-queries``) so a round takes a minute; the per-pass batch effect they measure is the same
+at the full budget.
 
     PYTHONPATH=. python benchmarks/autoattack_chunks.py --model path/to/robust-2conv.keras
 
