@@ -7,8 +7,8 @@ chunk, and a study stopped at the end of every working session loses that much e
 Smaller chunks lose less, but each component then runs on smaller batches. This measures the
 second effect: the cascade's CPU time at each chunk size, interleaved in rounds (best round
 kept), as a ratio to the first of ``--chunks``. Budgets are cut (``--max-iter``,
-``--n-queries``) so a round takes a minute; the per-pass batch effect they measure is the same
-at the full budget.
+``--n-queries``) so a round takes a minute; at the full budget a chunk's fixed costs (tracing,
+Python between the loops) weigh less, so the ratios should be closer to 1 (not measured).
 
     PYTHONPATH=. python benchmarks/autoattack_chunks.py --model path/to/robust-2conv.keras
 
