@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from art_study.attacks import FGSM
-from art_study.attacks.base import Attack, HandWritten, Outcome
+from art_study.attacks.base import FORWARD, QUERY, Attack, HandWritten, Outcome, Passes
 from art_study.attacks.registry import ALIASES, Estimators, resolve, validate_attacks
 from art_study.config import AttackConfig, EvaluationConfig
 from art_study.datasets import MNIST
@@ -291,3 +291,23 @@ def test_attacks_are_checked_on_the_datasets_shape_and_classes(monkeypatch) -> N
     assert len(TargetProbe.built) == 2
     plan_runs(local, {0: "l" * 64}, spec=local_spec((20, 20, 1), 4))
     assert TargetProbe.built[-1] == ((20, 20, 1), 4)
+
+
+def test_every_attack_counts_its_passes_from_its_settings() -> None:
+    """The planner's cost of an attack (passes per image) comes from its budget: every alias
+    has one; the config's settings change it; ART's defaults fill what a config leaves out;
+    attacks that stop on broken images count their later passes only for the robust ones."""
+    def passes(name: str, **args):
+        return resolve(AttackConfig(name=name, eps=[0.3], n_images=10, args=args), [0.3]).passes()
+
+    for name in ALIASES:
+        assert passes(name).per_image(1.0) > 0, name
+    assert passes("pgd") == Passes(40.0)
+    assert passes("pgd", max_iter=100, num_random_init=3) == Passes(300.0)
+    assert passes("ProjectedGradientDescent") == Passes(100.0)  # ART's default max_iter
+    assert passes("apgd-ce", nb_random_init=5) == Passes(100.0, 400.0)
+    assert passes("apgd-t") == Passes(100.0, 800.0)
+    assert passes("square") == Passes(FORWARD, 1000 * FORWARD)
+    light = passes("autoattack-standard", max_iter=10, n_queries=100, escalate=False)
+    assert light == Passes(10, 9 * 10 * (2 + FORWARD) + 100 * QUERY)
+    assert passes("autoattack-standard").robust > light.robust

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from art_study.attacks.base import FORWARD, QUERY
+from art_study.attacks.registry import resolve
 from art_study.cli import main
 from art_study.config import load_config
 from art_study.study.plan import distinct_stages, plan_runs
 from art_study.study.schedule import (
     Task,
+    attack_passes,
     critical_path,
+    evaluation_passes,
+    plain_epoch_passes,
     saturation,
     simulate,
     study_graph,
@@ -21,6 +27,7 @@ from art_study.study.schedule import (
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper.yaml"
+ROBUST = REPO / "configs" / "robust.yaml"
 
 
 def graph(*specs: tuple[str, float, tuple[str, ...], int]) -> list[Task]:
@@ -127,3 +134,46 @@ def test_plan_command_refuses_bad_times(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["plan", str(PAPER), "--nodes", "0"])
     assert exc.value.code == 2
+
+
+def test_an_evaluation_costs_what_its_attacks_budget(paper_seed0) -> None:
+    """The cost model counts an evaluation's passes from its attacks: the paper study's lands
+    near its measured 2.1 plain epochs; the robust study's AutoAttack on 10 000 images costs
+    hundreds on a robust model (the passes after APGD-CE run only on the images it keeps) and
+    tens on the control; the passes grow with the images and shrink without the escalation."""
+    control = next(r for r in paper_seed0 if r.sequence == "none" and r.depth == 2)
+    assert 1.5 < evaluation_passes(control) / plain_epoch_passes(control.config) < 3.0
+    robust = plan_runs(load_config(ROBUST, ["study.seeds=[0]"]), {0: "seed 0"})
+    pgd_at, plain = (next(r for r in robust if r.sequence == s and r.depth == 2)
+                     for s in ("pgd_adversarial_training", "none"))
+    epochs = {r.sequence: evaluation_passes(r) / plain_epoch_passes(r.config)
+              for r in (pgd_at, plain)}
+    assert epochs["pgd_adversarial_training"] > 500
+    assert 10 < epochs["none"] < 40
+    aa = next(a for a in pgd_at.config.evaluation.attacks if a.name == "autoattack-standard")
+    cost = resolve(aa, pgd_at.config.evaluation.eps).passes()
+    assert cost.every == 100  # APGD-CE, 100 iterations, on every image
+    # APGD-T and FAB-T (9 targets), Square, and the escalation: 2 × 5 APGD restarts, 1 Square
+    assert cost.robust == pytest.approx(9 * 100 * (2 + FORWARD) + 5000 * QUERY
+                                        + 2 * 5 * 100 + 1 * 5000 * QUERY)
+    assert attack_passes(pgd_at.config.evaluation, 10_000, 0.9, [aa.key]) == pytest.approx(
+        10_000 * (100 + 0.9 * cost.robust))
+    assert attack_passes(pgd_at.config.evaluation, 1_000, 0.9, [aa.key]) == pytest.approx(
+        1_000 * (100 + 0.9 * cost.robust))
+    calm = aa.model_copy(update={"args": {**aa.args, "escalate": False}})
+    assert resolve(calm, [0.3]).passes().robust == pytest.approx(
+        9 * 100 * (2 + FORWARD) + 5000 * QUERY)
+
+
+def test_plan_of_the_robust_study_is_bound_by_one_autoattack(capsys) -> None:
+    """One run's evaluation is one task: the robust study's critical path is a robust model's
+    AutoAttack on 10 000 images, hours where the plain-epoch count of its stages says minutes,
+    and nodes beyond a handful stop helping."""
+    code = main(["plan", str(ROBUST), "--nodes", "1,16", "--plain-epoch-s", "25"])
+    out = capsys.readouterr().out
+    assert code == 0
+    minutes = {int(m[1]): float(m[2]) for m in re.finditer(r"^\s+(\d+)\s+([\d.]+)", out, re.M)}
+    path = float(re.search(r"critical path: ([\d.]+) min", out)[1])
+    assert path > 180 and "evaluate" in out.split("critical path:")[1]
+    assert minutes[16] == pytest.approx(path, rel=0.05)
+    assert minutes[1] > 6 * path * 0.9  # six robust models at depth 2, each as long

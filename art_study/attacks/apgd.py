@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from art_study.attacks.base import Attack, Outcome
+from art_study.attacks.base import Attack, Outcome, Passes
 from art_study.models import input_shape_of, n_classes_of
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -288,6 +288,13 @@ class APGDCE(Attack):
             raise ValueError(f"art-study's APGD is L∞ only, got norm={norm!r}")
         self.apgd = APGD(model, loss=self.loss, n_iter=max_iter, n_restarts=nb_random_init,
                          batch_size=batch_size)
+
+    @classmethod
+    def passes(cls, settings: dict) -> Passes:
+        """The first restart on every image, the others on the images it left robust (APGD-T:
+        the first target, then the others)."""
+        restarts = settings["nb_random_init"] * settings.get("n_target_classes", 1)
+        return Passes(float(settings["max_iter"]), float((restarts - 1) * settings["max_iter"]))
 
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
         fooled, x_adv = self.apgd.attack(x, y, eps)

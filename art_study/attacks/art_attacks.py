@@ -5,7 +5,8 @@ it and ``eps_step`` as a multiple of ε. It builds ART's own attack object (ART'
 checks run there) and, through :class:`ArtEvasion`, an :class:`~art_study.attacks.base.Attack`
 scored on the point ART returns. What art-study must know about particular ART classes is data
 here (:data:`CLASS_STEPS`, :data:`BLACKBOX_CLASSES`, :data:`ITERATES_WITHOUT_MAX_ITER`,
-:data:`SUB_ATTACKS`), never a test of a class's name in the code that runs attacks.
+:data:`SUB_ATTACKS`, :data:`CLASS_PASSES`), never a test of a class's name in the code that
+runs attacks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from art_study.attacks.base import Attack, Outcome, settable
+from art_study.attacks.base import FORWARD, Attack, Outcome, Passes, iterations, settable
 
 #: ``eps_step`` as a multiple of ε for ART classes used by name (the reference's initial step
 #: for APGD-style attacks; 0.1 ε otherwise).
@@ -28,6 +29,19 @@ BLACKBOX_CLASSES = {"SquareAttack", "HopSkipJump", "BoundaryAttack", "SimBA", "Z
 
 #: ART classes that iterate within the ε-ball without a ``max_iter`` argument of their own.
 ITERATES_WITHOUT_MAX_ITER = {"AutoAttack"}
+
+
+#: What an ART class costs per image (:class:`~art_study.attacks.base.Passes`) from its settings
+#: (ART's defaults filled in), where it is not every iteration of every restart on every image
+#: (:func:`~art_study.attacks.base.iterations`). ART's Square, HopSkipJump and DeepFool stop
+#: on the images they broke; ART's AutoAttack runs its components (:func:`autoattack_components`)
+#: on the images still robust.
+CLASS_PASSES = {
+    "SquareAttack": lambda s: Passes(FORWARD, s["max_iter"] * s["nb_restarts"] * FORWARD),
+    "HopSkipJump": lambda s: Passes(FORWARD, s["max_iter"] * s["max_eval"] * FORWARD),
+    "DeepFool": lambda s: Passes(s["nb_grads"], (s["max_iter"] - 1) * s["nb_grads"]),
+    "AutoAttack": lambda s: Passes(100, 100 + 1000 * FORWARD),
+}
 
 
 def autoattack_components(estimator, eps: float, batch_size: int) -> list:
@@ -131,6 +145,14 @@ class ArtAttack:
         if self.bounded and "eps_step" in self._params():
             return {"eps_step_over_eps": float(self.step or 0.1)}
         return {}
+
+    def passes(self, settings: dict[str, Any]) -> Passes:
+        """Its cost per image at one ε: :data:`CLASS_PASSES`, else every iteration of every
+        restart (ART's defaults where the settings are silent)."""
+        full = {name: p.default for name, p in self._params().items()
+                if p.default is not inspect.Parameter.empty} | settings
+        count = CLASS_PASSES.get(self.class_name)
+        return count(full) if count else Passes(iterations(full))
 
     def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> ArtEvasion:
         return ArtEvasion(self, estimator, batch_size, settings)

@@ -18,6 +18,16 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+#: A forward pass as a share of a forward-and-backward pass, the unit of :class:`Passes`
+#: (215 / 466 µs CPU per image at batch 500 on the 2-conv CNN: docs/benchmarks.md, "AutoAttack
+#: against its floor").
+FORWARD = 0.46
+#: A query of art-study's Square (a forward pass at its batch of 1 000 images, with its own
+#: bookkeeping) in the same unit: 359 s for 5 000 queries on the ≈ 900 images still robust of a
+#: PGD-AT model, at 267 µs wall per forward-and-backward pass (docs/robust.md, the recipe
+#: comparison).
+QUERY = 0.3
+
 #: Arguments art-study sets itself; a config must not.
 RESERVED = frozenset({"estimator", "classifier", "eps", "eps_step", "verbose", "attacks",
                       "batch_size"})
@@ -41,6 +51,29 @@ class Outcome:
     computed_by: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Passes:
+    """What an attack costs per image at one ε, in forward-and-backward passes of the model,
+    counted from its settings (an estimate for planning: :mod:`art_study.study.schedule`):
+    ``every``, the passes every attacked image gets; ``robust``, those an image gets only while
+    the attack has not broken it (a cascade's later components, further targets or restarts, a
+    black-box attack's queries: on an undefended model almost none of them run)."""
+
+    every: float
+    robust: float = 0.0
+
+    def per_image(self, robust_share: float) -> float:
+        """Passes per image when ``robust_share`` of the images survive the first passes."""
+        return self.every + robust_share * self.robust
+
+
+def iterations(settings: dict[str, Any]) -> float:
+    """``max_iter`` × restarts (``nb_random_init`` or ``num_random_init``, at least one): the
+    cost of a gradient attack that runs every iteration on every image."""
+    restarts = settings.get("nb_random_init", settings.get("num_random_init", 1)) or 1
+    return float(settings.get("max_iter", 1)) * max(1, int(restarts))
+
+
 class Attack(ABC):
     """An L∞ attack with its settings fixed at construction; ``attack(x, y, eps)`` runs it.
 
@@ -60,6 +93,12 @@ class Attack(ABC):
     def budget(cls, settings: dict[str, Any]) -> dict[str, float]:
         """Figures logged with the attack's budget beyond its numeric settings (none here)."""
         return {}
+
+    @classmethod
+    def passes(cls, settings: dict[str, Any]) -> Passes:
+        """Its cost per image (:class:`Passes`); here every iteration of every restart on every
+        image: an attack that stops on broken images says so by overriding this."""
+        return Passes(iterations(settings))
 
     @abstractmethod
     def __call__(self, x: np.ndarray, y: np.ndarray, eps: float | None) -> Outcome:
@@ -108,6 +147,9 @@ class AttackFactory(Protocol):
 
     def budget(self, settings: dict[str, Any]) -> dict[str, float]:
         """Figures logged with the attack beyond its numeric settings."""
+
+    def passes(self, settings: dict[str, Any]) -> Passes:
+        """Its cost per image at one ε (:class:`Passes`)."""
 
     def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> Attack:
         """The attack on ``estimator`` with ``settings``."""
@@ -165,6 +207,9 @@ class HandWritten:
 
     def budget(self, settings: dict[str, Any]) -> dict[str, float]:
         return self.cls.budget(settings)
+
+    def passes(self, settings: dict[str, Any]) -> Passes:
+        return self.cls.passes({**self.defaults, **settings})
 
     def attack(self, estimator, batch_size: int, settings: dict[str, Any]) -> Attack:
         return self.cls(estimator.model, batch_size=batch_size, **settings)

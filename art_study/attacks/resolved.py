@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from art_study.attacks import scoring
-from art_study.attacks.base import Attack, AttackFactory
+from art_study.attacks.base import Attack, AttackFactory, Passes
 from art_study.attacks.checkpoints import Checkpoints
 from art_study.config import AttackConfig
 
@@ -67,6 +67,10 @@ class ResolvedAttack:
             if isinstance(self.kwargs.get(name), int | float):
                 out[name] = float(self.kwargs[name])
         return out
+
+    def passes(self) -> Passes:
+        """Its cost per image at one ε, counted from its settings (for planning)."""
+        return self.factory.passes(self.kwargs)
 
     def attack(self, estimator, batch_size: int) -> Attack:
         """The attack on ``estimator``, ready to call with images, labels and ε."""

@@ -12,9 +12,10 @@ tasks: no number of nodes finishes the study faster.
 
 Task times come from a finished study (its ``runs.csv`` export or its store: every run logs its
 stages' and its evaluation's seconds) or, where there is none, from a plain-epoch cost model
-(:data:`PLAIN_EPOCHS`). A task's measured time depends on how many tasks shared its node's
-cores while it ran, so a prediction is as good as the match between the study it was measured
-on and the cluster it is made for (docs/scale-out.md).
+(:data:`PLAIN_EPOCHS` for training; an evaluation's attacks counted in forward and backward
+passes from their budgets, :func:`evaluation_passes`). A task's measured time depends on how
+many tasks shared its node's cores while it ran, so a prediction is as good as the match
+between the study it was measured on and the cluster it is made for (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from art_study.attacks.base import FORWARD
+from art_study.config import AttackConfig, EvaluationConfig, ExperimentConfig
 from art_study.study.plan import RunSpec, StageSpec
 
-#: Cost model for a study never run: seconds of a task in plain 2-conv training epochs of the
-#: same machine, per epoch of a stage of each defense, and per evaluation or crafting task at
-#: the paper study's evaluation budget. Derived from a timed seed of configs/paper.yaml and the
-#: robust recipes' costs in docs/scale-out.md; defenses not listed cost one plain epoch.
+#: Cost model for a study never run: seconds of a training task in plain 2-conv training epochs
+#: of the same machine, per epoch of a stage of each defense. Derived from a timed seed of
+#: configs/paper.yaml and the robust recipes' costs in docs/scale-out.md; defenses not listed
+#: cost one plain epoch.
 PLAIN_EPOCHS = {
     "none": 1.0,
     "adversarial_training": 1.0,
@@ -39,9 +42,91 @@ PLAIN_EPOCHS = {
     "gradient_masking": 1.1,
     "pgd_adversarial_training": 4.25,
     "trades": 5.9,
-    "evaluation": 2.1,
-    "transfer": 0.9,
 }
+
+#: An evaluation or a transfer crafting is counted in forward-and-backward passes per image
+#: (each attack's :meth:`~art_study.attacks.resolved.ResolvedAttack.passes`); a plain training
+#: epoch costs this many such passes per training image (an optimizer step, batch 128: 742 µs
+#: CPU per image against 466 µs for a forward and backward pass at batch 500, docs/benchmarks.md).
+TRAIN_PASSES = 1.6
+
+#: The share of the attacked images a model keeps while an attack runs on it, by the defenses
+#: of its sequence (the largest counts), for the attacks' passes that run only on images still
+#: robust (:class:`~art_study.attacks.base.Passes`): what the robust study's models keep at
+#: ε = 0.3 on MNIST (docs/robust.md). Every other defense is broken by the first passes (the
+#: paper study's finding), so those passes are not counted for it.
+ROBUST_SHARE = {"pgd_adversarial_training": 0.9, "trades": 0.9}
+
+#: Test and training images of the datasets, where a config does not subset them.
+TEST_IMAGES = 10_000
+TRAIN_IMAGES = {"cifar10": 50_000}
+
+
+def robust_share(run: RunSpec) -> float:
+    """:data:`ROBUST_SHARE` of the run's most robust defense."""
+    return max((ROBUST_SHARE.get(s.defense, 0.0) for s in run.stages), default=0.0)
+
+
+def attack_passes(cfg: EvaluationConfig, n_test: int, share: float,
+                  keys: Iterable[str] | None = None) -> float:
+    """Forward-and-backward passes of ``cfg``'s attacks (those of ``keys`` only, when given;
+    ``fgsm`` is the sweep's FGSM) on the first ``n_test`` images, each at every ε it runs."""
+    from art_study.attacks.registry import resolve  # the ART classes load on first use
+
+    total = 0.0
+    attacks = {a.key: a for a in cfg.attacks}
+    for key in attacks if keys is None else keys:
+        attack = resolve(attacks[key] if key in attacks
+                         else AttackConfig(name="fgsm", n_images=n_test), cfg.eps)
+        n = min(attack.cfg.n_images, n_test)
+        total += n * len(attack.eps) * attack.passes().per_image(share)
+    return total
+
+
+def evaluation_passes(run: RunSpec) -> float:
+    """One run's evaluation in forward-and-backward passes: clean predictions, our FGSM at
+    every ε and ART's on the cross-check images, the attacks, the transfer examples' predictions,
+    the diagnostics' three PGD runs (k, 5k steps, and at the destroying ε)."""
+    cfg = run.config.evaluation
+    n = min(run.config.data.n_test or TEST_IMAGES, cfg.n_attack or TEST_IMAGES)
+    n_eps = len(cfg.eps)
+    passes = n * FORWARD + n * n_eps + min(cfg.xcheck_images or n, n) * n_eps
+    passes += attack_passes(cfg, n, robust_share(run))
+    if run.reference is not None and cfg.transfer:
+        crafted = craft_images(run.config)
+        passes += FORWARD * crafted
+    if cfg.diagnostics.enabled:
+        passes += min(cfg.diagnostics.n_images, n) * 7 * cfg.diagnostics.pgd_steps
+    return passes
+
+
+def craft_images(cfg: ExperimentConfig) -> float:
+    """Images × ε of the transfer examples: what a defended model predicts on."""
+    from art_study.attacks.registry import resolve
+
+    e = cfg.evaluation
+    n = min(cfg.data.n_test or TEST_IMAGES, e.n_attack or TEST_IMAGES)
+    attacks = {a.key: a for a in e.attacks}
+    total = 0.0
+    for key in e.transfer:
+        attack = resolve(attacks[key] if key in attacks
+                         else AttackConfig(name="fgsm", n_images=n), e.eps)
+        total += min(attack.cfg.n_images, n) * len(attack.eps)
+    return total
+
+
+def crafting_passes(run: RunSpec) -> float:
+    """The transfer examples of ``run``'s control in forward-and-backward passes: each transfer
+    attack run on the control, which it breaks (only the passes every image gets count)."""
+    e = run.config.evaluation
+    n = min(run.config.data.n_test or TEST_IMAGES, e.n_attack or TEST_IMAGES)
+    return attack_passes(e, n, 0.0, e.transfer)
+
+
+def plain_epoch_passes(cfg: ExperimentConfig) -> float:
+    """A plain training epoch of ``cfg`` in forward-and-backward passes."""
+    n = cfg.data.n_train or TRAIN_IMAGES.get(cfg.data.name, 60_000)
+    return TRAIN_PASSES * n
 
 
 @dataclass(frozen=True)
@@ -188,14 +273,18 @@ def measured_times(df: pd.DataFrame, runs: list[RunSpec]) -> tuple[
 def modelled_times(plain_epoch_s: float) -> tuple[
         Callable[[StageSpec, RunSpec], float], Callable[[RunSpec], float],
         Callable[[RunSpec], float]]:
-    """Task-time look-ups from :data:`PLAIN_EPOCHS` and the plain epoch's seconds."""
+    """Task-time look-ups from the cost model and the plain epoch's seconds: a stage from
+    :data:`PLAIN_EPOCHS`, an evaluation and a transfer crafting from their attacks' passes
+    (:func:`evaluation_passes`, :func:`crafting_passes`) over a plain epoch's."""
     def stage(s: StageSpec, run: RunSpec) -> float:
         if s.index == 0 and s.plain_key is not None:
             return 0.0  # applied to the control's first stage, which is trained anyway
         return s.epochs * plain_epoch_s * PLAIN_EPOCHS.get(s.defense, 1.0)
 
-    return (stage, lambda run: PLAIN_EPOCHS["evaluation"] * plain_epoch_s,
-            lambda run: PLAIN_EPOCHS["transfer"] * plain_epoch_s)
+    def passes(count: Callable[[RunSpec], float]) -> Callable[[RunSpec], float]:
+        return lambda run: count(run) / plain_epoch_passes(run.config) * plain_epoch_s
+
+    return stage, passes(evaluation_passes), passes(crafting_passes)
 
 
 def study_graph(runs: list[RunSpec], times: pd.DataFrame | None,
