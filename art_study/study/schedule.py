@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from art_study.attacks.base import FORWARD
+from art_study.attacks.resolved import ResolvedAttack
 from art_study.config import AttackConfig, EvaluationConfig, ExperimentConfig
 from art_study.study.plan import RunSpec, StageSpec
 
@@ -67,60 +68,52 @@ def robust_share(run: RunSpec) -> float:
     return max((ROBUST_SHARE.get(s.defense, 0.0) for s in run.stages), default=0.0)
 
 
-def attack_passes(cfg: EvaluationConfig, n_test: int, share: float,
-                  keys: Iterable[str] | None = None) -> float:
-    """Forward-and-backward passes of ``cfg``'s attacks (those of ``keys`` only, when given;
-    ``fgsm`` is the sweep's FGSM) on the first ``n_test`` images, each at every ε it runs."""
+def attacked_images(cfg: ExperimentConfig) -> int:
+    """How many test images (the first) an evaluation of ``cfg`` attacks."""
+    return min(cfg.data.n_test or TEST_IMAGES, cfg.evaluation.n_attack or TEST_IMAGES)
+
+
+def attack_budgets(cfg: EvaluationConfig, n_test: int, keys: Iterable[str] | None = None
+                   ) -> list[tuple[ResolvedAttack, int]]:
+    """``cfg``'s attacks (those of ``keys`` only, when given; ``fgsm`` is the sweep's FGSM),
+    each with the number of images it runs on out of the first ``n_test``."""
     from art_study.attacks.registry import resolve  # the ART classes load on first use
 
-    total = 0.0
     attacks = {a.key: a for a in cfg.attacks}
-    for key in attacks if keys is None else keys:
-        attack = resolve(attacks[key] if key in attacks
-                         else AttackConfig(name="fgsm", n_images=n_test), cfg.eps)
-        n = min(attack.cfg.n_images, n_test)
-        total += n * len(attack.eps) * attack.passes().per_image(share)
-    return total
+    resolved = [resolve(attacks[key] if key in attacks
+                        else AttackConfig(name="fgsm", n_images=n_test), cfg.eps)
+                for key in (attacks if keys is None else keys)]
+    return [(a, min(a.cfg.n_images, n_test)) for a in resolved]
+
+
+def attack_passes(cfg: EvaluationConfig, n_test: int, share: float,
+                  keys: Iterable[str] | None = None) -> float:
+    """Forward-and-backward passes of :func:`attack_budgets`' attacks, each at every ε it runs,
+    on a model that keeps ``share`` of the images."""
+    return sum(n * len(a.eps) * a.passes().per_image(share)
+               for a, n in attack_budgets(cfg, n_test, keys))
 
 
 def evaluation_passes(run: RunSpec) -> float:
     """One run's evaluation in forward-and-backward passes: clean predictions, our FGSM at
-    every ε and ART's on the cross-check images, the attacks, the transfer examples' predictions,
-    the diagnostics' three PGD runs (k, 5k steps, and at the destroying ε)."""
-    cfg = run.config.evaluation
-    n = min(run.config.data.n_test or TEST_IMAGES, cfg.n_attack or TEST_IMAGES)
+    every ε and ART's on the cross-check images, the attacks, the predictions on the transfer
+    examples, the diagnostics' three PGD runs (k and 5k steps, and k at the destroying ε)."""
+    cfg, n = run.config.evaluation, attacked_images(run.config)
     n_eps = len(cfg.eps)
     passes = n * FORWARD + n * n_eps + min(cfg.xcheck_images or n, n) * n_eps
     passes += attack_passes(cfg, n, robust_share(run))
     if run.reference is not None and cfg.transfer:
-        crafted = craft_images(run.config)
-        passes += FORWARD * crafted
+        passes += FORWARD * sum(k * len(a.eps) for a, k in attack_budgets(cfg, n, cfg.transfer))
     if cfg.diagnostics.enabled:
         passes += min(cfg.diagnostics.n_images, n) * 7 * cfg.diagnostics.pgd_steps
     return passes
 
 
-def craft_images(cfg: ExperimentConfig) -> float:
-    """Images × ε of the transfer examples: what a defended model predicts on."""
-    from art_study.attacks.registry import resolve
-
-    e = cfg.evaluation
-    n = min(cfg.data.n_test or TEST_IMAGES, e.n_attack or TEST_IMAGES)
-    attacks = {a.key: a for a in e.attacks}
-    total = 0.0
-    for key in e.transfer:
-        attack = resolve(attacks[key] if key in attacks
-                         else AttackConfig(name="fgsm", n_images=n), e.eps)
-        total += min(attack.cfg.n_images, n) * len(attack.eps)
-    return total
-
-
 def crafting_passes(run: RunSpec) -> float:
     """The transfer examples of ``run``'s control in forward-and-backward passes: each transfer
     attack run on the control, which it breaks (only the passes every image gets count)."""
-    e = run.config.evaluation
-    n = min(run.config.data.n_test or TEST_IMAGES, e.n_attack or TEST_IMAGES)
-    return attack_passes(e, n, 0.0, e.transfer)
+    cfg = run.config.evaluation
+    return attack_passes(cfg, attacked_images(run.config), 0.0, cfg.transfer)
 
 
 def plain_epoch_passes(cfg: ExperimentConfig) -> float:
