@@ -179,12 +179,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from art_study.config import load_config
     from art_study.study.plan import distinct_stages, plan_runs
-    from art_study.study.schedule import render, study_graph
+    from art_study.study.schedule import done_tasks, remaining, render, study_graph
 
-    cfg = load_config(args.config, list(args.set or []))
+    cfg = load_config(args.config, config_overrides(args))
     import_tensorflow()  # planning checks the attacks on a throw-away model
     seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
-    runs = plan_runs(cfg, {s: f"seed {s}" for s in seeds})  # the tree's shape, not its data
+    if args.remaining:  # the runs' real keys, to find what the store and the cache hold
+        from art_study.study.execute import study_progress
+
+        runs, cached, finished = study_progress(cfg)
+    else:
+        runs = plan_runs(cfg, {s: f"seed {s}" for s in seeds})  # the tree's shape, not its data
     times = None
     if args.times is not None:
         if not args.times.is_file():
@@ -200,7 +205,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ArtStudyError(f"--times: {args.times} lacks {', '.join(sorted(missing))}: "
                                 "not a runs.csv of `art-study report --export`")
     graph, modelled = study_graph(runs, times, args.plain_epoch_s)
-    print(f"study {cfg.name}: {len(runs)} runs, {len(distinct_stages(runs))} distinct stages")
+    stages = distinct_stages(runs)
+    print(f"study {cfg.name}: {len(runs)} runs, {len(stages)} distinct stages")
+    if args.remaining:
+        graph = remaining(graph, done_tasks(runs, cached, finished))
+        print(f"done: {len(finished & {r.key for r in runs})} runs finished, "
+              f"{len(cached)} of {len(stages)} stages in the cache; what is left (an "
+              "evaluation under way counts in full: AutoAttack's saved chunks are not "
+              "subtracted):")
     print(render(graph, args.nodes, modelled))
     return 0
 
@@ -408,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "--export); runs it lacks use the cost model")
     plan.add_argument("--plain-epoch-s", type=float, default=13.0, metavar="S",
                       help="seconds of a plain 2-conv epoch, for the cost model (default 13)")
+    plan.add_argument("--remaining", action="store_true",
+                      help="predict only what is left of the study: the runs FINISHED in its "
+                           "store and the stages in its cache are done (loads the data)")
+    plan.add_argument("--tracking-uri", help="the study's store, for --remaining (default: "
+                                             "the config's)")
+    plan.add_argument("--data-dir", help="directory with the dataset's files, for --remaining")
     plan.set_defaults(func=cmd_plan)
 
     runs = sub.add_parser("runs", help="list a store's studies, their runs and verdicts, and "

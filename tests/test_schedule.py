@@ -17,8 +17,10 @@ from art_study.study.schedule import (
     Task,
     attack_passes,
     critical_path,
+    done_tasks,
     evaluation_passes,
     plain_epoch_passes,
+    remaining,
     saturation,
     simulate,
     study_graph,
@@ -177,3 +179,25 @@ def test_plan_of_the_robust_study_is_bound_by_one_autoattack(capsys) -> None:
     assert path > 180 and "evaluate" in out.split("critical path:")[1]
     assert minutes[16] == pytest.approx(path, rel=0.05)
     assert minutes[1] > 6 * path * 0.9  # six robust models at depth 2, each as long
+
+
+def test_what_a_resumed_study_does_not_run_again(paper_seed0) -> None:
+    """Finished runs' evaluations, cached stages and stages no unfinished run needs are done;
+    a control's transfer crafting is done only once every run attacked with it has finished
+    (the examples are not kept); the rest keeps its time."""
+    runs = paper_seed0
+    control = next(r for r in runs if r.sequence == "none" and r.depth == 2)
+    users = [r for r in runs if r.reference == control.stages[-1]]
+    assert users
+    g = tasks(runs, lambda s, r: 1.0, lambda r: 1.0, lambda r: 1.0)
+    craft = f"transfer:{control.stages[-1].key}"
+    done = done_tasks(runs, cached={control.stages[0].key}, finished={control.key})
+    assert f"evaluate:{control.key}" in done and f"stage:{control.stages[0].key}" in done
+    assert craft not in done
+    # the control's second stage is needed by no unfinished run: done though not cached
+    assert f"stage:{control.stages[1].key}" in done
+    done = done_tasks(runs, set(), {control.key, *(r.key for r in users)})
+    assert craft in done
+    left = remaining(g, done)
+    assert sum(t.seconds for t in left) == len(g) - len(done)
+    assert {t.name for t in left if t.seconds == 0} == done

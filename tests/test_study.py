@@ -456,6 +456,26 @@ def test_stage_handoff_files_are_named_not_copied(tiny_study) -> None:
         assert sha256_file(cache.model_path(key)) == kid.data.tags[f"stage{n}.sha256"]
 
 
+def test_plan_remaining_counts_what_the_store_and_the_cache_hold(tiny_study, mnist_dir,
+                                                                 capsys) -> None:
+    """``art-study plan --remaining`` on a finished study predicts nothing left; with a second
+    seed (another study: a new parent run) the first seed's stages are in the cache but no run
+    is finished, and what is left is more than none."""
+    from art_study.cli import main
+
+    _cfg, uri, _result = tiny_study
+    args = ["plan", str(TINY), "--remaining", "--tracking-uri", uri, "--data-dir",
+            str(mnist_dir), "--nodes", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"done: {SINGLE_PAIRS} runs finished, 14 of 14 stages in the cache" in out
+    assert "tasks, 0.0 task-minutes" in out
+    assert main([*args, "--set", "study.seeds=[0, 1]"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 0 runs finished, 14 of 28 stages in the cache" in out
+    assert "tasks, 0.0 task-minutes" not in out
+
+
 def test_rerun_skips_finished_children(tiny_study) -> None:
     cfg, uri, first = tiny_study
     again = run_study(cfg, progress=False)

@@ -27,13 +27,14 @@ from art_study.config import ExperimentConfig
 from art_study.data import MnistData, load_dataset, load_mnist
 from art_study.errors import ArtStudyError
 from art_study.study.backends import RayOptions, choose_backend
-from art_study.study.executor import RunResult, StudyResult, search_all
+from art_study.study.executor import RunResult, StudyResult, finished_run_keys, search_all
 from art_study.study.object_cache import is_uri, open_cache
-from art_study.study.plan import plan_runs
+from art_study.study.plan import RunSpec, distinct_stages, plan_runs, study_key
 from art_study.tracking import (
     DEFAULT_STORE_DIR,
     local_store_path,
     prepare_store,
+    redact,
     resolve_tracking_uri,
 )
 
@@ -138,6 +139,38 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
             "rerun the same command to retry them"
         )
     return result
+
+
+def study_progress(cfg: ExperimentConfig) -> tuple[list[RunSpec], set[str], set[str]]:
+    """What a resumed ``run_study(cfg)`` would not compute again: its runs as it plans them
+    (the data is loaded for its fingerprints), the keys of their stages the stage cache holds,
+    and the run keys its store has FINISHED under the study's latest parent run. Reads only: a
+    store or cache that does not exist holds nothing."""
+    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
+    data = load_data(cfg, seeds)
+    strict = cfg.study is not None and cfg.study.numerics_strict
+    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
+                     numerics.fingerprint()["id"] if strict else None, data[seeds[0]].spec)
+    root = cache_dir_for(cfg)
+    cached: set[str] = set()
+    if is_uri(root) or Path(root).is_dir():
+        cache = open_cache(root)
+        cached = {key for key in distinct_stages(runs) if cache.has(key)}
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    local = local_store_path(uri)
+    finished: set[str] = set()
+    if cfg.study is not None and (local is None or local.exists()):
+        client = MlflowClient(uri)
+        try:
+            experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+            if experiment is not None:
+                finished = finished_run_keys(client, experiment.experiment_id,
+                                             study_key(cfg, runs))
+        except Exception as exc:  # a store that cannot be read: say so in one line
+            text = str(exc).strip().splitlines()
+            raise ArtStudyError(f"tracking store {redact(uri)} cannot be read: "
+                                f"{redact(text[0] if text else type(exc).__name__)}") from None
+    return runs, cached, finished
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> RunResult:

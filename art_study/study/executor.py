@@ -319,6 +319,17 @@ def _find_parent(client: MlflowClient, experiment_id: str, study_key: str) -> st
     return found[0].info.run_id if found else None
 
 
+def finished_run_keys(client: MlflowClient, experiment_id: str, study_key: str) -> set[str]:
+    """The ``run_key`` of every FINISHED child of the study's latest parent run: the runs a
+    resumed study skips. Reads only (unlike :func:`_finished_children`)."""
+    parent = _find_parent(client, experiment_id, study_key)
+    if parent is None:
+        return set()
+    return {r.data.tags["run_key"]
+            for r in search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent}'")
+            if r.info.status == "FINISHED" and r.data.tags.get("run_key")}
+
+
 def _rival_parent(client: MlflowClient, experiment_id: str, study_key: str, lease: Lease,
                   mine: RunInfo):
     """An earlier RUNNING parent of the same study whose lease is live: two processes started

@@ -174,6 +174,28 @@ def tasks(runs: list[RunSpec], stage_s: Callable[[StageSpec, RunSpec], float],
     return list(out.values())
 
 
+def done_tasks(runs: list[RunSpec], cached: set[str], finished: set[str]) -> set[str]:
+    """The tasks of :func:`tasks` that a resumed study does not run again: the evaluations of
+    the ``finished`` runs (by run key), the stages in the cache (``cached``, by stage key) or
+    needed by no unfinished run, and the transfer crafting every run that needs has finished
+    (transfer examples are not kept: a run still to evaluate crafts them again)."""
+    todo = [r for r in runs if r.key not in finished]
+    needed = {s.key for r in todo for s in r.stages}
+    crafted = {r.reference.key for r in todo
+               if r.reference is not None and r.config.evaluation.transfer}
+    done = {f"evaluate:{r.key}" for r in runs if r.key in finished}
+    done |= {f"stage:{s.key}" for r in runs for s in r.stages
+             if s.key in cached or s.key not in needed}
+    done |= {f"transfer:{r.reference.key}" for r in runs
+             if r.reference is not None and r.reference.key not in crafted}
+    return done
+
+
+def remaining(graph: list[Task], done: set[str]) -> list[Task]:
+    """``graph`` with the ``done`` tasks taking no time."""
+    return [Task(t.name, 0.0, t.after, t.run) if t.name in done else t for t in graph]
+
+
 def simulate(graph: list[Task], nodes: int, lookahead: int | None = None) -> Prediction:
     """Run ``graph`` on ``nodes`` nodes of one task each; ``lookahead`` runs are submitted
     ahead of the run being logged (default ``2 × nodes``, as the Ray backend does)."""
@@ -306,10 +328,12 @@ def render(graph: list[Task], node_counts: list[int], modelled: int) -> str:
     """A plain-text table: per node count the predicted wall time, speed-up and busy share,
     then the critical path and the node count where the speed-up stops."""
     one = simulate(graph, 1).wall_s
+    head = (f"{len(graph)} tasks, {sum(t.seconds for t in graph) / 60:.1f} task-minutes"
+            + (f" ({modelled} from the plain-epoch cost model)" if modelled else ""))
+    if one == 0:  # every task done (plan --remaining of a finished study)
+        return f"{head}: nothing left to run"
     path_s, path = critical_path(graph)
-    lines = [f"{len(graph)} tasks, {sum(t.seconds for t in graph) / 60:.1f} task-minutes"
-             + (f" ({modelled} from the plain-epoch cost model)" if modelled else ""),
-             "", f"{'nodes':>5}  {'wall (min)':>10}  {'speed-up':>8}  {'busy':>5}"]
+    lines = [head, "", f"{'nodes':>5}  {'wall (min)':>10}  {'speed-up':>8}  {'busy':>5}"]
     for n in node_counts:
         p = simulate(graph, n)
         lines.append(f"{n:>5}  {p.wall_s / 60:>10.1f}  {one / p.wall_s:>7.2f}x  {p.busy:>5.0%}")
