@@ -457,10 +457,10 @@ def test_stage_handoff_files_are_named_not_copied(tiny_study) -> None:
 
 
 def test_plan_remaining_counts_what_the_store_and_the_cache_hold(tiny_study, mnist_dir,
-                                                                 capsys) -> None:
+                                                                 tmp_path, capsys) -> None:
     """``art-study plan --remaining`` on a finished study predicts nothing left; with a second
     seed (another study: a new parent run) the first seed's stages are in the cache but no run
-    is finished, and what is left is more than none."""
+    is finished, and what is left is more than none; a store that cannot be read is one line."""
     from art_study.cli import main
 
     _cfg, uri, _result = tiny_study
@@ -474,6 +474,12 @@ def test_plan_remaining_counts_what_the_store_and_the_cache_hold(tiny_study, mni
     out = capsys.readouterr().out
     assert "done: 0 runs finished, 14 of 28 stages in the cache" in out
     assert "tasks, 0.0 task-minutes" not in out
+    bad = tmp_path / "not-a-store.db"
+    bad.write_text("not a database")
+    args[args.index(uri)] = f"sqlite:///{bad}"
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("art-study: error: tracking store") and "\n" not in err
 
 
 def test_rerun_skips_finished_children(tiny_study) -> None:

@@ -160,8 +160,8 @@ def study_progress(cfg: ExperimentConfig) -> tuple[list[RunSpec], set[str], set[
     local = local_store_path(uri)
     finished: set[str] = set()
     if cfg.study is not None and (local is None or local.exists()):
-        client = MlflowClient(uri)
         try:
+            client = MlflowClient(uri)
             experiment = client.get_experiment_by_name(cfg.tracking.experiment)
             if experiment is not None:
                 finished = finished_run_keys(client, experiment.experiment_id,
