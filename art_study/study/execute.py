@@ -98,6 +98,17 @@ def load_data(cfg: ExperimentConfig, seeds: list[int]) -> dict[int, MnistData]:
     return {s: load(n_train=d.n_train, n_test=d.n_test, seed=s) for s in seeds}
 
 
+def planned_runs(cfg: ExperimentConfig) -> tuple[list[RunSpec], dict[int, MnistData]]:
+    """The runs of ``cfg`` keyed by the data each seed loads (and, with
+    ``study.numerics_strict``, by this machine's numerics), and that data."""
+    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
+    data = load_data(cfg, seeds)
+    strict = cfg.study is not None and cfg.study.numerics_strict
+    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
+                     numerics.fingerprint()["id"] if strict else None, data[seeds[0]].spec)
+    return runs, data
+
+
 def run_study(cfg: ExperimentConfig, *, progress: bool = True,
               ray_options: RayOptions | None = None) -> StudyResult:
     """Run every experiment of ``cfg`` (one, or a whole study) and record them in MLflow.
@@ -113,11 +124,7 @@ def run_study(cfg: ExperimentConfig, *, progress: bool = True,
     if register and not cfg.tracking.log_model:
         raise ArtStudyError("study.register needs the models: tracking.log_model is false")
     experiment_id = prepare_store(cfg.tracking.uri, cfg.tracking.experiment)
-    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
-    data = load_data(cfg, seeds)
-    strict = cfg.study is not None and cfg.study.numerics_strict
-    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
-                     numerics.fingerprint()["id"] if strict else None, data[seeds[0]].spec)
+    runs, data = planned_runs(cfg)
     executor = make_executor(cfg, data, cache, progress)
     try:
         if cfg.study is None:
@@ -146,11 +153,7 @@ def study_progress(cfg: ExperimentConfig) -> tuple[list[RunSpec], set[str], set[
     (the data is loaded for its fingerprints), the keys of their stages the stage cache holds,
     and the run keys its store has FINISHED under the study's latest parent run. Reads only: a
     store or cache that does not exist holds nothing."""
-    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
-    data = load_data(cfg, seeds)
-    strict = cfg.study is not None and cfg.study.numerics_strict
-    runs = plan_runs(cfg, {s: data[s].fingerprint for s in seeds},
-                     numerics.fingerprint()["id"] if strict else None, data[seeds[0]].spec)
+    runs, _data = planned_runs(cfg)
     root = cache_dir_for(cfg)
     cached: set[str] = set()
     if is_uri(root) or Path(root).is_dir():
