@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="task times from a finished study's runs.csv (art-study report "
                            "--export); runs it lacks use the cost model")
     plan.add_argument("--plain-epoch-s", type=float, default=13.0, metavar="S",
-                      help="seconds of a plain 2-conv epoch, for the cost model (default 13)")
+                      help="seconds of a plain 2-conv epoch over the config's training images, "
+                           "for the cost model (default 13)")
     plan.add_argument("--remaining", action="store_true",
                       help="predict only what is left of the study: the runs FINISHED in its "
                            "store and the stages in its cache are done (loads the data)")
