@@ -183,13 +183,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, config_overrides(args))
     import_tensorflow()  # planning checks the attacks on a throw-away model
-    seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
     if args.remaining:  # the runs' real keys, to find what the store and the cache hold
         from art_study.study.execute import study_progress
 
         runs, cached, finished = study_progress(cfg)
-    else:
-        runs = plan_runs(cfg, {s: f"seed {s}" for s in seeds})  # the tree's shape, not its data
+    else:  # the tree's shape, not its data
+        seeds = cfg.study.all_seeds() if cfg.study else [cfg.seed]
+        runs = plan_runs(cfg, {s: f"seed {s}" for s in seeds})
     times = None
     if args.times is not None:
         if not args.times.is_file():
