@@ -36,7 +36,7 @@ from art_study.config import (
 from art_study.datasets import DATASETS, MNIST, dataset_evaluation
 from art_study.errors import TrackingError
 from art_study.model_source import PreparedModel
-from art_study.run_page import DataRef, dataset_name
+from art_study.run_page import DataRef, attacked_eps, dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +204,16 @@ def evaluate_in_run(model, x, y, cfg: ExperimentConfig, tags: dict[str, str], da
 
 def accuracy_table(metrics: dict[str, float]):
     """Accuracy per attack (rows, in the order logged) and ε (columns): every
-    ``<attack>/accuracy_eps_<ε>`` metric, as a pandas DataFrame."""
+    ``<attack>/accuracy_eps_<ε>`` metric, as a pandas DataFrame; the worst case (``robust``)
+    only where a configured attack ran (:func:`~art_study.run_page.attacked_eps`)."""
     import pandas as pd
 
+    attacked = attacked_eps(metrics)
     rows: dict[str, dict[float, float]] = {}
     for key, value in metrics.items():
         attack, sep, eps = key.partition("/accuracy_eps_")
-        if sep and not attack.startswith("xcheck"):
+        if sep and not attack.startswith("xcheck") and (
+                attack != "robust" or float(eps) in attacked):
             rows.setdefault(attack, {})[float(eps)] = value
     table = pd.DataFrame.from_dict(rows, orient="index")
     table = table[sorted(table.columns)]

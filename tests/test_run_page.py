@@ -39,12 +39,40 @@ def test_curve_points_and_summary() -> None:
     points = curve_points(METRICS)
     assert list(dict.fromkeys(points["attack"])) == ["FGSM (ours)", "FGSM (ART)", "pgd",
                                                        WORST_CASE]
-    worst = points[points["attack"] == WORST_CASE]
-    assert list(worst["eps"]) == [0.1, 0.3] and list(worst["n_images"]) == [100.0, 40.0]
+    worst = points[points["attack"] == WORST_CASE]  # not at 0.1: only FGSM ran there
+    assert list(worst["eps"]) == [0.3] and list(worst["n_images"]) == [40.0]
     assert points.loc[points["key"] == "fgsm_art", "n_images"].tolist() == [50.0, 50.0]
     assert summary_line(METRICS, TAGS) == ("clean accuracy 0.9800; worst case 0.0400 at ε=0.3; "
                                            "gradient masking not suspected")
     assert summary_line(METRICS, {}).endswith("gradient masking not checked")
+
+
+def test_the_headline_is_where_the_attacks_ran_not_the_sweep_s_end() -> None:
+    """A Fashion-MNIST evaluation: FGSM swept to 0.2, the attacks at 0.05 and 0.1. The worst
+    case logged at 0.15 and 0.2 is FGSM's; the headline, the curve, the registry's tags and the
+    evaluate command's table all take the worst case at 0.1."""
+    from art_study.evaluate_model import accuracy_table
+    from art_study.model_registry import HEADLINE_TAG, robustness_tags
+
+    metrics = {"clean/accuracy": 0.89, "eval/n_images": 1000.0}
+    for eps, fgsm, pgd, worst in ((0.05, 0.52, 0.13, 0.12), (0.1, 0.31, 0.004, 0.004),
+                                  (0.15, 0.2, None, 0.2), (0.2, 0.14, None, 0.14)):
+        metrics[f"fgsm_custom/accuracy_eps_{eps:g}"] = fgsm
+        metrics[f"robust/accuracy_eps_{eps:g}"] = worst
+        if pgd is not None:
+            metrics[f"attack/pgd/accuracy_eps_{eps:g}"] = pgd
+    points = curve_points(metrics)
+    assert points.loc[points["attack"] == WORST_CASE, "eps"].tolist() == [0.05, 0.1]
+    assert summary_line(metrics, TAGS).startswith("clean accuracy 0.8900; worst case 0.0040 "
+                                                  "at ε=0.1;")
+    tags = robustness_tags(metrics, TAGS)
+    assert tags[HEADLINE_TAG] == "0.0040"
+    table = accuracy_table(metrics)
+    assert table.loc["robust"].notna().tolist() == [True, True, False, False]
+    assert table.loc["fgsm_custom"].notna().all()
+    fgsm_only = {k: v for k, v in metrics.items() if not k.startswith("attack/")}
+    assert "worst case" not in summary_line(fgsm_only, TAGS)
+    assert "robust" not in accuracy_table(fgsm_only).index
 
 
 def test_log_run_page_fills_the_run(run, tmp_path) -> None:
