@@ -448,6 +448,14 @@ def test_robustness_plot_shows_the_worst_case_where_attacks_ran(store) -> None:
                                  [0.1, 0.3]) is None  # evaluated before the worst case
 
 
+def test_every_sequence_of_a_study_gets_its_own_colour() -> None:
+    """The Fashion-MNIST study has 12 sequences; Matplotlib's default cycle has 10 colours,
+    and gave PGD-AT the control's and TRADES FGSM-AT's."""
+    for n in (1, 10, 12, 20):
+        assert len(set(figures.sequence_colours(n))) == n
+    assert figures.sequence_colours(3) == figures.sequence_colours(10)[:3]  # tab10 as before
+
+
 def test_runs_logged_before_the_table_give_the_same_report(store, robust_md, tmp_path) -> None:
     """Metrics and ``eval/correct.npz`` only: the table is rebuilt from the metrics, the
     verdicts read by their former names; every table reads the same."""

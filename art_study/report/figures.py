@@ -93,32 +93,48 @@ def _curve(summary: pd.DataFrame, depth: int, seq: str, kind: Kind, eps: list[fl
     return tuple(np.array(v, dtype=float) for v in zip(*pts, strict=True))
 
 
+def sequence_colours(n: int) -> list[tuple[float, ...]]:
+    """``n`` distinct colours, one per sequence: Matplotlib's default cycle (tab10) up to 10,
+    tab20 beyond (a study with PGD-AT and TRADES beside the paper's ten sequences has 12, and
+    the default cycle would give two of them the control's colour)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plot_robustness(summary: pd.DataFrame, depth: int, order: list[str], eps: list[float],
                     worst_eps: list[float], eps_star: float, path: Path) -> None:
     """Accuracy vs ε (clean at ε = 0), one colour per sequence: our FGSM as a line with 95 %
     CI bands, the per-image worst case over every attack as squares on a dashed line at each ε
     where attacks beyond FGSM ran: how fast each defense gives way, and how much of its FGSM
-    robustness is real."""
-    fig = new_figure(8, 5)
+    robustness is real. The legend, outside the axes, names each colour once and each line
+    style once, so that it covers no curve however many sequences there are."""
+    from matplotlib.lines import Line2D
+
+    fig = new_figure(10, 5)
     ax = fig.add_subplot()
-    for i, seq in enumerate(order):
-        colour = f"C{i % 10}"
+    handles = [Line2D([], [], color="black", marker="o", ls="-", label="FGSM (ours), 95 % CI"),
+               Line2D([], [], color="black", marker="s", ls="--",
+                      label="worst case over attacks")]
+    for seq, colour in zip(order, sequence_colours(len(order)), strict=True):
         fgsm = _curve(summary, depth, seq, Kind.FGSM, eps)
         if fgsm is not None:
             x, mean, half = fgsm
-            ax.plot(x, mean, "-", marker="o", color=colour, label=f"{seq}, FGSM")
+            ax.plot(x, mean, "-", marker="o", color=colour)
             if np.isfinite(half).any():
                 half = np.nan_to_num(half)
                 ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.15)
         worst = _curve(summary, depth, seq, Kind.WORST_CASE, worst_eps)
         if worst is not None:
             x, mean, half = worst
-            ax.errorbar(x, mean, yerr=np.nan_to_num(half), fmt="--s", color=colour, capsize=3,
-                        label=f"{seq}, worst case")
+            ax.errorbar(x, mean, yerr=np.nan_to_num(half), fmt="--s", color=colour, capsize=3)
+        if fgsm is not None or worst is not None:
+            handles.append(Line2D([], [], color=colour, lw=6, label=seq))
     ax.axvline(eps_star, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="ε (pixel scale [0, 1]; 0 = clean)", ylabel="accuracy %",
            title=f"Robustness, {depth} conv layers (dotted: the reference ε)", ylim=(0, 101))
-    ax.legend(fontsize=7, loc="lower left")
+    fig.legend(handles=handles, fontsize=7, loc="outside right upper")
     fig.savefig(path)
 
 
