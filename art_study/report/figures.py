@@ -194,8 +194,10 @@ def example_models(results: pd.DataFrame, summary: pd.DataFrame, eps: float
             .iterrows()]
 
 
-def example_images(run_id: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """The first test images the run evaluated, loaded as the run loaded them (its config)."""
+def example_images(run_id: str, data_dir: str | None
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The first test images the run evaluated, loaded as the run loaded them (its config),
+    their labels, and the dataset's class names."""
     from art_study.config import config_from_mapping
     from art_study.data import load_dataset
 
@@ -204,20 +206,21 @@ def example_images(run_id: str, data_dir: str | None) -> tuple[np.ndarray, np.nd
     data = load_dataset(cfg.data.name, path=cfg.data.path, data_dir=data_dir or cfg.data.dir,
                         n_train=cfg.data.n_train, n_test=cfg.data.n_test, seed=cfg.seed,
                         download=False)
-    return data.x_test[:N_EXAMPLES], data.y_test[:N_EXAMPLES]
+    return data.x_test[:N_EXAMPLES], data.y_test[:N_EXAMPLES], data.spec.class_names
 
 
 def plot_examples(models: list[ExampleModel], eps: float, data_dir: str | None,
                   path: Path) -> None:
     """Clean and FGSM images with each model's predictions (green right, red wrong): what the
-    attack does to a digit, and what a defense changes about it."""
+    attack does to an image, and what a defense changes about it. Labels by the dataset's
+    class names (MNIST's are its digits)."""
     import keras
 
     import art_study.defenses  # noqa: F401  (registers the gradient-masking layers for loading)
     from art_study.attacks import FGSM
     from art_study.models import one_hot, predict_labels
 
-    x, y = example_images(models[0].run_id, data_dir)
+    x, y, names = example_images(models[0].run_id, data_dir)
     fig = new_figure(1.3 * N_EXAMPLES, 1.5 * 2 * len(models))
     axes = fig.subplots(2 * len(models), N_EXAMPLES, squeeze=False)
     for m, spec in enumerate(models):
@@ -234,8 +237,9 @@ def plot_examples(models: list[ExampleModel], eps: float, data_dir: str | None,
                 ax.imshow(image, cmap="gray", vmin=0, vmax=1)  # (cmap unused for colour)
                 ax.set_xticks([])
                 ax.set_yticks([])
-                ax.set_title(f"pred {preds[j]}", fontsize=8,
+                ax.set_title(f"pred {names[preds[j]]}", fontsize=8,
                              color="green" if preds[j] == y[j] else "red")
             axes[2 * m + r, 0].set_ylabel(f"{spec.label}\n{kind}", fontsize=7)
-    fig.suptitle(f"True labels: {' '.join(str(v) for v in y)}", fontsize=9)
+    sep = " " if all(len(names[v]) == 1 for v in y) else ", "  # digits, or class names
+    fig.suptitle(f"True labels: {sep.join(names[v] for v in y)}", fontsize=9)
     fig.savefig(path)
